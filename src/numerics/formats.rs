@@ -152,12 +152,13 @@ pub fn int8_round(y: f32) -> i8 {
     }
 }
 
-/// a / b correctly rounded to nearest-even (IEEE division). On the CPU this is the `/`
-/// operator; the shaders emulate it with integer long division because WGSL's division is
-/// only accurate to 2.5 ULP. Callers keep a, b positive and the result normal.
+/// a / b correctly rounded to nearest-even (IEEE division), with subnormal inputs and
+/// results flushed to zero. On the CPU this is the `/` operator; the shaders emulate it with
+/// integer long division because WGSL's division is only accurate to 2.5 ULP. `b` must be a
+/// positive normal number; `a` may be anything (Inf and NaN propagate).
 #[inline]
 pub fn div_rn(a: f32, b: f32) -> f32 {
-    a / b
+    ftz(ftz(a) / b)
 }
 
 /// Flush an f32 subnormal to a zero of the same sign (GPUs differ on subnormals, so quantizer

@@ -1,0 +1,340 @@
+//! WGSL sources, their specializations, the pipeline cache and the parameter block.
+
+use crate::numerics::padded_dim;
+use crate::numerics::p::NVFP4_RANGE;
+use crate::recipe::{Groups, Recipe};
+use crate::spec::{DType, Plan};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+pub const QUANT: &str = include_str!("../../../shaders/quant.wgsl");
+pub const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+
+/// Threads per workgroup in every kernel.
+pub const WG: u32 = 64;
+
+/// The recipe number the shaders switch on (R_* in common.wgsl).
+pub fn recipe_id(r: Recipe) -> u32 {
+    match r {
+        Recipe::Exact => 0,
+        Recipe::Int8QkF16Pv => 1,
+        Recipe::Int8QkFp8Pv { .. } => 2,
+        Recipe::Nvfp4 => 3,
+        Recipe::Nvfp4P { .. } => 4,
+    }
+}
+
+/// Specialization of the attention kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttnKey {
+    pub recipe: u32,
+    pub dp: u32,
+    pub bq: u32,
+}
+
+/// The attention kernel's source for one specialization.
+pub fn attention_source(key: AttnKey) -> String {
+    let nch = key.dp.div_ceil(WG);
+    format!(
+        "const RECIPE: u32 = {}u;\nconst DP: u32 = {}u;\nconst BQ: u32 = {}u;\nconst NCH: u32 = {nch}u;\n{COMMON}\n{ATTENTION}",
+        key.recipe, key.dp, key.bq
+    )
+}
+
+/// The quantization kernels' source (not specialized: they read everything from Params).
+pub fn quant_source() -> String {
+    format!("{COMMON}\n{QUANT}")
+}
+
+/// Query rows per workgroup: the most (16, 8 or 4, divisors of 128) whose tiles fit the
+/// device's workgroup memory.
+pub fn pick_bq(dp: u32, workgroup_bytes: u32) -> Option<u32> {
+    [16u32, 8, 4].into_iter().find(|&bq| bq * dp * 4 + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
+}
+
+/// The parameter block of common.wgsl's `Params`, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub batch: u32,
+    pub heads_q: u32,
+    pub heads_kv: u32,
+    pub seq_q: u32,
+    pub seq_kv: u32,
+    pub head_dim: u32,
+    pub dp: u32,
+    pub group: u32,
+    pub q_sb: u32,
+    pub q_sh: u32,
+    pub q_st: u32,
+    pub kv_sb: u32,
+    pub kv_sh: u32,
+    pub kv_st: u32,
+    pub dtype: u32,
+    pub flags: u32,
+    pub q_blocks: u32,
+    pub k_blocks: u32,
+    pub fold: f32,
+    pub score_scale: f32,
+    pub inv_g: f32,
+    pub g: f32,
+    pub mode: u32,
+    pub count: u32,
+    pub off_kmean: u32,
+    pub off_qdelta: u32,
+    pub off_qcodes: u32,
+    pub off_qscales: u32,
+    pub off_kcodes: u32,
+    pub off_kscales: u32,
+    pub off_vcodes: u32,
+    pub off_vscales: u32,
+    pub q_gblock: u32,
+    pub q_ginter: u32,
+    pub k_gblock: u32,
+    pub k_ginter: u32,
+    pub np: u32,
+    pub off_vinv: u32,
+    pub recipe: u32,
+    pub pad0: u32,
+}
+
+pub const FLAG_CAUSAL: u32 = 1;
+pub const FLAG_LSE: u32 = 2;
+pub const FLAG_MASK: u32 = 4;
+pub const FLAG_SMOOTH: u32 = 8;
+pub const MODE_Q: u32 = 0;
+pub const MODE_K: u32 = 1;
+
+/// Where each quantized operand lives in the workspace (u32 words), and its total size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Workspace {
+    pub kmean: u32,
+    pub qdelta: u32,
+    pub qcodes: u32,
+    pub qscales: u32,
+    pub kcodes: u32,
+    pub kscales: u32,
+    pub vcodes: u32,
+    pub vscales: u32,
+    pub vinv: u32,
+    pub words: u64,
+}
+
+impl Workspace {
+    pub fn new(plan: &Plan) -> Workspace {
+        let s = &plan.spec;
+        let (b, hq, hk, nq, nk, d) = (s.batch as u64, s.heads_q as u64, s.heads_kv as u64, s.seq_q as u64, s.seq_kv as u64, s.head_dim as u64);
+        let dp = padded_dim(s.head_dim) as u64;
+        let np = padded_dim(s.seq_kv) as u64;
+        let mut w = Workspace::default();
+        let mut at = 0u64;
+        let mut take = |n: u64| {
+            let o = at;
+            at += n;
+            o as u32
+        };
+        if s.recipe.smooths_k() {
+            w.kmean = take(b * hk * d);
+            w.qdelta = take(b * hq * nq);
+        }
+        match s.recipe {
+            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
+                let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
+                w.qcodes = take(b * hq * nq * dp / 4);
+                w.qscales = take(b * hq * qg.count(s.seq_q) as u64);
+                w.kcodes = take(b * hk * nk * dp / 4);
+                w.kscales = take(b * hk * kg.count(s.seq_kv) as u64);
+            }
+            Recipe::Nvfp4 => {
+                w.qcodes = take(b * hq * nq * dp / 4);
+                w.qscales = take(b * hq * nq * dp / 16);
+                w.kcodes = take(b * hk * nk * dp / 4);
+                w.kscales = take(b * hk * nk * dp / 16);
+            }
+            _ => {}
+        }
+        match s.recipe {
+            Recipe::Int8QkFp8Pv { .. } => {
+                w.vcodes = take(b * hk * nk * dp / 4);
+                w.vscales = take(b * hk * dp);
+                w.vinv = take(b * hk * dp);
+            }
+            Recipe::Nvfp4 => {
+                w.vcodes = take(b * hk * dp * np / 4);
+                w.vscales = take(b * hk * dp * np / 16);
+            }
+            _ => {}
+        }
+        w.words = at.max(1);
+        w
+    }
+}
+
+/// The parameter block for `plan` (mode and count are set per dispatch).
+pub fn params(plan: &Plan, ws: &Workspace) -> Params {
+    let s = &plan.spec;
+    let groups = |g: Option<Groups>| g.map_or((1, 1), |g| (g.block as u32, g.interleave as u32));
+    let (q_gblock, q_ginter) = groups(s.recipe.q_groups());
+    let (k_gblock, k_ginter) = groups(s.recipe.k_groups());
+    let mut flags = 0;
+    if s.causal {
+        flags |= FLAG_CAUSAL;
+    }
+    if s.return_lse {
+        flags |= FLAG_LSE;
+    }
+    if matches!(s.sparsity, crate::Sparsity::BlockMask(_)) {
+        flags |= FLAG_MASK;
+    }
+    if s.recipe.smooths_k() {
+        flags |= FLAG_SMOOTH;
+    }
+    let amax_p = if let Recipe::Nvfp4P { amax_p } = s.recipe { amax_p } else { 1.0 };
+    Params {
+        batch: s.batch as u32,
+        heads_q: s.heads_q as u32,
+        heads_kv: s.heads_kv as u32,
+        seq_q: s.seq_q as u32,
+        seq_kv: s.seq_kv as u32,
+        head_dim: s.head_dim as u32,
+        dp: padded_dim(s.head_dim) as u32,
+        group: plan.group() as u32,
+        q_sb: plan.q.batch as u32,
+        q_sh: plan.q.head as u32,
+        q_st: plan.q.token as u32,
+        kv_sb: plan.kv.batch as u32,
+        kv_sh: plan.kv.head as u32,
+        kv_st: plan.kv.token as u32,
+        dtype: match s.dtype {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            DType::F32 => 2,
+        },
+        flags,
+        q_blocks: plan.q_blocks as u32,
+        k_blocks: plan.k_blocks as u32,
+        fold: plan.q_fold(),
+        score_scale: plan.q_fold(),
+        inv_g: crate::numerics::div_rn(NVFP4_RANGE, amax_p),
+        g: crate::numerics::div_rn(amax_p, NVFP4_RANGE),
+        mode: 0,
+        count: 0,
+        off_kmean: ws.kmean,
+        off_qdelta: ws.qdelta,
+        off_qcodes: ws.qcodes,
+        off_qscales: ws.qscales,
+        off_kcodes: ws.kcodes,
+        off_kscales: ws.kscales,
+        off_vcodes: ws.vcodes,
+        off_vscales: ws.vscales,
+        q_gblock,
+        q_ginter,
+        k_gblock,
+        k_ginter,
+        np: padded_dim(s.seq_kv) as u32,
+        off_vinv: ws.vinv,
+        recipe: recipe_id(s.recipe),
+        pad0: 0,
+    }
+}
+
+/// Bind group layouts and compiled pipelines, created once per device and specialization.
+pub struct Kernels {
+    pub quant_layout: wgpu::BindGroupLayout,
+    pub attn_layout: wgpu::BindGroupLayout,
+    quant_pl: wgpu::PipelineLayout,
+    attn_pl: wgpu::PipelineLayout,
+    quant_module: Mutex<Option<wgpu::ShaderModule>>,
+    cache: Mutex<HashMap<(String, Option<AttnKey>), Arc<wgpu::ComputePipeline>>>,
+}
+
+fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Storage { read_only }, has_dynamic_offset: false, min_binding_size: None },
+        count: None,
+    }
+}
+
+fn uniform(binding: u32) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
+        count: None,
+    }
+}
+
+impl Kernels {
+    pub fn new(device: &wgpu::Device) -> Self {
+        let quant_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("tessera quant"),
+            entries: &[uniform(0), storage(1, true), storage(2, false)],
+        });
+        let attn_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("tessera attention"),
+            entries: &[uniform(0), storage(1, true), storage(2, true), storage(3, true), storage(4, true), storage(5, true), storage(6, false), storage(7, false)],
+        });
+        let pl = |l: &wgpu::BindGroupLayout| {
+            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: None, bind_group_layouts: &[Some(l)], immediate_size: 0 })
+        };
+        Kernels {
+            quant_pl: pl(&quant_layout),
+            attn_pl: pl(&attn_layout),
+            quant_layout,
+            attn_layout,
+            quant_module: Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A quantization kernel by entry point name.
+    pub fn quant(&self, device: &wgpu::Device, entry: &str) -> Arc<wgpu::ComputePipeline> {
+        let key = (entry.to_string(), None);
+        if let Some(p) = self.cache.lock().unwrap().get(&key) {
+            return p.clone();
+        }
+        let module = {
+            let mut m = self.quant_module.lock().unwrap();
+            m.get_or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("tessera quant.wgsl"), source: wgpu::ShaderSource::Wgsl(quant_source().into()) })
+            })
+            .clone()
+        };
+        let p = Arc::new(self.pipeline(device, &self.quant_pl, &module, entry));
+        self.cache.lock().unwrap().insert(key, p.clone());
+        p
+    }
+
+    /// The attention kernel for one specialization.
+    pub fn attention(&self, device: &wgpu::Device, key: AttnKey) -> Arc<wgpu::ComputePipeline> {
+        let ckey = ("attention".to_string(), Some(key));
+        if let Some(p) = self.cache.lock().unwrap().get(&ckey) {
+            return p.clone();
+        }
+        log::debug!("tessera: compiling WGSL attention {key:?}");
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("tessera attention.wgsl"), source: wgpu::ShaderSource::Wgsl(attention_source(key).into()) });
+        let p = Arc::new(self.pipeline(device, &self.attn_pl, &module, "attention"));
+        self.cache.lock().unwrap().insert(ckey, p.clone());
+        p
+    }
+
+    fn pipeline(&self, device: &wgpu::Device, layout: &wgpu::PipelineLayout, module: &wgpu::ShaderModule, entry: &str) -> wgpu::ComputePipeline {
+        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: Some(layout),
+            module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        })
+    }
+}
+
+/// Workgroup counts (x, y) covering `n` workgroups within the 65535-per-dimension limit.
+pub fn grid(n: u32) -> (u32, u32) {
+    let x = n.clamp(1, 65535);
+    (x, n.div_ceil(x).max(1))
+}

@@ -1,0 +1,86 @@
+//! Shared test helpers: seeded random inputs, the GPU backend (or a printed skip), comparisons.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use std::sync::OnceLock;
+use tessera::backend::wgsl::WgslBackend;
+use tessera::{AttentionSpec, DType, TensorBuf};
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// A seed that differs from run to run (fresh inputs every time), printed so a failure can be
+/// replayed with TESSERA_SEED.
+pub fn fresh_seed(test: &str) -> u64 {
+    let seed = std::env::var("TESSERA_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("{test}: seed {seed} (replay with TESSERA_SEED={seed})");
+    seed
+}
+
+/// A tensor of `n` values drawn by `f`, in `dtype`.
+pub fn tensor(dtype: DType, n: usize, mut f: impl FnMut(usize) -> f64) -> TensorBuf {
+    let v: Vec<f32> = (0..n).map(|i| f(i) as f32).collect();
+    match dtype {
+        DType::F16 => TensorBuf::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+        DType::BF16 => TensorBuf::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        DType::F32 => TensorBuf::F32(v),
+    }
+}
+
+/// Random normal q, k, v for a spec; `k_bias` adds a per-channel offset to K (the case
+/// smoothing exists for).
+pub fn qkv(spec: &AttentionSpec, rng: &mut Rng, k_bias: f64) -> (TensorBuf, TensorBuf, TensorBuf) {
+    let plan = spec.plan().unwrap();
+    let d = spec.head_dim;
+    let bias: Vec<f64> = (0..d).map(|_| rng.normal() * k_bias).collect();
+    let q = tensor(spec.dtype, plan.q_len, |_| rng.normal());
+    let k = tensor(spec.dtype, plan.kv_len, |i| rng.normal() + bias[i % d]);
+    let v = tensor(spec.dtype, plan.kv_len, |_| rng.normal());
+    (q, k, v)
+}
+
+/// Whether GPU tests must fail instead of skipping (TESSERA_REQUIRE_GPU=1).
+pub fn gpu_required() -> bool {
+    std::env::var("TESSERA_REQUIRE_GPU").map(|v| v == "1").unwrap_or(false)
+}
+
+/// The wgpu backend, or None with a printed reason (a panic when TESSERA_REQUIRE_GPU=1).
+pub fn wgpu() -> Option<&'static WgslBackend> {
+    static B: OnceLock<Result<WgslBackend, String>> = OnceLock::new();
+    match B.get_or_init(|| WgslBackend::new().map_err(|e| e.to_string())) {
+        Ok(b) => Some(b),
+        Err(e) if gpu_required() => panic!("TESSERA_REQUIRE_GPU=1 but no wgpu adapter: {e}"),
+        Err(e) => {
+            eprintln!("skipped: no wgpu adapter ({e})");
+            None
+        }
+    }
+}
