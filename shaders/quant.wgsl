@@ -269,3 +269,21 @@ fn pack_out(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     }
     ws[id] = word;
 }
+
+// Test probe: every scalar helper applied to raw f32 inputs (no flushing), so tests can check
+// them bit for bit against src/numerics/formats.rs on edge values. 8 words per input.
+@compute @workgroup_size(64)
+fn scalar_probe(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = linear_id(gid, nwg);
+    if (id >= P.count) { return; }
+    let x = bitcast<f32>(src[id]);
+    let o = id * 8u;
+    ws[o + 0u] = e4m3_from_f32(x);
+    ws[o + 1u] = u32(int8_round(x));
+    ws[o + 2u] = e2m1_code_of_ratio(x, 1.0);
+    ws[o + 3u] = e2m1_code_of_ratio(x, P.fold);
+    ws[o + 4u] = f32_to_f16_bits(x);
+    ws[o + 5u] = f32_to_bf16_bits(x);
+    ws[o + 6u] = bitcast<u32>(div_rn(x, P.score_scale));
+    ws[o + 7u] = bitcast<u32>(decode(src[id], 0u, DT_F16));
+}

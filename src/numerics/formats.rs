@@ -173,16 +173,16 @@ pub fn ftz(x: f32) -> f32 {
     }
 }
 
-/// Round an f32 to f16 precision (nearest-even) and back.
+/// Round an f32 to f16 precision (nearest-even, f32 subnormals flushed first) and back.
 #[inline]
 pub fn round_f16(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+    half::f16::from_f32(ftz(x)).to_f32()
 }
 
-/// Round an f32 to bf16 precision (nearest-even) and back.
+/// Round an f32 to bf16 precision (nearest-even, f32 subnormals flushed first) and back.
 #[inline]
 pub fn round_bf16(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
+    half::bf16::from_f32(ftz(x)).to_f32()
 }
 
 #[cfg(test)]

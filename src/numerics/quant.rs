@@ -168,8 +168,10 @@ pub fn quantize(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Quantized {
                 let m = &mean[(b * hk + h / plan.group()) * d..][..d];
                 for i in 0..nq {
                     let row = &q[plan.q.row(b, h, i)..][..d];
-                    let dot: f64 = row.iter().zip(m).map(|(&x, &mu)| fold_q(x, fold) as f64 * mu as f64).sum();
-                    delta[(b * hq + h) * nq + i] = dot as f32;
+                    // An f32 sum in channel order, as the shaders compute it (they may fuse the
+                    // multiply-add, so this one is compared with a tolerance, not bit for bit).
+                    let dot = row.iter().zip(m).fold(0f32, |acc, (&x, &mu)| acc + fold_q(x, fold) * mu);
+                    delta[(b * hq + h) * nq + i] = dot;
                 }
             }
         }

@@ -267,13 +267,15 @@ impl WgslAttention {
 /// The host API on tessera's own wgpu device.
 pub struct WgslBackend {
     attn: WgslAttention,
+    /// wgpu's error scopes are per device, not per thread: host calls take turns.
+    calls: Mutex<()>,
 }
 
 impl WgslBackend {
     /// Open the best adapter present.
     pub fn new() -> Result<Self> {
         let ctx = GpuContext::new()?;
-        Ok(WgslBackend { attn: WgslAttention::with_description(&ctx.device, &ctx.queue, ctx.description) })
+        Ok(WgslBackend { attn: WgslAttention::with_description(&ctx.device, &ctx.queue, ctx.description), calls: Mutex::new(()) })
     }
 
     /// The zero-copy interface on this backend's device.
@@ -318,6 +320,7 @@ impl WgslBackend {
 
     /// Run `f` inside validation and out-of-memory error scopes, so wgpu errors become values.
     fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let dev = &self.attn.device;
         let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -329,6 +332,42 @@ impl WgslBackend {
         }
         r
     }
+}
+
+/// The scalar helpers of `shaders/common.wgsl` applied to `xs` on the device, for bit-exact tests.
+/// Per input: E4M3 code, INT8 code, E2M1 code of x/1, E2M1 code of x/`s`, f16 bits, bf16 bits,
+/// div_rn(x, `divisor`) bits, and the f16 in the input's low half decoded.
+#[doc(hidden)]
+pub fn probe_scalars(backend: &WgslBackend, xs: &[f32], s: f32, divisor: f32) -> Result<Vec<[u32; 8]>> {
+    let a = &backend.attn;
+    backend.scoped(|| {
+        let dev = &a.device;
+        let src = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("probe in"), contents: bytemuck::cast_slice(xs), usage: wgpu::BufferUsages::STORAGE });
+        let n = xs.len() as u64 * 32;
+        let out = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("probe out"), size: n, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false });
+        let p = Params { count: xs.len() as u32, fold: s, score_scale: divisor, ..Params::default() };
+        let ub = a.uniform(&p);
+        let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("probe"),
+            layout: &a.kernels.quant_layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: out.as_entire_binding() },
+            ],
+        });
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("probe") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("probe"), timestamp_writes: None });
+            pass.set_pipeline(&a.kernels.quant(dev, "scalar_probe"));
+            pass.set_bind_group(0, &bg, &[]);
+            let (x, y) = grid((xs.len() as u32).div_ceil(WG));
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        let data = backend.download(enc, &[(&out, n)])?;
+        let words: &[u32] = bytemuck::cast_slice(&data[0]);
+        Ok(words.chunks(8).map(|c| c.try_into().unwrap()).collect())
+    })
 }
 
 impl Backend for WgslBackend {
