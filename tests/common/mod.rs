@@ -84,3 +84,43 @@ pub fn wgpu() -> Option<&'static WgslBackend> {
         }
     }
 }
+
+/// Run through the zero-copy API with o and lse poisoned (all NaN) beforehand, so an element
+/// the kernels never write shows up as NaN. Returns o decoded to f32 and the LSE.
+pub fn run_poisoned(w: &WgslBackend, spec: &AttentionSpec, q: &TensorBuf, k: &TensorBuf, v: &TensorBuf) -> (Vec<f32>, Option<Vec<f32>>) {
+    use tessera::backend::wgsl::Buffers;
+    use wgpu::util::DeviceExt;
+    let attn = w.attention();
+    let (dev, queue) = (attn.device(), attn.queue());
+    let plan = spec.plan().unwrap();
+    let upload = |t: &TensorBuf, usage: wgpu::BufferUsages| {
+        let mut bytes = t.view().bytes().to_vec();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: &bytes, usage })
+    };
+    let st = wgpu::BufferUsages::STORAGE;
+    let (qb, kb, vb) = (upload(q, st), upload(k, st), upload(v, st));
+    let poison_o = tensor(spec.dtype, plan.q_len, |_| f64::NAN);
+    let ob = upload(&poison_o, st | wgpu::BufferUsages::COPY_SRC);
+    let lb = spec.return_lse.then(|| upload(&TensorBuf::F32(vec![f32::NAN; plan.lse_len()]), st | wgpu::BufferUsages::COPY_SRC));
+    let mut enc = dev.create_command_encoder(&Default::default());
+    attn.encode(&mut enc, spec, &Buffers { q: &qb, k: &kb, v: &vb, o: &ob, lse: lb.as_ref() }).unwrap();
+    let read = |enc: &mut wgpu::CommandEncoder, b: &wgpu::Buffer| {
+        let s = dev.create_buffer(&wgpu::BufferDescriptor { label: None, size: b.size(), usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+        enc.copy_buffer_to_buffer(b, 0, &s, 0, b.size());
+        s
+    };
+    let os = read(&mut enc, &ob);
+    let ls = lb.as_ref().map(|l| read(&mut enc, l));
+    queue.submit([enc.finish()]);
+    let fetch = |s: &wgpu::Buffer| -> Vec<u8> {
+        s.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+        dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let v = s.slice(..).get_mapped_range().unwrap().to_vec();
+        s.unmap();
+        v
+    };
+    let o = TensorBuf::from_bytes(spec.dtype, &fetch(&os), plan.q_len).to_f32();
+    let lse = ls.as_ref().map(|s| bytemuck::pod_collect_to_vec(&fetch(s)[..plan.lse_len() * 4]));
+    (o, lse)
+}
