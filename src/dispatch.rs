@@ -22,16 +22,21 @@ impl Choice {
     pub fn from_env() -> Result<Choice> {
         match std::env::var("TESSERA_BACKEND") {
             Err(_) => Ok(Choice::Auto),
-            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "" | "auto" => Ok(Choice::Auto),
-                "cpu" => Ok(Choice::Cpu),
-                "wgpu" | "wgsl" => Ok(Choice::Wgpu),
-                "cuda" => Err(Error::BackendUnavailable {
-                    backend: "cuda",
-                    why: "this build has no CUDA backend yet; use TESSERA_BACKEND=wgpu or cpu".into(),
-                }),
-                _ => Err(Error::BadBackendEnv(v)),
-            },
+            Ok(v) => Choice::parse(&v),
+        }
+    }
+
+    /// Parse a backend name as `TESSERA_BACKEND` takes it.
+    pub fn parse(v: &str) -> Result<Choice> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Choice::Auto),
+            "cpu" => Ok(Choice::Cpu),
+            "wgpu" | "wgsl" => Ok(Choice::Wgpu),
+            "cuda" => Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: "this build has no CUDA backend yet; use TESSERA_BACKEND=wgpu or cpu".into(),
+            }),
+            _ => Err(Error::BadBackendEnv(v.to_string())),
         }
     }
 }
@@ -51,12 +56,18 @@ impl Dispatcher {
 
     /// A dispatcher with an explicit choice (ignores the environment).
     pub fn with_choice(choice: Choice) -> Self {
-        Dispatcher { choice, wgpu: OnceLock::new(), chosen: OnceLock::new() }
+        Dispatcher {
+            choice,
+            wgpu: OnceLock::new(),
+            chosen: OnceLock::new(),
+        }
     }
 
     /// The wgpu backend on its own device (created once).
     pub fn wgpu(&self) -> Result<Arc<WgslBackend>> {
-        self.wgpu.get_or_init(|| WgslBackend::new().map(Arc::new)).clone()
+        self.wgpu
+            .get_or_init(|| WgslBackend::new().map(Arc::new))
+            .clone()
     }
 
     /// The backend this dispatcher runs on, chosen once and logged.
@@ -90,18 +101,40 @@ impl Dispatcher {
     }
 
     /// Check the inputs against the spec and run on the chosen backend.
-    pub fn run<'a>(&self, spec: &AttentionSpec, q: impl Into<Tensor<'a>>, k: impl Into<Tensor<'a>>, v: impl Into<Tensor<'a>>) -> Result<Output> {
+    pub fn run<'a>(
+        &self,
+        spec: &AttentionSpec,
+        q: impl Into<Tensor<'a>>,
+        k: impl Into<Tensor<'a>>,
+        v: impl Into<Tensor<'a>>,
+    ) -> Result<Output> {
         let plan = spec.plan()?;
         let (q, k, v) = (q.into(), k.into(), v.into());
         check_inputs(&plan, &q, &k, &v)?;
         let b = self.backend()?;
-        log::debug!("tessera: {} {:?} on {}", spec.recipe.name(), (spec.batch, spec.heads_q, spec.seq_q, spec.seq_kv, spec.head_dim), b.describe());
+        log::debug!(
+            "tessera: {} {:?} on {}",
+            spec.recipe.name(),
+            (
+                spec.batch,
+                spec.heads_q,
+                spec.seq_q,
+                spec.seq_kv,
+                spec.head_dim
+            ),
+            b.describe()
+        );
         b.run(&plan, q, k, v)
     }
 }
 
 /// One call on host data, on the best available backend (or the one `TESSERA_BACKEND` names).
-pub fn attention<'a>(spec: &AttentionSpec, q: impl Into<Tensor<'a>>, k: impl Into<Tensor<'a>>, v: impl Into<Tensor<'a>>) -> Result<Output> {
+pub fn attention<'a>(
+    spec: &AttentionSpec,
+    q: impl Into<Tensor<'a>>,
+    k: impl Into<Tensor<'a>>,
+    v: impl Into<Tensor<'a>>,
+) -> Result<Output> {
     static GLOBAL: OnceLock<std::result::Result<Dispatcher, Error>> = OnceLock::new();
     match GLOBAL.get_or_init(Dispatcher::from_env) {
         Ok(d) => d.run(spec, q, k, v),

@@ -17,15 +17,28 @@ pub enum Error {
 
     /// The head dimension is outside what the kernels support.
     #[error("head_dim = {head_dim} is outside the supported range {min}..={max}: split or pad the head dimension")]
-    HeadDimOutOfRange { head_dim: usize, min: usize, max: usize },
+    HeadDimOutOfRange {
+        head_dim: usize,
+        min: usize,
+        max: usize,
+    },
 
     /// A host slice or device buffer has the wrong number of elements.
     #[error("{tensor} holds {got} elements but the spec needs {expected} ({shape}): check batch, heads, sequence length, head_dim and the layout")]
-    WrongLength { tensor: &'static str, expected: usize, got: usize, shape: String },
+    WrongLength {
+        tensor: &'static str,
+        expected: usize,
+        got: usize,
+        shape: String,
+    },
 
     /// A host slice has a different element type from the spec.
     #[error("{tensor} has dtype {got:?} but the spec says {expected:?}: pass all of q, k and v in the spec's dtype")]
-    WrongDtype { tensor: &'static str, expected: crate::DType, got: crate::DType },
+    WrongDtype {
+        tensor: &'static str,
+        expected: crate::DType,
+        got: crate::DType,
+    },
 
     /// The sm_scale is not a finite positive number.
     #[error("sm_scale = {0} must be finite and > 0 (leave it None for 1/sqrt(head_dim))")]
@@ -33,15 +46,29 @@ pub enum Error {
 
     /// A recipe parameter is out of range.
     #[error("recipe parameter {name} = {value} is invalid: {fix}")]
-    BadRecipeParam { name: &'static str, value: f32, fix: &'static str },
+    BadRecipeParam {
+        name: &'static str,
+        value: f32,
+        fix: &'static str,
+    },
 
     /// The block mask has the wrong shape.
     #[error("block mask has {got} entries but needs {expected} = batch {batch} x heads_q {heads_q} x ceil(seq_q/128) = {q_blocks} x ceil(seq_kv/64) = {k_blocks}")]
-    MaskShape { expected: usize, got: usize, batch: usize, heads_q: usize, q_blocks: usize, k_blocks: usize },
+    MaskShape {
+        expected: usize,
+        got: usize,
+        batch: usize,
+        heads_q: usize,
+        q_blocks: usize,
+        k_blocks: usize,
+    },
 
     /// A device buffer is too small or lacks a usage flag.
     #[error("buffer {buffer}: {problem}")]
-    BadBuffer { buffer: &'static str, problem: String },
+    BadBuffer {
+        buffer: &'static str,
+        problem: String,
+    },
 
     /// The problem does not fit the device (e.g. a binding larger than the adapter allows).
     #[error("{0}")]
@@ -53,7 +80,11 @@ pub enum Error {
 
     /// The adapter lacks something tessera needs.
     #[error("wgpu adapter '{adapter}' lacks {missing}: {fix}")]
-    MissingFeature { adapter: String, missing: String, fix: String },
+    MissingFeature {
+        adapter: String,
+        missing: String,
+        fix: String,
+    },
 
     /// A wgpu call failed (device lost, validation, out of memory).
     #[error("wgpu: {0}")]

@@ -22,7 +22,8 @@ impl Accuracy {
     /// NaN there too (a backend that invents or loses a NaN is counted as a mismatch).
     pub fn of(got: &[f32], want: &[f32]) -> Accuracy {
         assert_eq!(got.len(), want.len(), "Accuracy::of needs equal lengths");
-        let (mut dot, mut gg, mut ww, mut l1, mut wl1, mut sq, mut max) = (0f64, 0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
+        let (mut dot, mut gg, mut ww, mut l1, mut wl1, mut sq, mut max) =
+            (0f64, 0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
         let (mut count, mut bad) = (0usize, 0usize);
         for (&g, &w) in got.iter().zip(want) {
             if !w.is_finite() || !g.is_finite() {
@@ -42,11 +43,19 @@ impl Accuracy {
             max = max.max((g - w).abs());
             count += 1;
         }
-        let cos = if gg == 0.0 && ww == 0.0 { 1.0 } else { dot / (gg.sqrt() * ww.sqrt()).max(f64::MIN_POSITIVE) };
+        let cos = if gg == 0.0 && ww == 0.0 {
+            1.0
+        } else {
+            dot / (gg.sqrt() * ww.sqrt()).max(f64::MIN_POSITIVE)
+        };
         Accuracy {
             cos,
             rel_l1: if wl1 == 0.0 { l1 } else { l1 / wl1 },
-            rmse: if count == 0 { 0.0 } else { (sq / count as f64).sqrt() },
+            rmse: if count == 0 {
+                0.0
+            } else {
+                (sq / count as f64).sqrt()
+            },
             max_abs: max,
             count,
             non_finite_mismatch: bad,
@@ -56,7 +65,11 @@ impl Accuracy {
 
 impl std::fmt::Display for Accuracy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cos {:.6} rel-L1 {:.5} rmse {:.3e} max-abs {:.3e}", self.cos, self.rel_l1, self.rmse, self.max_abs)?;
+        write!(
+            f,
+            "cos {:.6} rel-L1 {:.5} rmse {:.3e} max-abs {:.3e}",
+            self.cos, self.rel_l1, self.rmse, self.max_abs
+        )?;
         if self.non_finite_mismatch > 0 {
             write!(f, " ({} non-finite mismatches)", self.non_finite_mismatch)?;
         }

@@ -54,7 +54,9 @@ impl Recipe {
     pub const ALL: [Recipe; 5] = [
         Recipe::Exact,
         Recipe::Int8QkF16Pv,
-        Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp },
+        Recipe::Int8QkFp8Pv {
+            granularity: QkGranularity::PerWarp,
+        },
         Recipe::Nvfp4,
         Recipe::Nvfp4P { amax_p: 1.0 },
     ];
@@ -69,8 +71,12 @@ impl Recipe {
         match self {
             Recipe::Exact => "exact",
             Recipe::Int8QkF16Pv => "int8qk-f16pv",
-            Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp } => "int8qk-fp8pv",
-            Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerThread } => "int8qk-fp8pv-thread",
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerWarp,
+            } => "int8qk-fp8pv",
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerThread,
+            } => "int8qk-fp8pv-thread",
             Recipe::Nvfp4 => "nvfp4",
             Recipe::Nvfp4P { .. } => "nvfp4-p",
         }
@@ -89,13 +95,22 @@ impl Recipe {
     /// Query-token grouping of the INT8 Q scales: (block, interleave).
     pub(crate) fn q_groups(&self) -> Option<Groups> {
         match self {
-            Recipe::Int8QkF16Pv => Some(Groups { block: Q_BLOCK, interleave: 1 }),
-            Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp } => {
-                Some(Groups { block: Q_WARP_BLOCK, interleave: 1 })
-            }
-            Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerThread } => {
-                Some(Groups { block: Q_WARP_BLOCK, interleave: THREAD_INTERLEAVE })
-            }
+            Recipe::Int8QkF16Pv => Some(Groups {
+                block: Q_BLOCK,
+                interleave: 1,
+            }),
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerWarp,
+            } => Some(Groups {
+                block: Q_WARP_BLOCK,
+                interleave: 1,
+            }),
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerThread,
+            } => Some(Groups {
+                block: Q_WARP_BLOCK,
+                interleave: THREAD_INTERLEAVE,
+            }),
             _ => None,
         }
     }
@@ -103,12 +118,19 @@ impl Recipe {
     /// Key grouping of the INT8 K scales.
     pub(crate) fn k_groups(&self) -> Option<Groups> {
         match self {
-            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp } => {
-                Some(Groups { block: KV_BLOCK, interleave: 1 })
-            }
-            Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerThread } => {
-                Some(Groups { block: KV_BLOCK, interleave: THREAD_INTERLEAVE })
-            }
+            Recipe::Int8QkF16Pv
+            | Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerWarp,
+            } => Some(Groups {
+                block: KV_BLOCK,
+                interleave: 1,
+            }),
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerThread,
+            } => Some(Groups {
+                block: KV_BLOCK,
+                interleave: THREAD_INTERLEAVE,
+            }),
             _ => None,
         }
     }

@@ -123,11 +123,18 @@ impl AttentionSpec {
             }
         }
         if self.heads_q % self.heads_kv != 0 {
-            return Err(Error::HeadsNotMultiple { heads_q: self.heads_q, heads_kv: self.heads_kv });
+            return Err(Error::HeadsNotMultiple {
+                heads_q: self.heads_q,
+                heads_kv: self.heads_kv,
+            });
         }
         let (min, max) = HEAD_DIM_RANGE;
         if !(min..=max).contains(&self.head_dim) {
-            return Err(Error::HeadDimOutOfRange { head_dim: self.head_dim, min, max });
+            return Err(Error::HeadDimOutOfRange {
+                head_dim: self.head_dim,
+                min,
+                max,
+            });
         }
         let sm_scale = self.sm_scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt());
         if !(sm_scale.is_finite() && sm_scale > 0.0) {
@@ -136,7 +143,8 @@ impl AttentionSpec {
         self.recipe.validate()?;
         let q_blocks = self.seq_q.div_ceil(Q_BLOCK);
         let k_blocks = self.seq_kv.div_ceil(KV_BLOCK);
-        self.sparsity.validate(self.batch, self.heads_q, q_blocks, k_blocks)?;
+        self.sparsity
+            .validate(self.batch, self.heads_q, q_blocks, k_blocks)?;
         // Element counts must fit the u32 indices the GPU kernels use.
         let q_len = checked_len(&[self.batch, self.heads_q, self.seq_q, self.head_dim])?;
         let kv_len = checked_len(&[self.batch, self.heads_kv, self.seq_kv, self.head_dim])?;
@@ -174,8 +182,16 @@ pub struct Strides {
 impl Strides {
     pub fn new(layout: Layout, heads: usize, tokens: usize, dim: usize) -> Self {
         match layout {
-            Layout::Hnd => Strides { batch: heads * tokens * dim, head: tokens * dim, token: dim },
-            Layout::Nhd => Strides { batch: tokens * heads * dim, head: dim, token: heads * dim },
+            Layout::Hnd => Strides {
+                batch: heads * tokens * dim,
+                head: tokens * dim,
+                token: dim,
+            },
+            Layout::Nhd => Strides {
+                batch: tokens * heads * dim,
+                head: dim,
+                token: heads * dim,
+            },
         }
     }
     /// Offset of element 0 of row (b, h, t).

@@ -43,10 +43,20 @@ fn mask_for(spec: &AttentionSpec, kind: MaskKind, rng: &mut Rng) -> Sparsity {
     let n = spec.batch * spec.heads_q * qb * kb;
     match kind {
         MaskKind::None => Sparsity::None,
-        MaskKind::Random => Sparsity::BlockMask(BlockMask::new((0..n).map(|_| (rng.below(2)) as u8).collect::<Vec<_>>())),
+        MaskKind::Random => Sparsity::BlockMask(BlockMask::new(
+            (0..n).map(|_| (rng.below(2)) as u8).collect::<Vec<_>>(),
+        )),
         MaskKind::AllMaskedRows => {
             // Random, but the last q-block row of every head is all zero: its queries see nothing.
-            let m: Vec<u8> = (0..n).map(|i| if (i / kb) % qb == qb - 1 { 0 } else { (rng.below(4) != 0) as u8 }).collect();
+            let m: Vec<u8> = (0..n)
+                .map(|i| {
+                    if (i / kb) % qb == qb - 1 {
+                        0
+                    } else {
+                        (rng.below(4) != 0) as u8
+                    }
+                })
+                .collect();
             Sparsity::BlockMask(BlockMask::new(m))
         }
     }
@@ -67,36 +77,77 @@ fn check_recipe(recipe: Recipe) {
                 for (hq, hk) in [(2usize, 2usize), (4, 2)] {
                     for same_len in [true, false] {
                         case += 1;
-                        let (nq, nk) = if same_len { (lens_eq[case % 4], lens_eq[case % 4]) } else { lens_ne[case % 4] };
+                        let (nq, nk) = if same_len {
+                            (lens_eq[case % 4], lens_eq[case % 4])
+                        } else {
+                            lens_ne[case % 4]
+                        };
                         // Keep the largest head dim off the largest problems (CI time).
-                        let d = if nq.max(nk) >= 1000 { dims[case % 4] } else { dims[case % 5] };
+                        let d = if nq.max(nk) >= 1000 {
+                            dims[case % 4]
+                        } else {
+                            dims[case % 5]
+                        };
                         let dtype = dtypes[case % 3];
-                        let mut spec = AttentionSpec::new(1, hq, nq, d).with_kv(hk, nk).with_layout(layout).with_dtype(dtype).with_causal(causal).with_recipe(recipe).with_lse(true);
+                        let mut spec = AttentionSpec::new(1, hq, nq, d)
+                            .with_kv(hk, nk)
+                            .with_layout(layout)
+                            .with_dtype(dtype)
+                            .with_causal(causal)
+                            .with_recipe(recipe)
+                            .with_lse(true);
                         spec.sparsity = mask_for(&spec, mask, &mut rng);
                         let (q, k, v) = qkv(&spec, &mut rng, 2.0);
                         let plan = spec.plan().unwrap();
-                        let want = reference(&plan, &q.view().to_f32(), &k.view().to_f32(), &v.view().to_f32(), None);
+                        let want = reference(
+                            &plan,
+                            &q.view().to_f32(),
+                            &k.view().to_f32(),
+                            &v.view().to_f32(),
+                            None,
+                        );
                         let (o, lse) = run_poisoned(w, &spec, &q, &k, &v);
                         let ctx = format!("{} {mask:?} causal={causal} {layout:?} hq{hq} hk{hk} nq{nq} nk{nk} d{d} {dtype:?}", recipe.name());
                         let acc = Accuracy::of(&o, &want.o);
                         let scale = want.o.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
                         let (tol_l1, tol_max) = tolerance(recipe, dtype);
-                        assert_eq!(acc.non_finite_mismatch, 0, "unwritten or non-finite outputs: {ctx}");
-                        assert!(acc.rel_l1 <= tol_l1, "rel-L1 {} > {tol_l1}: {ctx} ({acc})", acc.rel_l1);
-                        assert!(acc.max_abs <= tol_max * scale.max(1e-30), "max-abs {} > {}: {ctx} ({acc})", acc.max_abs, tol_max * scale);
+                        assert_eq!(
+                            acc.non_finite_mismatch, 0,
+                            "unwritten or non-finite outputs: {ctx}"
+                        );
+                        assert!(
+                            acc.rel_l1 <= tol_l1,
+                            "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
+                            acc.rel_l1
+                        );
+                        assert!(
+                            acc.max_abs <= tol_max * scale.max(1e-30),
+                            "max-abs {} > {}: {ctx} ({acc})",
+                            acc.max_abs,
+                            tol_max * scale
+                        );
                         // LSE: f32 vs f64 sums and logs; rows with no visible key must be -inf on both.
                         let lse = lse.unwrap();
                         for (i, (g, r)) in lse.iter().zip(&want.lse).enumerate() {
-                            let ok = (g == r) || ((g - r).abs() as f64) <= 1e-4 * (r.abs() as f64).max(1.0);
+                            let ok = (g == r)
+                                || ((g - r).abs() as f64) <= 1e-4 * (r.abs() as f64).max(1.0);
                             assert!(ok, "lse[{i}] {g} vs {r}: {ctx}");
                         }
-                        worst = (worst.0.max(acc.rel_l1), worst.1.max(acc.max_abs / scale.max(1e-30)));
+                        worst = (
+                            worst.0.max(acc.rel_l1),
+                            worst.1.max(acc.max_abs / scale.max(1e-30)),
+                        );
                     }
                 }
             }
         }
     }
-    eprintln!("{}: {case} cases, worst rel-L1 {:.2e}, worst max-abs/max|o| {:.2e}", recipe.name(), worst.0, worst.1);
+    eprintln!(
+        "{}: {case} cases, worst rel-L1 {:.2e}, worst max-abs/max|o| {:.2e}",
+        recipe.name(),
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]
@@ -109,11 +160,15 @@ fn int8qk_f16pv_matches_reference() {
 }
 #[test]
 fn int8qk_fp8pv_per_warp_matches_reference() {
-    check_recipe(Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp });
+    check_recipe(Recipe::Int8QkFp8Pv {
+        granularity: QkGranularity::PerWarp,
+    });
 }
 #[test]
 fn int8qk_fp8pv_per_thread_matches_reference() {
-    check_recipe(Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerThread });
+    check_recipe(Recipe::Int8QkFp8Pv {
+        granularity: QkGranularity::PerThread,
+    });
 }
 #[test]
 fn nvfp4_matches_reference() {

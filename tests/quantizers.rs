@@ -12,9 +12,26 @@ use tessera::*;
 /// Edge values: zeros, subnormals, each format's midpoints and their neighbours, values past
 /// each maximum, Inf, NaN, plus random bit patterns.
 fn edge_values(rng: &mut Rng) -> Vec<f32> {
-    let mut v = vec![0.0, -0.0, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, f32::from_bits(1), f32::from_bits(0x007f_ffff), f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, -f32::MAX];
+    let mut v = vec![
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::from_bits(0x007f_ffff),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        -f32::MAX,
+    ];
     let mut with_neighbours = |x: f32, v: &mut Vec<f32>| {
-        for y in [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().saturating_sub(1))] {
+        for y in [
+            x,
+            -x,
+            f32::from_bits(x.to_bits() + 1),
+            f32::from_bits(x.to_bits().saturating_sub(1)),
+        ] {
             v.push(y);
             v.push(-y);
         }
@@ -25,7 +42,14 @@ fn edge_values(rng: &mut Rng) -> Vec<f32> {
         with_neighbours(w[0], &mut v);
         with_neighbours((w[0] + w[1]) / 2.0, &mut v);
     }
-    for x in [448.0, 464.0, 480.0, 1e4, 0.5 * 2f32.powi(-9), 1.5 * 2f32.powi(-9)] {
+    for x in [
+        448.0,
+        464.0,
+        480.0,
+        1e4,
+        0.5 * 2f32.powi(-9),
+        1.5 * 2f32.powi(-9),
+    ] {
         with_neighbours(x, &mut v);
     }
     // E2M1 midpoints, INT8 half-integers, 127.5 and beyond.
@@ -43,7 +67,15 @@ fn edge_values(rng: &mut Rng) -> Vec<f32> {
         let b = bf16::from_bits((rng.next_u64() & 0x7f7f) as u16).to_f32();
         with_neighbours(f32::from_bits(b.to_bits() + (1 << 15)), &mut v);
     }
-    for x in [65504.0f32, 65519.0, 65520.0, 65536.0, 2f32.powi(-24), 2f32.powi(-25), 3.0 * 2f32.powi(-26)] {
+    for x in [
+        65504.0f32,
+        65519.0,
+        65520.0,
+        65536.0,
+        2f32.powi(-24),
+        2f32.powi(-25),
+        3.0 * 2f32.powi(-26),
+    ] {
         with_neighbours(x, &mut v);
     }
     for _ in 0..20_000 {
@@ -71,40 +103,87 @@ fn scalar_helpers_are_bit_exact_on_edge_values() {
             assert_eq!(g[2], e2m1_code_of_ratio(x, 1.0) as u32, "e2m1 {ctx}");
             assert_eq!(g[3], e2m1_code_of_ratio(x, s) as u32, "e2m1 / s {ctx}");
             let h = f16::from_f32(ftz(x)).to_bits() as u32;
-            assert!(g[4] == h || (x.is_nan() && f16::from_bits(g[4] as u16).is_nan()), "f16 {ctx}: {:#x} vs {h:#x}", g[4]);
+            assert!(
+                g[4] == h || (x.is_nan() && f16::from_bits(g[4] as u16).is_nan()),
+                "f16 {ctx}: {:#x} vs {h:#x}",
+                g[4]
+            );
             let b = bf16::from_f32(ftz(x)).to_bits() as u32;
-            assert!(g[5] == b || (x.is_nan() && bf16::from_bits(g[5] as u16).is_nan()), "bf16 {ctx}: {:#x} vs {b:#x}", g[5]);
-            assert!(same_bits_or_both_nan(g[6], div_rn(x, divisor).to_bits()), "div_rn(x, {divisor}) {ctx}");
+            assert!(
+                g[5] == b || (x.is_nan() && bf16::from_bits(g[5] as u16).is_nan()),
+                "bf16 {ctx}: {:#x} vs {b:#x}",
+                g[5]
+            );
+            assert!(
+                same_bits_or_both_nan(g[6], div_rn(x, divisor).to_bits()),
+                "div_rn(x, {divisor}) {ctx}"
+            );
             let lo = f16::from_bits(x.to_bits() as u16).to_f32();
-            assert!(same_bits_or_both_nan(g[7], lo.to_bits()), "f16 decode {ctx}");
+            assert!(
+                same_bits_or_both_nan(g[7], lo.to_bits()),
+                "f16 decode {ctx}"
+            );
         }
     }
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() }).collect()
+    v.iter()
+        .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
+        .collect()
 }
 
 /// Compare every quantized operand bit for bit, and q_delta (only used in the LSE and computed
 /// in f64 on the CPU, f32 on the GPU) to 1e-5 relative to the row's magnitude.
 fn assert_same(got: &Quantized, want: &Quantized, ctx: &str) {
-    assert_eq!(got.k_mean.as_deref().map(bits), want.k_mean.as_deref().map(bits), "k_mean {ctx}");
+    assert_eq!(
+        got.k_mean.as_deref().map(bits),
+        want.k_mean.as_deref().map(bits),
+        "k_mean {ctx}"
+    );
     match (&got.q, &want.q) {
-        (QkCodes::Int8 { codes: a, scales: s }, QkCodes::Int8 { codes: b, scales: t }) => {
+        (
+            QkCodes::Int8 {
+                codes: a,
+                scales: s,
+            },
+            QkCodes::Int8 {
+                codes: b,
+                scales: t,
+            },
+        ) => {
             assert_eq!(bits(s), bits(t), "q scales {ctx}");
             assert!(a == b, "q codes {ctx}");
         }
         (a, b) => assert!(a == b, "q {ctx}"),
     }
     match (&got.k, &want.k) {
-        (QkCodes::Int8 { codes: a, scales: s }, QkCodes::Int8 { codes: b, scales: t }) => {
+        (
+            QkCodes::Int8 {
+                codes: a,
+                scales: s,
+            },
+            QkCodes::Int8 {
+                codes: b,
+                scales: t,
+            },
+        ) => {
             assert_eq!(bits(s), bits(t), "k scales {ctx}");
             assert!(a == b, "k codes {ctx}");
         }
         (a, b) => assert!(a == b, "k {ctx}"),
     }
     match (&got.v, &want.v) {
-        (VCodes::Fp8 { codes: a, scales: s }, VCodes::Fp8 { codes: b, scales: t }) => {
+        (
+            VCodes::Fp8 {
+                codes: a,
+                scales: s,
+            },
+            VCodes::Fp8 {
+                codes: b,
+                scales: t,
+            },
+        ) => {
             assert_eq!(bits(s), bits(t), "v scales {ctx}");
             assert!(a == b, "v codes {ctx}");
         }
@@ -116,7 +195,9 @@ fn assert_same(got: &Quantized, want: &Quantized, ctx: &str) {
     // the LSE tolerance of the attention tests. Non-finite inputs make both non-finite.
     if let (Some(a), Some(b)) = (&got.q_delta, &want.q_delta) {
         for (x, y) in a.iter().zip(b) {
-            let ok = x == y || (!x.is_finite() && !y.is_finite()) || (x - y).abs() <= 2e-4 * y.abs().max(1.0);
+            let ok = x == y
+                || (!x.is_finite() && !y.is_finite())
+                || (x - y).abs() <= 2e-4 * y.abs().max(1.0);
             assert!(ok, "q_delta {x} vs {y} {ctx}");
         }
     }
@@ -125,8 +206,12 @@ fn assert_same(got: &Quantized, want: &Quantized, ctx: &str) {
 const RECIPES: [Recipe; 6] = [
     Recipe::Exact,
     Recipe::Int8QkF16Pv,
-    Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerWarp },
-    Recipe::Int8QkFp8Pv { granularity: QkGranularity::PerThread },
+    Recipe::Int8QkFp8Pv {
+        granularity: QkGranularity::PerWarp,
+    },
+    Recipe::Int8QkFp8Pv {
+        granularity: QkGranularity::PerThread,
+    },
     Recipe::Nvfp4,
     Recipe::nvfp4p(),
 ];
@@ -135,25 +220,52 @@ const RECIPES: [Recipe; 6] = [
 fn quantized_operands_are_bit_exact_on_random_tensors() {
     let Some(w) = wgpu() else { return };
     let mut rng = Rng::new(fresh_seed("quantized_operands"));
-    let shapes = [(1, 2, 2, 77, 200, 64), (2, 4, 2, 200, 77, 96), (1, 3, 1, 1, 1000, 128), (1, 2, 1, 333, 129, 40), (1, 1, 1, 130, 65, 256)];
+    let shapes = [
+        (1, 2, 2, 77, 200, 64),
+        (2, 4, 2, 200, 77, 96),
+        (1, 3, 1, 1, 1000, 128),
+        (1, 2, 1, 333, 129, 40),
+        (1, 1, 1, 130, 65, 256),
+    ];
     for (i, recipe) in RECIPES.into_iter().enumerate() {
         for (j, &(b, hq, hk, nq, nk, d)) in shapes.iter().enumerate() {
             let dtype = [DType::F16, DType::BF16, DType::F32][(i + j) % 3];
-            let layout = if (i + j) % 2 == 0 { Layout::Hnd } else { Layout::Nhd };
-            let spec = AttentionSpec { batch: b, heads_q: hq, heads_kv: hk, seq_q: nq, seq_kv: nk, head_dim: d, ..AttentionSpec::new(1, 1, 1, d) }
-                .with_dtype(dtype)
-                .with_layout(layout)
-                .with_recipe(recipe);
+            let layout = if (i + j) % 2 == 0 {
+                Layout::Hnd
+            } else {
+                Layout::Nhd
+            };
+            let spec = AttentionSpec {
+                batch: b,
+                heads_q: hq,
+                heads_kv: hk,
+                seq_q: nq,
+                seq_kv: nk,
+                head_dim: d,
+                ..AttentionSpec::new(1, 1, 1, d)
+            }
+            .with_dtype(dtype)
+            .with_layout(layout)
+            .with_recipe(recipe);
             let plan = spec.plan().unwrap();
             // Scale varies per case so the groups' scales span many binades.
-            let (sq, sk, sv) = (2f64.powi(rng.below(20) as i32 - 10), 2f64.powi(rng.below(10) as i32 - 5), rng.uniform() * 100.0);
+            let (sq, sk, sv) = (
+                2f64.powi(rng.below(20) as i32 - 10),
+                2f64.powi(rng.below(10) as i32 - 5),
+                rng.uniform() * 100.0,
+            );
             let bias: Vec<f64> = (0..d).map(|_| rng.normal() * 4.0).collect();
             let q = tensor(dtype, plan.q_len, |_| rng.normal() * sq);
             let k = tensor(dtype, plan.kv_len, |e| (rng.normal() + bias[e % d]) * sk);
             let v = tensor(dtype, plan.kv_len, |_| rng.normal() * sv);
-            let ctx = format!("{} {dtype:?} {layout:?} b{b} hq{hq} hk{hk} nq{nq} nk{nk} d{d}", recipe.name());
+            let ctx = format!(
+                "{} {dtype:?} {layout:?} b{b} hq{hq} hk{hk} nq{nq} nk{nk} d{d}",
+                recipe.name()
+            );
             let got = w.quantize(&plan, q.view(), k.view(), v.view()).unwrap();
-            let want = CpuBackend.quantize(&plan, q.view(), k.view(), v.view()).unwrap();
+            let want = CpuBackend
+                .quantize(&plan, q.view(), k.view(), v.view())
+                .unwrap();
             assert_same(&got, &want, &ctx);
         }
     }
@@ -165,10 +277,26 @@ fn quantizers_agree_on_edge_tensors() {
     // (zero group, non-finite group, saturation) must give the same bits on both sides.
     let Some(w) = wgpu() else { return };
     let mut rng = Rng::new(fresh_seed("edge_tensors"));
-    let specials = [0.0f32, -0.0, f32::from_bits(3), 1e-30, 1e30, -1e30, 65504.0, 448.0, 464.0, 6.0, 5.0, 0.25];
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::from_bits(3),
+        1e-30,
+        1e30,
+        -1e30,
+        65504.0,
+        448.0,
+        464.0,
+        6.0,
+        5.0,
+        0.25,
+    ];
     for recipe in RECIPES {
         for poison in [None, Some(f32::NAN), Some(f32::INFINITY)] {
-            let spec = AttentionSpec::new(1, 2, 150, 64).with_kv(1, 90).with_dtype(DType::F32).with_recipe(recipe);
+            let spec = AttentionSpec::new(1, 2, 150, 64)
+                .with_kv(1, 90)
+                .with_dtype(DType::F32)
+                .with_recipe(recipe);
             let plan = spec.plan().unwrap();
             let mut gen = |n: usize, rng: &mut Rng| -> Vec<f32> {
                 (0..n)
@@ -191,8 +319,12 @@ fn quantizers_agree_on_edge_tensors() {
                 v[200] = p;
             }
             let ctx = format!("{} poison {poison:?}", recipe.name());
-            let got = w.quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v)).unwrap();
-            let want = CpuBackend.quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v)).unwrap();
+            let got = w
+                .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
+                .unwrap();
+            let want = CpuBackend
+                .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
+                .unwrap();
             assert_same(&got, &want, &ctx);
         }
     }

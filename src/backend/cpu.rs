@@ -35,13 +35,23 @@ impl Operand {
 /// Run the reference on decoded inputs (f32, subnormals flushed, caller's layout).
 /// `rows`: when Some, only these query indices are computed (for every batch and head); the
 /// other outputs stay NaN.
-pub fn reference(plan: &Plan, q: &[f32], k: &[f32], v: &[f32], rows: Option<&[usize]>) -> Reference {
+pub fn reference(
+    plan: &Plan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rows: Option<&[usize]>,
+) -> Reference {
     let s = &plan.spec;
     let quantized = quantize(plan, q, k, v);
     let all: Vec<usize> = (0..s.seq_q).collect();
     let rows = rows.unwrap_or(&all);
-    let jobs: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.heads_q).map(move |h| (b, h))).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+    let jobs: Vec<(usize, usize)> = (0..s.batch)
+        .flat_map(|b| (0..s.heads_q).map(move |h| (b, h)))
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
     type RowOut = (usize, usize, usize, Vec<f64>, f64);
     let results: Vec<RowOut> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
@@ -63,7 +73,10 @@ pub fn reference(plan: &Plan, q: &[f32], k: &[f32], v: &[f32], rows: Option<&[us
                 })
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
     });
     let mut o = vec![f32::NAN; plan.q_len];
     let mut lse = vec![f32::NAN; plan.lse_len()];
@@ -80,12 +93,25 @@ pub fn reference(plan: &Plan, q: &[f32], k: &[f32], v: &[f32], rows: Option<&[us
 /// The online softmax over KV tiles of 64 keys for one query row, in f64.
 /// Returns the output row and the LSE (natural log).
 #[allow(clippy::too_many_arguments)]
-fn attend_row(plan: &Plan, qo: &Operand, ko: &Operand, vo: &Operand, qz: &Quantized, b: usize, h: usize, i: usize) -> (Vec<f64>, f64) {
+fn attend_row(
+    plan: &Plan,
+    qo: &Operand,
+    ko: &Operand,
+    vo: &Operand,
+    qz: &Quantized,
+    b: usize,
+    h: usize,
+    i: usize,
+) -> (Vec<f64>, f64) {
     let s = &plan.spec;
     let (nk, d) = (s.seq_kv, s.head_dim);
     // Exact-input recipes scale the f32 dot product by sm_scale·log2(e) (base-2 scores);
     // the quantized ones folded it into Q before quantizing.
-    let post = if qo.folded { 1.0 } else { plan.sm_scale as f64 * std::f64::consts::LOG2_E };
+    let post = if qo.folded {
+        1.0
+    } else {
+        plan.sm_scale as f64 * std::f64::consts::LOG2_E
+    };
     let qrow = qo.row(i);
     let qs = qo.scale.get(i).copied().unwrap_or(1.0) * post;
     let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
@@ -115,10 +141,18 @@ fn attend_row(plan: &Plan, qo: &Operand, ko: &Operand, vo: &Operand, qz: &Quanti
             continue;
         }
         let m_new = nan_max(m, tile_max);
-        let alpha = if m == f64::NEG_INFINITY { 0.0 } else { (m - m_new).exp2() };
+        let alpha = if m == f64::NEG_INFINITY {
+            0.0
+        } else {
+            (m - m_new).exp2()
+        };
         let mut tile_sum = 0f64;
         for jj in 0..KV_BLOCK {
-            let p = if valid[jj] { (sc[jj] - m_new).exp2() } else { 0.0 };
+            let p = if valid[jj] {
+                (sc[jj] - m_new).exp2()
+            } else {
+                0.0
+            };
             tile_sum += p;
             p32[jj] = p as f32;
         }
@@ -139,7 +173,10 @@ fn attend_row(plan: &Plan, qo: &Operand, ko: &Operand, vo: &Operand, qz: &Quanti
         // Every key masked: o = 0, LSE = -inf (documented).
         return (vec![0.0; d], f64::NEG_INFINITY);
     }
-    let shift = qz.q_delta.as_ref().map_or(0.0, |dl| dl[(b * s.heads_q + h) * s.seq_q + i] as f64);
+    let shift = qz
+        .q_delta
+        .as_ref()
+        .map_or(0.0, |dl| dl[(b * s.heads_q + h) * s.seq_q + i] as f64);
     let lse = (m + l.log2() + shift) * std::f64::consts::LN_2;
     (acc.iter().map(|a| a / l).collect(), lse)
 }
@@ -153,11 +190,23 @@ fn nan_max(a: f64, b: f64) -> f64 {
     }
 }
 
-fn int8_operand(codes: &[i8], scales: &[f32], groups: crate::recipe::Groups, bh: usize, n: usize, dp: usize) -> Operand {
+fn int8_operand(
+    codes: &[i8],
+    scales: &[f32],
+    groups: crate::recipe::Groups,
+    bh: usize,
+    n: usize,
+    dp: usize,
+) -> Operand {
     let ng = groups.count(n);
     Operand {
-        rows: codes[bh * n * dp..][..n * dp].iter().map(|&c| c as f64).collect(),
-        scale: (0..n).map(|t| scales[bh * ng + groups.of(t)] as f64).collect(),
+        rows: codes[bh * n * dp..][..n * dp]
+            .iter()
+            .map(|&c| c as f64)
+            .collect(),
+        scale: (0..n)
+            .map(|t| scales[bh * ng + groups.of(t)] as f64)
+            .collect(),
         dp,
         folded: true,
     }
@@ -169,14 +218,30 @@ fn fp4_token_operand(codes: &[u8], scales: &[u8], bh: usize, n: usize, dp: usize
     for t in 0..n {
         for c in 0..dp {
             let sc = scales[(bh * n + t) * nb + c / FP4_BLOCK];
-            let s = if sc == E4M3_NAN { f64::NAN } else { e4m3_to_f32(sc) as f64 };
+            let s = if sc == E4M3_NAN {
+                f64::NAN
+            } else {
+                e4m3_to_f32(sc) as f64
+            };
             rows[t * dp + c] = e2m1_to_f32(codes[(bh * n + t) * dp + c]) as f64 * s;
         }
     }
-    Operand { rows, scale: Vec::new(), dp, folded: true }
+    Operand {
+        rows,
+        scale: Vec::new(),
+        dp,
+        folded: true,
+    }
 }
 
-fn plain_operand(x: &[f32], plan: &Plan, st: &crate::spec::Strides, b: usize, h: usize, n: usize) -> Operand {
+fn plain_operand(
+    x: &[f32],
+    plan: &Plan,
+    st: &crate::spec::Strides,
+    b: usize,
+    h: usize,
+    n: usize,
+) -> Operand {
     let d = plan.spec.head_dim;
     let mut rows = vec![0f64; n * d];
     for t in 0..n {
@@ -184,14 +249,21 @@ fn plain_operand(x: &[f32], plan: &Plan, st: &crate::spec::Strides, b: usize, h:
             rows[t * d + c] = x[st.row(b, h, t) + c] as f64;
         }
     }
-    Operand { rows, scale: Vec::new(), dp: d, folded: false }
+    Operand {
+        rows,
+        scale: Vec::new(),
+        dp: d,
+        folded: false,
+    }
 }
 
 fn q_operand(plan: &Plan, qz: &Quantized, q: &[f32], b: usize, h: usize) -> Operand {
     let s = &plan.spec;
     let (dp, bh) = (padded_dim(s.head_dim), b * s.heads_q + h);
     match &qz.q {
-        QkCodes::Int8 { codes, scales } => int8_operand(codes, scales, s.recipe.q_groups().unwrap(), bh, s.seq_q, dp),
+        QkCodes::Int8 { codes, scales } => {
+            int8_operand(codes, scales, s.recipe.q_groups().unwrap(), bh, s.seq_q, dp)
+        }
         QkCodes::Nvfp4 { codes, scales } => fp4_token_operand(codes, scales, bh, s.seq_q, dp),
         QkCodes::None => plain_operand(q, plan, &plan.q, b, h, s.seq_q),
     }
@@ -201,7 +273,14 @@ fn k_operand(plan: &Plan, qz: &Quantized, k: &[f32], b: usize, h: usize) -> Oper
     let s = &plan.spec;
     let (dp, bh) = (padded_dim(s.head_dim), b * s.heads_kv + h);
     match &qz.k {
-        QkCodes::Int8 { codes, scales } => int8_operand(codes, scales, s.recipe.k_groups().unwrap(), bh, s.seq_kv, dp),
+        QkCodes::Int8 { codes, scales } => int8_operand(
+            codes,
+            scales,
+            s.recipe.k_groups().unwrap(),
+            bh,
+            s.seq_kv,
+            dp,
+        ),
         QkCodes::Nvfp4 { codes, scales } => fp4_token_operand(codes, scales, bh, s.seq_kv, dp),
         QkCodes::None => plain_operand(k, plan, &plan.kv, b, h, s.seq_kv),
     }
@@ -210,13 +289,19 @@ fn k_operand(plan: &Plan, qz: &Quantized, k: &[f32], b: usize, h: usize) -> Oper
 /// V as f64 rows [N, D] (dequantized where the recipe quantizes V).
 fn v_operand(plan: &Plan, qz: &Quantized, v: &[f32], b: usize, h: usize) -> Operand {
     let s = &plan.spec;
-    let (n, d, dp, bh) = (s.seq_kv, s.head_dim, padded_dim(s.head_dim), b * s.heads_kv + h);
+    let (n, d, dp, bh) = (
+        s.seq_kv,
+        s.head_dim,
+        padded_dim(s.head_dim),
+        b * s.heads_kv + h,
+    );
     let mut rows = vec![0f64; n * d];
     match &qz.v {
         VCodes::Fp8 { codes, scales } => {
             for t in 0..n {
                 for c in 0..d {
-                    rows[t * d + c] = e4m3_to_f32(codes[(bh * n + t) * dp + c]) as f64 * scales[bh * dp + c] as f64;
+                    rows[t * d + c] = e4m3_to_f32(codes[(bh * n + t) * dp + c]) as f64
+                        * scales[bh * dp + c] as f64;
                 }
             }
         }
@@ -226,12 +311,21 @@ fn v_operand(plan: &Plan, qz: &Quantized, v: &[f32], b: usize, h: usize) -> Oper
             for c in 0..d {
                 for t in 0..n {
                     let sc = scales[(bh * dp + c) * nb + t / FP4_BLOCK];
-                    let sv = if sc == E4M3_NAN { f64::NAN } else { e4m3_to_f32(sc) as f64 };
+                    let sv = if sc == E4M3_NAN {
+                        f64::NAN
+                    } else {
+                        e4m3_to_f32(sc) as f64
+                    };
                     rows[t * d + c] = e2m1_to_f32(codes[(bh * dp + c) * np + t]) as f64 * sv;
                 }
             }
         }
         VCodes::None => return plain_operand(v, plan, &plan.kv, b, h, n),
     }
-    Operand { rows, scale: Vec::new(), dp: d, folded: false }
+    Operand {
+        rows,
+        scale: Vec::new(),
+        dp: d,
+        folded: false,
+    }
 }

@@ -66,10 +66,19 @@ pub fn check_inputs(plan: &Plan, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(
         ("v", v, plan.kv_len, shape(s.heads_kv, s.seq_kv)),
     ] {
         if t.dtype() != s.dtype {
-            return Err(Error::WrongDtype { tensor, expected: s.dtype, got: t.dtype() });
+            return Err(Error::WrongDtype {
+                tensor,
+                expected: s.dtype,
+                got: t.dtype(),
+            });
         }
         if t.len() != expected {
-            return Err(Error::WrongLength { tensor, expected, got: t.len(), shape: sh });
+            return Err(Error::WrongLength {
+                tensor,
+                expected,
+                got: t.len(),
+                shape: sh,
+            });
         }
     }
     Ok(())
@@ -95,6 +104,11 @@ impl Backend for CpuBackend {
         })
     }
     fn quantize(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Quantized> {
-        Ok(crate::numerics::quantize(plan, &q.to_f32(), &k.to_f32(), &v.to_f32()))
+        Ok(crate::numerics::quantize(
+            plan,
+            &q.to_f32(),
+            &k.to_f32(),
+            &v.to_f32(),
+        ))
     }
 }

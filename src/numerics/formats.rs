@@ -74,7 +74,11 @@ pub fn e4m3_from_f32(x: f32) -> u8 {
     if a > 0x7f80_0000 {
         return sign | E4M3_NAN;
     }
-    let code = if a == 0x7f80_0000 { E4M3_MAX_CODE as u32 } else { round_minifloat(a, 3, -6) };
+    let code = if a == 0x7f80_0000 {
+        E4M3_MAX_CODE as u32
+    } else {
+        round_minifloat(a, 3, -6)
+    };
     sign | code.min(E4M3_MAX_CODE as u32) as u8
 }
 
@@ -87,7 +91,11 @@ pub fn e4m3_to_f32(c: u8) -> f32 {
     if c & 0x7f == E4M3_NAN {
         return f32::NAN;
     }
-    let v = if e == 0 { m * 2f32.powi(-9) } else { (8.0 + m) * 2f32.powi(e - 10) };
+    let v = if e == 0 {
+        m * 2f32.powi(-9)
+    } else {
+        (8.0 + m) * 2f32.powi(e - 10)
+    };
     sign * v
 }
 
@@ -218,7 +226,7 @@ mod tests {
         assert_eq!(e4m3_from_f32(2f32.powi(-10)), 0x00);
         assert_eq!(e4m3_from_f32(1.5 * 2f32.powi(-9)), 0x02); // tie 1.5 -> 2
         assert_eq!(e4m3_from_f32(f32::from_bits(1)), 0x00); // f32 subnormal
-        // 1.0625 lies halfway between 1.0 and 1.125: even mantissa (1.0) wins.
+                                                            // 1.0625 lies halfway between 1.0 and 1.125: even mantissa (1.0) wins.
         assert_eq!(e4m3_from_f32(1.0625), e4m3_from_f32(1.0));
         assert_eq!(e4m3_from_f32(1.1875), e4m3_from_f32(1.25));
         // Largest subnormal rounds up into the first normal binade.
@@ -246,13 +254,30 @@ mod tests {
             assert_eq!(e2m1_to_f32(e2m1_code_of_ratio(-x, 1.0)), -want, "x = -{x}");
             // The same with a non-trivial E4M3 scale: the comparison is exact.
             let s = e4m3_to_f32(0x3B); // 0.8125... any E4M3 value
-            assert_eq!(e2m1_to_f32(e2m1_code_of_ratio(x * s, s)), want, "x = {x} s = {s}");
+            assert_eq!(
+                e2m1_to_f32(e2m1_code_of_ratio(x * s, s)),
+                want,
+                "x = {x} s = {s}"
+            );
         }
     }
 
     #[test]
     fn int8_rounds_half_away_and_saturates() {
-        for (y, want) in [(0.5f32, 1i8), (-0.5, -1), (0.49999997, 0), (1.5, 2), (2.5, 3), (-2.5, -3), (126.5, 127), (127.4, 127), (200.0, 127), (-1e9, -127), (0.0, 0), (-0.0, 0)] {
+        for (y, want) in [
+            (0.5f32, 1i8),
+            (-0.5, -1),
+            (0.49999997, 0),
+            (1.5, 2),
+            (2.5, 3),
+            (-2.5, -3),
+            (126.5, 127),
+            (127.4, 127),
+            (200.0, 127),
+            (-1e9, -127),
+            (0.0, 0),
+            (-0.0, 0),
+        ] {
             assert_eq!(int8_round(y), want, "y = {y}");
         }
         // Against the float definition on many values.

@@ -35,11 +35,19 @@ pub fn pv16(dtype: DType) -> DType {
 /// past the end hold 0), `out` receives the value each p contributes to P·V.
 pub fn quantize_p_row(recipe: Recipe, dtype: DType, p: &[f32], out: &mut [f64]) {
     match recipe {
-        Recipe::Exact => p.iter().zip(out).for_each(|(&x, o)| *o = round_to(dtype, x) as f64),
-        Recipe::Int8QkF16Pv => p.iter().zip(out).for_each(|(&x, o)| *o = round_to(pv16(dtype), x) as f64),
+        Recipe::Exact => p
+            .iter()
+            .zip(out)
+            .for_each(|(&x, o)| *o = round_to(dtype, x) as f64),
+        Recipe::Int8QkF16Pv => p
+            .iter()
+            .zip(out)
+            .for_each(|(&x, o)| *o = round_to(pv16(dtype), x) as f64),
         Recipe::Int8QkFp8Pv { .. } => {
             // P·448 into E4M3's range; the 1/448 is folded out of the product.
-            p.iter().zip(out).for_each(|(&x, o)| *o = e4m3_to_f32(e4m3_from_f32(x * E4M3_MAX)) as f64 / E4M3_MAX as f64)
+            p.iter().zip(out).for_each(|(&x, o)| {
+                *o = e4m3_to_f32(e4m3_from_f32(x * E4M3_MAX)) as f64 / E4M3_MAX as f64
+            })
         }
         Recipe::Nvfp4 => {
             // Two-level scaling (SageAttention 3): the row's tile max ρ maps to 6·448, then
@@ -72,7 +80,11 @@ fn fp4_blocks(p: &[f32], out: &mut [f64], scale_in: impl Fn(f32) -> f32, factor:
             *x = scale_in(v);
         }
         let sc = nvfp4_block(&xs, &mut codes);
-        let s = if sc == E4M3_NAN { f64::NAN } else { e4m3_to_f32(sc) as f64 };
+        let s = if sc == E4M3_NAN {
+            f64::NAN
+        } else {
+            e4m3_to_f32(sc) as f64
+        };
         for (o, &c) in oc.iter_mut().zip(&codes) {
             *o = e2m1_to_f32(c) as f64 * s * factor;
         }

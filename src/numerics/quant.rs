@@ -39,7 +39,10 @@ impl GroupScale {
             GroupScale::Zero
         } else {
             let amax = f32::from_bits(amax_bits);
-            GroupScale::Finite { inv: div_rn(qmax, amax), scale: div_rn(amax, qmax) }
+            GroupScale::Finite {
+                inv: div_rn(qmax, amax),
+                scale: div_rn(amax, qmax),
+            }
         }
     }
     /// The scale as stored (0, NaN or the dequantization factor).
@@ -110,8 +113,14 @@ pub enum QkCodes {
     /// Not quantized: the recipe reads the input.
     #[default]
     None,
-    Int8 { codes: Vec<i8>, scales: Vec<f32> },
-    Nvfp4 { codes: Vec<u8>, scales: Vec<u8> },
+    Int8 {
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+    },
+    Nvfp4 {
+        codes: Vec<u8>,
+        scales: Vec<u8>,
+    },
 }
 
 /// Quantized V.
@@ -119,13 +128,26 @@ pub enum QkCodes {
 pub enum VCodes {
     #[default]
     None,
-    Fp8 { codes: Vec<u8>, scales: Vec<f32> },
-    Nvfp4 { codes: Vec<u8>, scales: Vec<u8> },
+    Fp8 {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
+    Nvfp4 {
+        codes: Vec<u8>,
+        scales: Vec<u8>,
+    },
 }
 
 /// Per-channel mean over tokens, [B, H, D]: an f32 sum in token order, then RN(sum / N),
 /// subnormals flushed. The order is part of the definition (the GPU sums the same way).
-pub fn token_mean(x: &[f32], st: &Strides, batch: usize, heads: usize, n: usize, d: usize) -> Vec<f32> {
+pub fn token_mean(
+    x: &[f32],
+    st: &Strides,
+    batch: usize,
+    heads: usize,
+    n: usize,
+    d: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; batch * heads * d];
     for b in 0..batch {
         for h in 0..heads {
@@ -156,7 +178,9 @@ pub fn smooth_k(k: f32, mean: f32) -> f32 {
 /// Quantize q, k, v (decoded to f32, subnormals flushed, in the caller's layout) for `plan`'s recipe.
 pub fn quantize(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Quantized {
     let s = &plan.spec;
-    let (bn, hq, hk, nq, nk, d) = (s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim);
+    let (bn, hq, hk, nq, nk, d) = (
+        s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim,
+    );
     let dp = padded_dim(d);
     let fold = plan.q_fold();
     let mut out = Quantized::default();
@@ -170,7 +194,10 @@ pub fn quantize(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Quantized {
                     let row = &q[plan.q.row(b, h, i)..][..d];
                     // An f32 sum in channel order, as the shaders compute it (they may fuse the
                     // multiply-add, so this one is compared with a tolerance, not bit for bit).
-                    let dot = row.iter().zip(m).fold(0f32, |acc, (&x, &mu)| acc + fold_q(x, fold) * mu);
+                    let dot = row
+                        .iter()
+                        .zip(m)
+                        .fold(0f32, |acc, (&x, &mu)| acc + fold_q(x, fold) * mu);
                     delta[(b * hq + h) * nq + i] = dot;
                 }
             }
@@ -219,7 +246,10 @@ fn int8_tokens(bn: usize, h: usize, n: usize, d: usize, dp: usize, g: Groups, va
     for b in 0..bn {
         for hh in 0..h {
             for (gi, toks) in members.iter().enumerate() {
-                let a = amax_bits(toks.iter().flat_map(|&t| (0..d).map(move |c| val(b, hh, t, c))));
+                let a = amax_bits(
+                    toks.iter()
+                        .flat_map(|&t| (0..d).map(move |c| val(b, hh, t, c))),
+                );
                 let gs = GroupScale::new(a, 127.0);
                 scales[(b * h + hh) * ng + gi] = gs.stored();
                 for &t in toks {

@@ -44,13 +44,26 @@ impl BlockMask {
 }
 
 impl Sparsity {
-    pub(crate) fn validate(&self, batch: usize, heads_q: usize, q_blocks: usize, k_blocks: usize) -> Result<()> {
+    pub(crate) fn validate(
+        &self,
+        batch: usize,
+        heads_q: usize,
+        q_blocks: usize,
+        k_blocks: usize,
+    ) -> Result<()> {
         match self {
             Sparsity::None => Ok(()),
             Sparsity::BlockMask(m) => {
                 let expected = batch * heads_q * q_blocks * k_blocks;
                 if m.data.len() != expected {
-                    return Err(Error::MaskShape { expected, got: m.data.len(), batch, heads_q, q_blocks, k_blocks });
+                    return Err(Error::MaskShape {
+                        expected,
+                        got: m.data.len(),
+                        batch,
+                        heads_q,
+                        q_blocks,
+                        k_blocks,
+                    });
                 }
                 Ok(())
             }

@@ -38,9 +38,15 @@ impl Rng {
 /// A seed that differs from run to run (fresh inputs every time), printed so a failure can be
 /// replayed with TESSERA_SEED.
 pub fn fresh_seed(test: &str) -> u64 {
-    let seed = std::env::var("TESSERA_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("TESSERA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("{test}: seed {seed} (replay with TESSERA_SEED={seed})");
     seed
 }
@@ -69,7 +75,9 @@ pub fn qkv(spec: &AttentionSpec, rng: &mut Rng, k_bias: f64) -> (TensorBuf, Tens
 
 /// Whether GPU tests must fail instead of skipping (TESSERA_REQUIRE_GPU=1).
 pub fn gpu_required() -> bool {
-    std::env::var("TESSERA_REQUIRE_GPU").map(|v| v == "1").unwrap_or(false)
+    std::env::var("TESSERA_REQUIRE_GPU")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }
 
 /// The wgpu backend, or None with a printed reason (a panic when TESSERA_REQUIRE_GPU=1).
@@ -87,7 +95,13 @@ pub fn wgpu() -> Option<&'static WgslBackend> {
 
 /// Run through the zero-copy API with o and lse poisoned (all NaN) beforehand, so an element
 /// the kernels never write shows up as NaN. Returns o decoded to f32 and the LSE.
-pub fn run_poisoned(w: &WgslBackend, spec: &AttentionSpec, q: &TensorBuf, k: &TensorBuf, v: &TensorBuf) -> (Vec<f32>, Option<Vec<f32>>) {
+pub fn run_poisoned(
+    w: &WgslBackend,
+    spec: &AttentionSpec,
+    q: &TensorBuf,
+    k: &TensorBuf,
+    v: &TensorBuf,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     use tessera::backend::wgsl::Buffers;
     use wgpu::util::DeviceExt;
     let attn = w.attention();
@@ -96,17 +110,42 @@ pub fn run_poisoned(w: &WgslBackend, spec: &AttentionSpec, q: &TensorBuf, k: &Te
     let upload = |t: &TensorBuf, usage: wgpu::BufferUsages| {
         let mut bytes = t.view().bytes().to_vec();
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: &bytes, usage })
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &bytes,
+            usage,
+        })
     };
     let st = wgpu::BufferUsages::STORAGE;
     let (qb, kb, vb) = (upload(q, st), upload(k, st), upload(v, st));
     let poison_o = tensor(spec.dtype, plan.q_len, |_| f64::NAN);
     let ob = upload(&poison_o, st | wgpu::BufferUsages::COPY_SRC);
-    let lb = spec.return_lse.then(|| upload(&TensorBuf::F32(vec![f32::NAN; plan.lse_len()]), st | wgpu::BufferUsages::COPY_SRC));
+    let lb = spec.return_lse.then(|| {
+        upload(
+            &TensorBuf::F32(vec![f32::NAN; plan.lse_len()]),
+            st | wgpu::BufferUsages::COPY_SRC,
+        )
+    });
     let mut enc = dev.create_command_encoder(&Default::default());
-    attn.encode(&mut enc, spec, &Buffers { q: &qb, k: &kb, v: &vb, o: &ob, lse: lb.as_ref() }).unwrap();
+    attn.encode(
+        &mut enc,
+        spec,
+        &Buffers {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            o: &ob,
+            lse: lb.as_ref(),
+        },
+    )
+    .unwrap();
     let read = |enc: &mut wgpu::CommandEncoder, b: &wgpu::Buffer| {
-        let s = dev.create_buffer(&wgpu::BufferDescriptor { label: None, size: b.size(), usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+        let s = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: b.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         enc.copy_buffer_to_buffer(b, 0, &s, 0, b.size());
         s
     };
@@ -121,6 +160,8 @@ pub fn run_poisoned(w: &WgslBackend, spec: &AttentionSpec, q: &TensorBuf, k: &Te
         v
     };
     let o = TensorBuf::from_bytes(spec.dtype, &fetch(&os), plan.q_len).to_f32();
-    let lse = ls.as_ref().map(|s| bytemuck::pod_collect_to_vec(&fetch(s)[..plan.lse_len() * 4]));
+    let lse = ls
+        .as_ref()
+        .map(|s| bytemuck::pod_collect_to_vec(&fetch(s)[..plan.lse_len() * 4]));
     (o, lse)
 }

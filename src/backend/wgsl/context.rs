@@ -34,12 +34,17 @@ pub fn describe(info: &wgpu::AdapterInfo) -> String {
 impl GpuContext {
     /// Wrap a device the caller already has.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, description: String) -> Self {
-        GpuContext { device, queue, description }
+        GpuContext {
+            device,
+            queue,
+            description,
+        }
     }
 
     /// Open the best adapter present (WGPU_BACKEND and friends are honoured).
     pub fn new() -> Result<Self> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
         if adapters.is_empty() {
             return Err(Error::NoAdapter("wgpu enumerated no adapter".into()));
@@ -58,7 +63,11 @@ impl GpuContext {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::Wgpu(format!("request_device on {}: {e}", describe(&info))))?;
-        Ok(GpuContext { device, queue, description: describe(&info) })
+        Ok(GpuContext {
+            device,
+            queue,
+            description: describe(&info),
+        })
     }
 
     /// Whether the adapter is a CPU implementation (e.g. lavapipe).

@@ -1,7 +1,7 @@
 //! WGSL sources, their specializations, the pipeline cache and the parameter block.
 
-use crate::numerics::padded_dim;
 use crate::numerics::p::NVFP4_RANGE;
+use crate::numerics::padded_dim;
 use crate::recipe::{Groups, Recipe};
 use crate::spec::{DType, Plan};
 use std::collections::HashMap;
@@ -50,7 +50,9 @@ pub fn quant_source() -> String {
 /// Query rows per workgroup: the most (16, 8 or 4, divisors of 128) whose tiles fit the
 /// device's workgroup memory.
 pub fn pick_bq(dp: u32, workgroup_bytes: u32) -> Option<u32> {
-    [16u32, 8, 4].into_iter().find(|&bq| bq * dp * 4 + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
+    [16u32, 8, 4]
+        .into_iter()
+        .find(|&bq| bq * dp * 4 + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
 }
 
 /// The parameter block of common.wgsl's `Params`, field for field.
@@ -124,7 +126,14 @@ pub struct Workspace {
 impl Workspace {
     pub fn new(plan: &Plan) -> Workspace {
         let s = &plan.spec;
-        let (b, hq, hk, nq, nk, d) = (s.batch as u64, s.heads_q as u64, s.heads_kv as u64, s.seq_q as u64, s.seq_kv as u64, s.head_dim as u64);
+        let (b, hq, hk, nq, nk, d) = (
+            s.batch as u64,
+            s.heads_q as u64,
+            s.heads_kv as u64,
+            s.seq_q as u64,
+            s.seq_kv as u64,
+            s.head_dim as u64,
+        );
         let dp = padded_dim(s.head_dim) as u64;
         let np = padded_dim(s.seq_kv) as u64;
         let mut w = Workspace::default();
@@ -190,7 +199,11 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
     if s.recipe.smooths_k() {
         flags |= FLAG_SMOOTH;
     }
-    let amax_p = if let Recipe::Nvfp4P { amax_p } = s.recipe { amax_p } else { 1.0 };
+    let amax_p = if let Recipe::Nvfp4P { amax_p } = s.recipe {
+        amax_p
+    } else {
+        1.0
+    };
     Params {
         batch: s.batch as u32,
         heads_q: s.heads_q as u32,
@@ -253,7 +266,11 @@ fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Storage { read_only }, has_dynamic_offset: false, min_binding_size: None },
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
         count: None,
     }
 }
@@ -262,7 +279,11 @@ fn uniform(binding: u32) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
         count: None,
     }
 }
@@ -275,10 +296,23 @@ impl Kernels {
         });
         let attn_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("tessera attention"),
-            entries: &[uniform(0), storage(1, true), storage(2, true), storage(3, true), storage(4, true), storage(5, true), storage(6, false), storage(7, false)],
+            entries: &[
+                uniform(0),
+                storage(1, true),
+                storage(2, true),
+                storage(3, true),
+                storage(4, true),
+                storage(5, true),
+                storage(6, false),
+                storage(7, false),
+            ],
         });
         let pl = |l: &wgpu::BindGroupLayout| {
-            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: None, bind_group_layouts: &[Some(l)], immediate_size: 0 })
+            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(l)],
+                immediate_size: 0,
+            })
         };
         Kernels {
             quant_pl: pl(&quant_layout),
@@ -290,6 +324,11 @@ impl Kernels {
         }
     }
 
+    /// How many pipelines have been compiled so far (each configuration once).
+    pub fn compiled(&self) -> usize {
+        self.cache.lock().unwrap().len()
+    }
+
     /// A quantization kernel by entry point name.
     pub fn quant(&self, device: &wgpu::Device, entry: &str) -> Arc<wgpu::ComputePipeline> {
         let key = (entry.to_string(), None);
@@ -299,7 +338,10 @@ impl Kernels {
         let module = {
             let mut m = self.quant_module.lock().unwrap();
             m.get_or_insert_with(|| {
-                device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("tessera quant.wgsl"), source: wgpu::ShaderSource::Wgsl(quant_source().into()) })
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("tessera quant.wgsl"),
+                    source: wgpu::ShaderSource::Wgsl(quant_source().into()),
+                })
             })
             .clone()
         };
@@ -315,13 +357,22 @@ impl Kernels {
             return p.clone();
         }
         log::debug!("tessera: compiling WGSL attention {key:?}");
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("tessera attention.wgsl"), source: wgpu::ShaderSource::Wgsl(attention_source(key).into()) });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("tessera attention.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(attention_source(key).into()),
+        });
         let p = Arc::new(self.pipeline(device, &self.attn_pl, &module, "attention"));
         self.cache.lock().unwrap().insert(ckey, p.clone());
         p
     }
 
-    fn pipeline(&self, device: &wgpu::Device, layout: &wgpu::PipelineLayout, module: &wgpu::ShaderModule, entry: &str) -> wgpu::ComputePipeline {
+    fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        layout: &wgpu::PipelineLayout,
+        module: &wgpu::ShaderModule,
+        entry: &str,
+    ) -> wgpu::ComputePipeline {
         device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: Some(layout),

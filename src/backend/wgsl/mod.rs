@@ -60,7 +60,18 @@ impl WgslAttention {
     }
 
     fn with_description(device: &wgpu::Device, queue: &wgpu::Queue, description: String) -> Self {
-        WgslAttention { device: device.clone(), queue: queue.clone(), description, kernels: Kernels::new(device), scratch: Mutex::default() }
+        WgslAttention {
+            device: device.clone(),
+            queue: queue.clone(),
+            description,
+            kernels: Kernels::new(device),
+            scratch: Mutex::default(),
+        }
+    }
+
+    /// How many pipelines this instance has compiled (each configuration is compiled once).
+    pub fn compiled_pipelines(&self) -> usize {
+        self.kernels.compiled()
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -72,7 +83,12 @@ impl WgslAttention {
 
     /// Record the whole attention for `spec` into `encoder`: quantization passes, the attention
     /// kernel, and the output pack. Nothing is submitted and nothing waits.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, spec: &AttentionSpec, bufs: &Buffers) -> Result<()> {
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &AttentionSpec,
+        bufs: &Buffers,
+    ) -> Result<()> {
         let plan = spec.plan()?;
         self.check_buffers(&plan, bufs)?;
         self.encode_plan(encoder, &plan, bufs)?;
@@ -83,7 +99,12 @@ impl WgslAttention {
         let esize = plan.spec.dtype.size() as u64;
         let need_q = bytes4(plan.q_len as u64 * esize);
         let need_kv = bytes4(plan.kv_len as u64 * esize);
-        let mut list = vec![("q", bufs.q, need_q), ("k", bufs.k, need_kv), ("v", bufs.v, need_kv), ("o", bufs.o, need_q)];
+        let mut list = vec![
+            ("q", bufs.q, need_q),
+            ("k", bufs.k, need_kv),
+            ("v", bufs.v, need_kv),
+            ("o", bufs.o, need_q),
+        ];
         match (plan.spec.return_lse, bufs.lse) {
             (true, Some(l)) => list.push(("lse", l, plan.lse_len() as u64 * 4)),
             (true, None) => return Err(Error::BadBuffer { buffer: "lse", problem: "the spec asks for the LSE (return_lse) but no lse buffer was given: pass one of batch*heads_q*seq_q f32".into() }),
@@ -92,10 +113,19 @@ impl WgslAttention {
         let max = self.device.limits().max_storage_buffer_binding_size;
         for (name, b, need) in list {
             if b.size() < need {
-                return Err(Error::BadBuffer { buffer: name, problem: format!("holds {} bytes but the spec needs {need}", b.size()) });
+                return Err(Error::BadBuffer {
+                    buffer: name,
+                    problem: format!("holds {} bytes but the spec needs {need}", b.size()),
+                });
             }
             if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::BadBuffer { buffer: name, problem: format!("usage {:?} lacks STORAGE: create it with BufferUsages::STORAGE", b.usage()) });
+                return Err(Error::BadBuffer {
+                    buffer: name,
+                    problem: format!(
+                        "usage {:?} lacks STORAGE: create it with BufferUsages::STORAGE",
+                        b.usage()
+                    ),
+                });
             }
             if need > max as u64 {
                 return Err(Error::TooLarge(format!("{name} needs a {need}-byte storage binding but this device allows {max}: split the heads or the batch into several calls")));
@@ -104,13 +134,23 @@ impl WgslAttention {
         Ok(())
     }
 
-    fn scratch_buffer(&self, slot: fn(&mut Scratch) -> &mut Option<Arc<wgpu::Buffer>>, bytes: u64, usage: wgpu::BufferUsages) -> Arc<wgpu::Buffer> {
+    fn scratch_buffer(
+        &self,
+        slot: fn(&mut Scratch) -> &mut Option<Arc<wgpu::Buffer>>,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Arc<wgpu::Buffer> {
         let mut s = self.scratch.lock().unwrap();
         let entry = slot(&mut s);
         match entry {
             Some(b) if b.size() >= bytes => b.clone(),
             _ => {
-                let b = Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("tessera scratch"), size: bytes.max(16), usage, mapped_at_creation: false }));
+                let b = Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tessera scratch"),
+                    size: bytes.max(16),
+                    usage,
+                    mapped_at_creation: false,
+                }));
                 *entry = Some(b.clone());
                 b
             }
@@ -118,36 +158,75 @@ impl WgslAttention {
     }
 
     fn uniform(&self, p: &Params) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("tessera params"), contents: bytemuck::bytes_of(p), usage: wgpu::BufferUsages::UNIFORM })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("tessera params"),
+                contents: bytemuck::bytes_of(p),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     fn bind<'a>(b: &'a wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'a> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: b, offset: 0, size: NonZeroU64::new(bytes4(bytes).max(4)) })
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: b,
+            offset: 0,
+            size: NonZeroU64::new(bytes4(bytes).max(4)),
+        })
     }
 
     /// Record the quantization kernels; returns the workspace and its layout.
-    fn encode_quantize(&self, pass: &mut wgpu::ComputePass, plan: &Plan, q: (&wgpu::Buffer, u64), k: (&wgpu::Buffer, u64), v: (&wgpu::Buffer, u64)) -> Result<(Arc<wgpu::Buffer>, Workspace)> {
+    fn encode_quantize(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        plan: &Plan,
+        q: (&wgpu::Buffer, u64),
+        k: (&wgpu::Buffer, u64),
+        v: (&wgpu::Buffer, u64),
+    ) -> Result<(Arc<wgpu::Buffer>, Workspace)> {
         let layout = Workspace::new(plan);
         let ws_bytes = layout.words * 4;
         let max = self.device.limits().max_storage_buffer_binding_size as u64;
         if ws_bytes > max {
             return Err(Error::TooLarge(format!("the quantized operands need {ws_bytes} bytes but this device binds at most {max}: split the heads or the batch into several calls")));
         }
-        let ws = self.scratch_buffer(|s| &mut s.ws, ws_bytes, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+        let ws = self.scratch_buffer(
+            |s| &mut s.ws,
+            ws_bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        );
         let s = &plan.spec;
         let base = params(plan, &layout);
-        let (b, hq, hk, nq, nk) = (s.batch as u32, s.heads_q as u32, s.heads_kv as u32, s.seq_q as u32, s.seq_kv as u32);
+        let (b, hq, hk, nq, nk) = (
+            s.batch as u32,
+            s.heads_q as u32,
+            s.heads_kv as u32,
+            s.seq_q as u32,
+            s.seq_kv as u32,
+        );
         let dp = padded_dim(s.head_dim) as u32;
-        let run = |pass: &mut wgpu::ComputePass, entry: &str, mode: u32, src: (&wgpu::Buffer, u64), workgroups: u32| {
+        let run = |pass: &mut wgpu::ComputePass,
+                   entry: &str,
+                   mode: u32,
+                   src: (&wgpu::Buffer, u64),
+                   workgroups: u32| {
             let p = Params { mode, ..base };
             let ub = self.uniform(&p);
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(entry),
                 layout: &self.kernels.quant_layout,
                 entries: &[
-                    wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 1, resource: Self::bind(src.0, src.1) },
-                    wgpu::BindGroupEntry { binding: 2, resource: Self::bind(&ws, ws_bytes) },
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: ub.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: Self::bind(src.0, src.1),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: Self::bind(&ws, ws_bytes),
+                    },
                 ],
             });
             let (x, y) = grid(workgroups);
@@ -157,14 +236,32 @@ impl WgslAttention {
         };
         let threads = |n: u32| n.div_ceil(WG);
         if s.recipe.smooths_k() {
-            run(pass, "k_mean", MODE_K, k, threads(b * hk * s.head_dim as u32));
+            run(
+                pass,
+                "k_mean",
+                MODE_K,
+                k,
+                threads(b * hk * s.head_dim as u32),
+            );
             run(pass, "q_delta", MODE_Q, q, threads(b * hq * nq));
         }
         match s.recipe {
             Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
                 let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
-                run(pass, "int8_qk", MODE_Q, q, b * hq * qg.count(s.seq_q) as u32);
-                run(pass, "int8_qk", MODE_K, k, b * hk * kg.count(s.seq_kv) as u32);
+                run(
+                    pass,
+                    "int8_qk",
+                    MODE_Q,
+                    q,
+                    b * hq * qg.count(s.seq_q) as u32,
+                );
+                run(
+                    pass,
+                    "int8_qk",
+                    MODE_K,
+                    k,
+                    b * hk * kg.count(s.seq_kv) as u32,
+                );
             }
             Recipe::Nvfp4 => {
                 run(pass, "nvfp4_qk", MODE_Q, q, threads(b * hq * nq * dp / 16));
@@ -175,18 +272,38 @@ impl WgslAttention {
         match s.recipe {
             Recipe::Int8QkFp8Pv { .. } => {
                 run(pass, "fp8_v_scale", MODE_K, v, threads(b * hk * dp));
-                run(pass, "fp8_v_codes", MODE_K, v, threads(b * hk * nk * dp / 4));
+                run(
+                    pass,
+                    "fp8_v_codes",
+                    MODE_K,
+                    v,
+                    threads(b * hk * nk * dp / 4),
+                );
             }
-            Recipe::Nvfp4 => run(pass, "nvfp4_v", MODE_K, v, threads(b * hk * dp * padded_dim(s.seq_kv) as u32 / 16)),
+            Recipe::Nvfp4 => run(
+                pass,
+                "nvfp4_v",
+                MODE_K,
+                v,
+                threads(b * hk * dp * padded_dim(s.seq_kv) as u32 / 16),
+            ),
             _ => {}
         }
         Ok((ws, layout))
     }
 
-    fn encode_plan(&self, encoder: &mut wgpu::CommandEncoder, plan: &Plan, bufs: &Buffers) -> Result<()> {
+    fn encode_plan(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        bufs: &Buffers,
+    ) -> Result<()> {
         let s = &plan.spec;
         if s.batch * s.heads_q > 65535 {
-            return Err(Error::TooLarge(format!("batch * heads_q = {} exceeds 65535 workgroups: split the batch into several calls", s.batch * s.heads_q)));
+            return Err(Error::TooLarge(format!(
+                "batch * heads_q = {} exceeds 65535 workgroups: split the batch into several calls",
+                s.batch * s.heads_q
+            )));
         }
         let dp = padded_dim(s.head_dim) as u32;
         let bq = pick_bq(dp, self.device.limits().max_compute_workgroup_storage_size).ok_or_else(|| Error::MissingFeature {
@@ -203,14 +320,40 @@ impl WgslAttention {
         };
         let dummy_ro = self.scratch_buffer(|s| &mut s.dummy_ro, 16, wgpu::BufferUsages::STORAGE);
         let mask_buf = (!mask_words.is_empty()).then(|| {
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("tessera mask"), contents: bytemuck::cast_slice(&mask_words), usage: wgpu::BufferUsages::STORAGE })
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("tessera mask"),
+                    contents: bytemuck::cast_slice(&mask_words),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
         });
         // f32 outputs go straight to the caller's buffer; 16-bit ones through an f32 scratch.
-        let o32 = if s.dtype == DType::F32 { None } else { Some(self.scratch_buffer(|s| &mut s.o32, plan.q_len as u64 * 4, wgpu::BufferUsages::STORAGE)) };
-        let lse_dummy = if bufs.lse.is_none() { Some(self.scratch_buffer(|s| &mut s.dummy_rw, 16, wgpu::BufferUsages::STORAGE)) } else { None };
+        let o32 = if s.dtype == DType::F32 {
+            None
+        } else {
+            Some(self.scratch_buffer(
+                |s| &mut s.o32,
+                plan.q_len as u64 * 4,
+                wgpu::BufferUsages::STORAGE,
+            ))
+        };
+        let lse_dummy = if bufs.lse.is_none() {
+            Some(self.scratch_buffer(|s| &mut s.dummy_rw, 16, wgpu::BufferUsages::STORAGE))
+        } else {
+            None
+        };
 
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("tessera attention"), timestamp_writes: None });
-        let (ws, layout) = self.encode_quantize(&mut pass, plan, (bufs.q, q_bytes), (bufs.k, kv_bytes), (bufs.v, kv_bytes))?;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("tessera attention"),
+            timestamp_writes: None,
+        });
+        let (ws, layout) = self.encode_quantize(
+            &mut pass,
+            plan,
+            (bufs.q, q_bytes),
+            (bufs.k, kv_bytes),
+            (bufs.v, kv_bytes),
+        )?;
         let p = params(plan, &layout);
         let ub = self.uniform(&p);
         let o_target: &wgpu::Buffer = o32.as_deref().unwrap_or(bufs.o);
@@ -227,20 +370,52 @@ impl WgslAttention {
             label: Some("tessera attention"),
             layout: &self.kernels.attn_layout,
             entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: Self::bind(bufs.q, q_bytes) },
-                wgpu::BindGroupEntry { binding: 2, resource: Self::bind(bufs.k, kv_bytes) },
-                wgpu::BindGroupEntry { binding: 3, resource: Self::bind(bufs.v, kv_bytes) },
-                wgpu::BindGroupEntry { binding: 4, resource: Self::bind(&ws, layout.words * 4) },
-                wgpu::BindGroupEntry { binding: 5, resource: Self::bind(mask_b, mask_bytes) },
-                wgpu::BindGroupEntry { binding: 6, resource: Self::bind(o_target, plan.q_len as u64 * 4) },
-                wgpu::BindGroupEntry { binding: 7, resource: Self::bind(lse_b, lse_bytes) },
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: ub.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: Self::bind(bufs.q, q_bytes),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: Self::bind(bufs.k, kv_bytes),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: Self::bind(bufs.v, kv_bytes),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: Self::bind(&ws, layout.words * 4),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 5,
+                    resource: Self::bind(mask_b, mask_bytes),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 6,
+                    resource: Self::bind(o_target, plan.q_len as u64 * 4),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 7,
+                    resource: Self::bind(lse_b, lse_bytes),
+                },
             ],
         });
-        let key = AttnKey { recipe: recipe_id(s.recipe), dp, bq };
+        let key = AttnKey {
+            recipe: recipe_id(s.recipe),
+            dp,
+            bq,
+        };
         pass.set_pipeline(&self.kernels.attention(&self.device, key));
         pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups((s.seq_q as u32).div_ceil(bq), (s.batch * s.heads_q) as u32, 1);
+        pass.dispatch_workgroups(
+            (s.seq_q as u32).div_ceil(bq),
+            (s.batch * s.heads_q) as u32,
+            1,
+        );
 
         if let Some(o32) = &o32 {
             let words = (plan.q_len as u32).div_ceil(2);
@@ -250,9 +425,18 @@ impl WgslAttention {
                 label: Some("tessera pack"),
                 layout: &self.kernels.quant_layout,
                 entries: &[
-                    wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 1, resource: Self::bind(o32, plan.q_len as u64 * 4) },
-                    wgpu::BindGroupEntry { binding: 2, resource: Self::bind(bufs.o, q_bytes) },
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: ub.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: Self::bind(o32, plan.q_len as u64 * 4),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: Self::bind(bufs.o, q_bytes),
+                    },
                 ],
             });
             let (x, y) = grid(words.div_ceil(WG));
@@ -275,7 +459,10 @@ impl WgslBackend {
     /// Open the best adapter present.
     pub fn new() -> Result<Self> {
         let ctx = GpuContext::new()?;
-        Ok(WgslBackend { attn: WgslAttention::with_description(&ctx.device, &ctx.queue, ctx.description), calls: Mutex::new(()) })
+        Ok(WgslBackend {
+            attn: WgslAttention::with_description(&ctx.device, &ctx.queue, ctx.description),
+            calls: Mutex::new(()),
+        })
     }
 
     /// The zero-copy interface on this backend's device.
@@ -286,16 +473,31 @@ impl WgslBackend {
     fn upload(&self, t: &Tensor, name: &str) -> wgpu::Buffer {
         let mut bytes = t.bytes().to_vec();
         bytes.resize(bytes4(bytes.len() as u64).max(4) as usize, 0);
-        self.attn.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(name), contents: &bytes, usage: wgpu::BufferUsages::STORAGE })
+        self.attn
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(name),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+            })
     }
 
-    fn download(&self, encoder: wgpu::CommandEncoder, reads: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
+    fn download(
+        &self,
+        encoder: wgpu::CommandEncoder,
+        reads: &[(&wgpu::Buffer, u64)],
+    ) -> Result<Vec<Vec<u8>>> {
         let dev = &self.attn.device;
         let mut encoder = encoder;
         let staging: Vec<wgpu::Buffer> = reads
             .iter()
             .map(|&(b, n)| {
-                let s = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("tessera readback"), size: bytes4(n).max(4), usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+                let s = dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tessera readback"),
+                    size: bytes4(n).max(4),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
                 encoder.copy_buffer_to_buffer(b, 0, &s, 0, bytes4(n).max(4));
                 s
             })
@@ -308,9 +510,14 @@ impl WgslBackend {
             slice.map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
-            dev.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Wgpu(format!("poll: {e}")))?;
-            rx.recv().map_err(|e| Error::Wgpu(format!("map: {e}")))?.map_err(|e| Error::Wgpu(format!("map: {e}")))?;
-            let data = slice.get_mapped_range().map_err(|e| Error::Wgpu(format!("mapped range: {e:?}")))?;
+            dev.poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Wgpu(format!("poll: {e}")))?;
+            rx.recv()
+                .map_err(|e| Error::Wgpu(format!("map: {e}")))?
+                .map_err(|e| Error::Wgpu(format!("map: {e}")))?;
+            let data = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Wgpu(format!("mapped range: {e:?}")))?;
             out.push(data[..n as usize].to_vec());
             drop(data);
             s.unmap();
@@ -338,27 +545,60 @@ impl WgslBackend {
 /// Per input: E4M3 code, INT8 code, E2M1 code of x/1, E2M1 code of x/`s`, f16 bits, bf16 bits,
 /// div_rn(x, `divisor`) bits, and the f16 in the input's low half decoded.
 #[doc(hidden)]
-pub fn probe_scalars(backend: &WgslBackend, xs: &[f32], s: f32, divisor: f32) -> Result<Vec<[u32; 8]>> {
+pub fn probe_scalars(
+    backend: &WgslBackend,
+    xs: &[f32],
+    s: f32,
+    divisor: f32,
+) -> Result<Vec<[u32; 8]>> {
     let a = &backend.attn;
     backend.scoped(|| {
         let dev = &a.device;
-        let src = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("probe in"), contents: bytemuck::cast_slice(xs), usage: wgpu::BufferUsages::STORAGE });
+        let src = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("probe in"),
+            contents: bytemuck::cast_slice(xs),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
         let n = xs.len() as u64 * 32;
-        let out = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("probe out"), size: n, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false });
-        let p = Params { count: xs.len() as u32, fold: s, score_scale: divisor, ..Params::default() };
+        let out = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("probe out"),
+            size: n,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let p = Params {
+            count: xs.len() as u32,
+            fold: s,
+            score_scale: divisor,
+            ..Params::default()
+        };
         let ub = a.uniform(&p);
         let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("probe"),
             layout: &a.kernels.quant_layout,
             entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: out.as_entire_binding() },
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: ub.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: src.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: out.as_entire_binding(),
+                },
             ],
         });
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("probe") });
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("probe"),
+        });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("probe"), timestamp_writes: None });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("probe"),
+                timestamp_writes: None,
+            });
             pass.set_pipeline(&a.kernels.quant(dev, "scalar_probe"));
             pass.set_bind_group(0, &bg, &[]);
             let (x, y) = grid((xs.len() as u32).div_ceil(WG));
@@ -382,15 +622,37 @@ impl Backend for WgslBackend {
         check_inputs(plan, &q, &k, &v)?;
         self.scoped(|| {
             let dev = &self.attn.device;
-            let (qb, kb, vb) = (self.upload(&q, "q"), self.upload(&k, "k"), self.upload(&v, "v"));
+            let (qb, kb, vb) = (
+                self.upload(&q, "q"),
+                self.upload(&k, "k"),
+                self.upload(&v, "v"),
+            );
             let o_bytes = plan.q_len as u64 * plan.spec.dtype.size() as u64;
-            let o = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("o"), size: bytes4(o_bytes), usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false });
-            let lse = plan.spec.return_lse.then(|| {
-                dev.create_buffer(&wgpu::BufferDescriptor { label: Some("lse"), size: plan.lse_len() as u64 * 4, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false })
+            let o = dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("o"),
+                size: bytes4(o_bytes),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
             });
-            let bufs = Buffers { q: &qb, k: &kb, v: &vb, o: &o, lse: lse.as_ref() };
+            let lse = plan.spec.return_lse.then(|| {
+                dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("lse"),
+                    size: plan.lse_len() as u64 * 4,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            });
+            let bufs = Buffers {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+                o: &o,
+                lse: lse.as_ref(),
+            };
             self.attn.check_buffers(plan, &bufs)?;
-            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera") });
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("tessera"),
+            });
             self.attn.encode_plan(&mut enc, plan, &bufs)?;
             let mut reads = vec![(&o, o_bytes)];
             if let Some(l) = &lse {
@@ -409,15 +671,34 @@ impl Backend for WgslBackend {
         check_inputs(plan, &q, &k, &v)?;
         self.scoped(|| {
             let dev = &self.attn.device;
-            let (qb, kb, vb) = (self.upload(&q, "q"), self.upload(&k, "k"), self.upload(&v, "v"));
+            let (qb, kb, vb) = (
+                self.upload(&q, "q"),
+                self.upload(&k, "k"),
+                self.upload(&v, "v"),
+            );
             let esize = plan.spec.dtype.size() as u64;
-            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera quantize") });
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("tessera quantize"),
+            });
             let (ws, layout) = {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("tessera quantize"), timestamp_writes: None });
-                self.attn.encode_quantize(&mut pass, plan, (&qb, plan.q_len as u64 * esize), (&kb, plan.kv_len as u64 * esize), (&vb, plan.kv_len as u64 * esize))?
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("tessera quantize"),
+                    timestamp_writes: None,
+                });
+                self.attn.encode_quantize(
+                    &mut pass,
+                    plan,
+                    (&qb, plan.q_len as u64 * esize),
+                    (&kb, plan.kv_len as u64 * esize),
+                    (&vb, plan.kv_len as u64 * esize),
+                )?
             };
             let data = self.download(enc, &[(&ws, layout.words * 4)])?;
-            Ok(unpack_workspace(plan, &layout, bytemuck::cast_slice(&data[0])))
+            Ok(unpack_workspace(
+                plan,
+                &layout,
+                bytemuck::cast_slice(&data[0]),
+            ))
         })
     }
 }
@@ -425,12 +706,23 @@ impl Backend for WgslBackend {
 /// Read the workspace back into the host representation of [`Quantized`].
 fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
     let s = &plan.spec;
-    let (b, hq, hk, nq, nk, d) = (s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim);
+    let (b, hq, hk, nq, nk, d) = (
+        s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim,
+    );
     let dp = padded_dim(d);
     let np = padded_dim(nk);
-    let f32s = |off: u32, n: usize| -> Vec<f32> { ws[off as usize..][..n].iter().map(|&w| f32::from_bits(w)).collect() };
-    let bytes = |off: u32, n: usize| -> Vec<u8> { bytemuck::cast_slice::<u32, u8>(&ws[off as usize..][..n / 4]).to_vec() };
-    let low_bytes = |off: u32, n: usize| -> Vec<u8> { ws[off as usize..][..n].iter().map(|&w| w as u8).collect() };
+    let f32s = |off: u32, n: usize| -> Vec<f32> {
+        ws[off as usize..][..n]
+            .iter()
+            .map(|&w| f32::from_bits(w))
+            .collect()
+    };
+    let bytes = |off: u32, n: usize| -> Vec<u8> {
+        bytemuck::cast_slice::<u32, u8>(&ws[off as usize..][..n / 4]).to_vec()
+    };
+    let low_bytes = |off: u32, n: usize| -> Vec<u8> {
+        ws[off as usize..][..n].iter().map(|&w| w as u8).collect()
+    };
     let mut out = Quantized::default();
     if s.recipe.smooths_k() {
         out.k_mean = Some(f32s(l.kmean, b * hk * d));
@@ -440,18 +732,40 @@ fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
         Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
             let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
             let i8s = |v: Vec<u8>| v.into_iter().map(|x| x as i8).collect();
-            out.q = QkCodes::Int8 { codes: i8s(bytes(l.qcodes, b * hq * nq * dp)), scales: f32s(l.qscales, b * hq * qg.count(nq)) };
-            out.k = QkCodes::Int8 { codes: i8s(bytes(l.kcodes, b * hk * nk * dp)), scales: f32s(l.kscales, b * hk * kg.count(nk)) };
+            out.q = QkCodes::Int8 {
+                codes: i8s(bytes(l.qcodes, b * hq * nq * dp)),
+                scales: f32s(l.qscales, b * hq * qg.count(nq)),
+            };
+            out.k = QkCodes::Int8 {
+                codes: i8s(bytes(l.kcodes, b * hk * nk * dp)),
+                scales: f32s(l.kscales, b * hk * kg.count(nk)),
+            };
         }
         Recipe::Nvfp4 => {
-            out.q = QkCodes::Nvfp4 { codes: bytes(l.qcodes, b * hq * nq * dp), scales: low_bytes(l.qscales, b * hq * nq * dp / 16) };
-            out.k = QkCodes::Nvfp4 { codes: bytes(l.kcodes, b * hk * nk * dp), scales: low_bytes(l.kscales, b * hk * nk * dp / 16) };
+            out.q = QkCodes::Nvfp4 {
+                codes: bytes(l.qcodes, b * hq * nq * dp),
+                scales: low_bytes(l.qscales, b * hq * nq * dp / 16),
+            };
+            out.k = QkCodes::Nvfp4 {
+                codes: bytes(l.kcodes, b * hk * nk * dp),
+                scales: low_bytes(l.kscales, b * hk * nk * dp / 16),
+            };
         }
         _ => {}
     }
     match s.recipe {
-        Recipe::Int8QkFp8Pv { .. } => out.v = VCodes::Fp8 { codes: bytes(l.vcodes, b * hk * nk * dp), scales: f32s(l.vscales, b * hk * dp) },
-        Recipe::Nvfp4 => out.v = VCodes::Nvfp4 { codes: bytes(l.vcodes, b * hk * dp * np), scales: low_bytes(l.vscales, b * hk * dp * np / 16) },
+        Recipe::Int8QkFp8Pv { .. } => {
+            out.v = VCodes::Fp8 {
+                codes: bytes(l.vcodes, b * hk * nk * dp),
+                scales: f32s(l.vscales, b * hk * dp),
+            }
+        }
+        Recipe::Nvfp4 => {
+            out.v = VCodes::Nvfp4 {
+                codes: bytes(l.vcodes, b * hk * dp * np),
+                scales: low_bytes(l.vscales, b * hk * dp * np / 16),
+            }
+        }
         _ => {}
     }
     out
