@@ -1,6 +1,9 @@
 // attention.wgsl: the tiled online-softmax attention, one kernel for every recipe.
 // The host prepends the specialization: RECIPE, DP (head_dim rounded up to 16), BQ (query rows
-// per workgroup, a divisor of 128) and NCH (channels per thread = ceil(DP / 64)).
+// per workgroup, a divisor of 128), NCH (channels per thread = ceil(DP / 64)), and the Q tile's
+// storage with its accessors q_put / q_get (f32 values) and q_put_word / q_get_word (INT8
+// codes, 4 per word): u32 words, or f16 where the adapter has shader-f16 and Q is f16 (exact,
+// half the workgroup memory, so more rows fit per workgroup).
 //
 // A workgroup of 64 threads owns BQ query rows of one (batch, head) and walks the KV tiles of
 // 64 keys. Per tile:
@@ -24,7 +27,6 @@ const BK: u32 = 64u;
 const DW: u32 = DP / 4u;
 const MASKED: f32 = -3.0e38;        // score of a key that is not visible (below any real score)
 
-var<workgroup> q_sh: array<u32, BQ * DP>;   // the Q tile: f32 bits, or 4 INT8 codes per word
 var<workgroup> s_sh: array<f32, BQ * BK>;   // scores, then the P·V operands
 var<workgroup> m_sh: array<f32, BQ>;
 var<workgroup> l_sh: array<f32, BQ>;
@@ -130,7 +132,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
             let row = row0 + e / DW;
             var w = 0u;
             if (row < P.seq_q) { w = ws[P.off_qcodes + (bh * P.seq_q + row) * DW + e % DW]; }
-            q_sh[e] = w;
+            q_put_word(e, w);
         }
         if (lid < BQ) {
             let row = row0 + lid;
@@ -150,7 +152,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                     x = load_q(b, h, row, c);
                 }
             }
-            q_sh[e] = bitcast<u32>(x);
+            q_put(e, x);
         }
     }
     if (lid < BQ) {
@@ -189,7 +191,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                 for (var r = 0u; r < BQ; r++) { dots[r] = 0; }
                 for (var w = 0u; w < DW; w++) {
                     let kw = ws[P.off_kcodes + (bkv * P.seq_kv + j) * DW + w];
-                    for (var r = 0u; r < BQ; r++) { dots[r] += dot4I8Packed(q_sh[r * DW + w], kw); }
+                    for (var r = 0u; r < BQ; r++) { dots[r] += dot4I8Packed(q_get_word(r * DW + w), kw); }
                 }
                 let ks = bitcast<f32>(ws[P.off_kscales + bkv * ngk + group_of(j, P.k_gblock, P.k_ginter)]);
                 for (var r = 0u; r < BQ; r++) { s[r] = f32(dots[r]) * qscale_sh[r] * ks; }
@@ -201,7 +203,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                     } else {
                         kc = load_k(b, hkv, j, c);
                     }
-                    for (var r = 0u; r < BQ; r++) { s[r] += bitcast<f32>(q_sh[r * DP + c]) * kc; }
+                    for (var r = 0u; r < BQ; r++) { s[r] += q_get(r * DP + c) * kc; }
                 }
                 if (reads_raw_qk()) {
                     for (var r = 0u; r < BQ; r++) { s[r] *= P.score_scale; }

@@ -71,11 +71,9 @@ fn q_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     ws[P.off_qdelta + id] = bitcast<u32>(d);
 }
 
-var<workgroup> red: array<u32, 64>;
 var<workgroup> group_scale: vec2<f32>;
 
-// INT8 Q or K: one workgroup per token group. amax is a max over bit patterns, so the
-// reduction order cannot change it.
+// INT8 Q or K: one workgroup per token group.
 @compute @workgroup_size(64)
 fn int8_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
@@ -98,14 +96,9 @@ fn int8_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             if (t < n) { amax = max(amax, abs_bits(qk_value(bh, t, e % P.head_dim))); }
         }
     }
-    red[lid] = amax;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-        workgroupBarrier();
-    }
+    // A max over bit patterns: the same bits whatever the reduction order.
+    let a = workgroup_max_u32(amax, lid);
     if (lid == 0u && valid) {
-        let a = red[0];
         var inv = 0.0;
         var scale = 0.0;
         if (non_finite(a)) {

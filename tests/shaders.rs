@@ -2,12 +2,20 @@
 
 use tessera::backend::wgsl::kernels::{attention_source, quant_source, AttnKey};
 
+/// Validate with only the capabilities the source asks for: the portable variants must need none.
 fn validate(src: &str, what: &str) {
+    let mut caps = naga::valid::Capabilities::empty();
+    if src.contains("enable f16") {
+        caps |= naga::valid::Capabilities::SHADER_FLOAT16;
+    }
+    if src.contains("subgroupMax") {
+        caps |= naga::valid::Capabilities::SUBGROUP;
+    }
     let module = naga::front::wgsl::parse_str(src)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
+        caps,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{what}: {e:?}"));
@@ -15,7 +23,8 @@ fn validate(src: &str, what: &str) {
 
 #[test]
 fn quant_kernels_validate() {
-    validate(&quant_source(), "quant.wgsl");
+    validate(&quant_source(false), "quant.wgsl");
+    validate(&quant_source(true), "quant.wgsl with subgroups");
 }
 
 #[test]
@@ -23,8 +32,10 @@ fn every_attention_specialization_validates() {
     for recipe in 0..5u32 {
         for dp in (16..=256).step_by(16) {
             for bq in [16u32, 8, 4] {
-                let key = AttnKey { recipe, dp, bq };
-                validate(&attention_source(key), &format!("attention {key:?}"));
+                for f16_tile in [false, true] {
+                    let key = AttnKey { recipe, dp, bq, f16_tile };
+                    validate(&attention_source(key), &format!("attention {key:?}"));
+                }
             }
         }
     }

@@ -52,9 +52,11 @@ impl GpuContext {
         adapters.sort_by_key(|a| rank(&a.get_info()));
         let adapter = adapters.swap_remove(0);
         let info = adapter.get_info();
+        // Optional features tessera uses when offered (each has a portable path).
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
         let desc = wgpu::DeviceDescriptor {
             label: Some("tessera"),
-            required_features: wgpu::Features::empty(),
+            required_features: adapter.features() & wanted,
             // The adapter's own limits: larger storage bindings and workgroup memory than the defaults.
             required_limits: adapter.limits(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
@@ -70,8 +72,4 @@ impl GpuContext {
         })
     }
 
-    /// Whether the adapter is a CPU implementation (e.g. lavapipe).
-    pub fn limits(&self) -> wgpu::Limits {
-        self.device.limits()
-    }
 }

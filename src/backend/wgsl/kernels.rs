@@ -10,6 +10,27 @@ use std::sync::{Arc, Mutex};
 pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 pub const QUANT: &str = include_str!("../../../shaders/quant.wgsl");
 pub const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+pub const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
+pub const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
+
+/// The Q tile in u32 words: f32 bits, or 4 INT8 codes per word.
+const Q_TILE_WORDS: &str = "
+var<workgroup> q_sh: array<u32, BQ * DP>;
+fn q_put(i: u32, x: f32) { q_sh[i] = bitcast<u32>(x); }
+fn q_get(i: u32) -> f32 { return bitcast<f32>(q_sh[i]); }
+fn q_put_word(i: u32, w: u32) { q_sh[i] = w; }
+fn q_get_word(i: u32) -> u32 { return q_sh[i]; }
+";
+
+/// The Q tile in f16 (only for recipes that read Q as given, with f16 inputs: the conversion
+/// is exact). The word accessors exist so the INT8 branches type-check; they are never taken.
+const Q_TILE_F16: &str = "
+var<workgroup> q_sh: array<f16, BQ * DP>;
+fn q_put(i: u32, x: f32) { q_sh[i] = f16(x); }
+fn q_get(i: u32) -> f32 { return f32(q_sh[i]); }
+fn q_put_word(i: u32, w: u32) { }
+fn q_get_word(i: u32) -> u32 { return 0u; }
+";
 
 /// Threads per workgroup in every kernel.
 pub const WG: u32 = 64;
@@ -31,28 +52,31 @@ pub struct AttnKey {
     pub recipe: u32,
     pub dp: u32,
     pub bq: u32,
+    /// Q tile held in f16 (needs the SHADER_F16 feature).
+    pub f16_tile: bool,
 }
 
 /// The attention kernel's source for one specialization.
 pub fn attention_source(key: AttnKey) -> String {
     let nch = key.dp.div_ceil(WG);
+    let (enable, tile) = if key.f16_tile { ("enable f16;\n", Q_TILE_F16) } else { ("", Q_TILE_WORDS) };
     format!(
-        "const RECIPE: u32 = {}u;\nconst DP: u32 = {}u;\nconst BQ: u32 = {}u;\nconst NCH: u32 = {nch}u;\n{COMMON}\n{ATTENTION}",
+        "{enable}const RECIPE: u32 = {}u;\nconst DP: u32 = {}u;\nconst BQ: u32 = {}u;\nconst NCH: u32 = {nch}u;\n{tile}\n{COMMON}\n{ATTENTION}",
         key.recipe, key.dp, key.bq
     )
 }
 
-/// The quantization kernels' source (not specialized: they read everything from Params).
-pub fn quant_source() -> String {
-    format!("{COMMON}\n{QUANT}")
+/// The quantization kernels' source (not specialized but for the reduction: they read
+/// everything else from Params). `subgroups` needs the SUBGROUP feature.
+pub fn quant_source(subgroups: bool) -> String {
+    let reduce = if subgroups { REDUCE_SUBGROUP } else { REDUCE_SHARED };
+    format!("{COMMON}\n{reduce}\n{QUANT}")
 }
 
 /// Query rows per workgroup: the most (16, 8 or 4, divisors of 128) whose tiles fit the
-/// device's workgroup memory.
-pub fn pick_bq(dp: u32, workgroup_bytes: u32) -> Option<u32> {
-    [16u32, 8, 4]
-        .into_iter()
-        .find(|&bq| bq * dp * 4 + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
+/// device's workgroup memory (the Q tile takes `q_bytes` bytes per element).
+pub fn pick_bq(dp: u32, q_bytes: u32, workgroup_bytes: u32) -> Option<u32> {
+    [16u32, 8, 4].into_iter().find(|&bq| bq * dp * q_bytes + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
 }
 
 /// The parameter block of common.wgsl's `Params`, field for field.
@@ -259,6 +283,9 @@ pub struct Kernels {
     quant_pl: wgpu::PipelineLayout,
     attn_pl: wgpu::PipelineLayout,
     quant_module: Mutex<Option<wgpu::ShaderModule>>,
+    /// The device offers SHADER_F16 / SUBGROUP (used when present; portable path otherwise).
+    pub f16: bool,
+    pub subgroups: bool,
     cache: Mutex<HashMap<(String, Option<AttnKey>), Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -320,6 +347,8 @@ impl Kernels {
             quant_layout,
             attn_layout,
             quant_module: Mutex::new(None),
+            f16: device.features().contains(wgpu::Features::SHADER_F16),
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -340,7 +369,7 @@ impl Kernels {
             m.get_or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some("tessera quant.wgsl"),
-                    source: wgpu::ShaderSource::Wgsl(quant_source().into()),
+                    source: wgpu::ShaderSource::Wgsl(quant_source(self.subgroups).into()),
                 })
             })
             .clone()

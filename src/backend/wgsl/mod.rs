@@ -306,7 +306,10 @@ impl WgslAttention {
             )));
         }
         let dp = padded_dim(s.head_dim) as u32;
-        let bq = pick_bq(dp, self.device.limits().max_compute_workgroup_storage_size).ok_or_else(|| Error::MissingFeature {
+        // Q as given and in f16: keep the tile in f16 where the device can (exact; half the memory).
+        let f16_tile = self.kernels.f16 && s.dtype == DType::F16 && matches!(s.recipe, Recipe::Exact | Recipe::Nvfp4P { .. });
+        let q_bytes = if f16_tile { 2 } else { 4 };
+        let bq = pick_bq(dp, q_bytes, self.device.limits().max_compute_workgroup_storage_size).ok_or_else(|| Error::MissingFeature {
             adapter: self.description.clone(),
             missing: "enough workgroup memory".into(),
             fix: format!("head_dim {} needs at least {} bytes of workgroup memory; use a smaller head_dim or another adapter", s.head_dim, 4 * dp * 4 + 4 * 64 * 4 + 36),
@@ -408,6 +411,7 @@ impl WgslAttention {
             recipe: recipe_id(s.recipe),
             dp,
             bq,
+            f16_tile,
         };
         pass.set_pipeline(&self.kernels.attention(&self.device, key));
         pass.set_bind_group(0, &bg, &[]);
