@@ -65,11 +65,20 @@ impl GpuContext {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::Wgpu(format!("request_device on {}: {e}", describe(&info))))?;
+        let f = device.features();
+        let mut description = describe(&info);
+        for (feature, name) in [
+            (wgpu::Features::SHADER_F16, " +f16"),
+            (wgpu::Features::SUBGROUP, " +subgroups"),
+        ] {
+            if f.contains(feature) {
+                description += name;
+            }
+        }
         Ok(GpuContext {
             device,
             queue,
-            description: describe(&info),
+            description,
         })
     }
-
 }

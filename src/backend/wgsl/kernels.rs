@@ -59,7 +59,11 @@ pub struct AttnKey {
 /// The attention kernel's source for one specialization.
 pub fn attention_source(key: AttnKey) -> String {
     let nch = key.dp.div_ceil(WG);
-    let (enable, tile) = if key.f16_tile { ("enable f16;\n", Q_TILE_F16) } else { ("", Q_TILE_WORDS) };
+    let (enable, tile) = if key.f16_tile {
+        ("enable f16;\n", Q_TILE_F16)
+    } else {
+        ("", Q_TILE_WORDS)
+    };
     format!(
         "{enable}const RECIPE: u32 = {}u;\nconst DP: u32 = {}u;\nconst BQ: u32 = {}u;\nconst NCH: u32 = {nch}u;\n{tile}\n{COMMON}\n{ATTENTION}",
         key.recipe, key.dp, key.bq
@@ -69,14 +73,20 @@ pub fn attention_source(key: AttnKey) -> String {
 /// The quantization kernels' source (not specialized but for the reduction: they read
 /// everything else from Params). `subgroups` needs the SUBGROUP feature.
 pub fn quant_source(subgroups: bool) -> String {
-    let reduce = if subgroups { REDUCE_SUBGROUP } else { REDUCE_SHARED };
+    let reduce = if subgroups {
+        REDUCE_SUBGROUP
+    } else {
+        REDUCE_SHARED
+    };
     format!("{COMMON}\n{reduce}\n{QUANT}")
 }
 
 /// Query rows per workgroup: the most (16, 8 or 4, divisors of 128) whose tiles fit the
 /// device's workgroup memory (the Q tile takes `q_bytes` bytes per element).
 pub fn pick_bq(dp: u32, q_bytes: u32, workgroup_bytes: u32) -> Option<u32> {
-    [16u32, 8, 4].into_iter().find(|&bq| bq * dp * q_bytes + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
+    [16u32, 8, 4]
+        .into_iter()
+        .find(|&bq| bq * dp * q_bytes + bq * 64 * 4 + 5 * bq * 4 + 16 <= workgroup_bytes)
 }
 
 /// The parameter block of common.wgsl's `Params`, field for field.

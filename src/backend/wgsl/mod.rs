@@ -307,7 +307,9 @@ impl WgslAttention {
         }
         let dp = padded_dim(s.head_dim) as u32;
         // Q as given and in f16: keep the tile in f16 where the device can (exact; half the memory).
-        let f16_tile = self.kernels.f16 && s.dtype == DType::F16 && matches!(s.recipe, Recipe::Exact | Recipe::Nvfp4P { .. });
+        let f16_tile = self.kernels.f16
+            && s.dtype == DType::F16
+            && matches!(s.recipe, Recipe::Exact | Recipe::Nvfp4P { .. });
         let q_bytes = if f16_tile { 2 } else { 4 };
         let bq = pick_bq(dp, q_bytes, self.device.limits().max_compute_workgroup_storage_size).ok_or_else(|| Error::MissingFeature {
             adapter: self.description.clone(),
