@@ -90,6 +90,18 @@ pub enum Error {
     #[error("wgpu: {0}")]
     Wgpu(String),
 
+    /// A CUDA driver call failed.
+    #[error("cuda: {0}")]
+    Cuda(String),
+
+    /// NVRTC rejected a kernel; the log says why.
+    #[error("NVRTC failed to compile {kernel} for {arch}:\n{log}")]
+    Nvrtc {
+        kernel: String,
+        arch: String,
+        log: String,
+    },
+
     /// A backend that was asked for by name is not available.
     #[error("backend {backend} is not available: {why}")]
     BackendUnavailable { backend: &'static str, why: String },

@@ -6,7 +6,22 @@
 use tessera::numerics::formats::{e2m1_code_of_ratio, e4m3_from_f32};
 
 fn values() -> Vec<f32> {
-    let mut v: Vec<f32> = vec![0.0, -0.0, 448.0, 464.0, 463.99, 480.0, 1e30, -1e30, f32::MAX, 6.0, 7.0, 5.0, 0.25, 0.75];
+    let mut v: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        448.0,
+        464.0,
+        463.99,
+        480.0,
+        1e30,
+        -1e30,
+        f32::MAX,
+        6.0,
+        7.0,
+        5.0,
+        0.25,
+        0.75,
+    ];
     let mut s = 0x1234_5678u32;
     for _ in 0..200_000 {
         s ^= s << 13;

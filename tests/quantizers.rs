@@ -25,7 +25,7 @@ fn edge_values(rng: &mut Rng) -> Vec<f32> {
         f32::MAX,
         -f32::MAX,
     ];
-    let mut with_neighbours = |x: f32, v: &mut Vec<f32>| {
+    let with_neighbours = |x: f32, v: &mut Vec<f32>| {
         for y in [
             x,
             -x,
@@ -194,7 +194,9 @@ fn assert_same(got: &Quantized, want: &Quantized, delta_bounds: &[f64], ctx: &st
     // D·2^-24·Σ_c |term_c| (per row, from `delta_bounds`). Non-finite inputs make both non-finite.
     if let (Some(a), Some(b)) = (&got.q_delta, &want.q_delta) {
         for ((x, y), bound) in a.iter().zip(b).zip(delta_bounds) {
-            let ok = x == y || (!x.is_finite() && !y.is_finite()) || ((x - y).abs() as f64) <= 2.0 * bound + 1e-30;
+            let ok = x == y
+                || (!x.is_finite() && !y.is_finite())
+                || ((x - y).abs() as f64) <= 2.0 * bound + 1e-30;
             assert!(ok, "q_delta {x} vs {y} (bound {bound}) {ctx}");
         }
     }
@@ -202,7 +204,9 @@ fn assert_same(got: &Quantized, want: &Quantized, delta_bounds: &[f64], ctx: &st
 
 /// Per query row, the f32 error bound of q_delta: D·2^-24·Σ_c |(q·fold)_c·mean_c|.
 fn delta_bounds(plan: &Plan, q: &[f32], want: &Quantized) -> Vec<f64> {
-    let Some(mean) = &want.k_mean else { return Vec::new() };
+    let Some(mean) = &want.k_mean else {
+        return Vec::new();
+    };
     let s = &plan.spec;
     let d = s.head_dim;
     let mut out = Vec::new();
@@ -211,7 +215,11 @@ fn delta_bounds(plan: &Plan, q: &[f32], want: &Quantized) -> Vec<f64> {
             let m = &mean[(b * s.heads_kv + h / plan.group()) * d..][..d];
             for i in 0..s.seq_q {
                 let row = &q[plan.q.row(b, h, i)..][..d];
-                let sum: f64 = row.iter().zip(m).map(|(&x, &mu)| (ftz(x) as f64 * plan.q_fold() as f64 * mu as f64).abs()).sum();
+                let sum: f64 = row
+                    .iter()
+                    .zip(m)
+                    .map(|(&x, &mu)| (ftz(x) as f64 * plan.q_fold() as f64 * mu as f64).abs())
+                    .sum();
                 out.push(d as f64 * 2f64.powi(-24) * sum);
             }
         }
@@ -234,7 +242,12 @@ const RECIPES: [Recipe; 6] = [
 
 #[test]
 fn quantized_operands_are_bit_exact_on_random_tensors() {
-    let Some(w) = wgpu() else { return };
+    for w in gpu_backends() {
+        quantized_operands_on(w);
+    }
+}
+
+fn quantized_operands_on(w: &dyn Backend) {
     let mut rng = Rng::new(fresh_seed("quantized_operands"));
     let shapes = [
         (1, 2, 2, 77, 200, 64),
@@ -282,7 +295,12 @@ fn quantized_operands_are_bit_exact_on_random_tensors() {
             let want = CpuBackend
                 .quantize(&plan, q.view(), k.view(), v.view())
                 .unwrap();
-            assert_same(&got, &want, &delta_bounds(&plan, &q.view().to_f32(), &want), &ctx);
+            assert_same(
+                &got,
+                &want,
+                &delta_bounds(&plan, &q.view().to_f32(), &want),
+                &ctx,
+            );
         }
     }
 }
@@ -291,7 +309,12 @@ fn quantized_operands_are_bit_exact_on_random_tensors() {
 fn quantizers_agree_on_edge_tensors() {
     // f32 inputs holding zeros blocks, subnormals, huge values and a NaN/Inf: the group rules
     // (zero group, non-finite group, saturation) must give the same bits on both sides.
-    let Some(w) = wgpu() else { return };
+    for w in gpu_backends() {
+        edge_tensors_on(w);
+    }
+}
+
+fn edge_tensors_on(w: &dyn Backend) {
     let mut rng = Rng::new(fresh_seed("edge_tensors"));
     let specials = [
         0.0f32,
@@ -314,7 +337,7 @@ fn quantizers_agree_on_edge_tensors() {
                 .with_dtype(DType::F32)
                 .with_recipe(recipe);
             let plan = spec.plan().unwrap();
-            let mut gen = |n: usize, rng: &mut Rng| -> Vec<f32> {
+            let gen = |n: usize, rng: &mut Rng| -> Vec<f32> {
                 (0..n)
                     .map(|i| {
                         if (i / 64) % 7 == 3 {
@@ -334,7 +357,7 @@ fn quantizers_agree_on_edge_tensors() {
                 k[100] = p;
                 v[200] = p;
             }
-            let ctx = format!("{} poison {poison:?}", recipe.name());
+            let ctx = format!("{} {} poison {poison:?}", w.describe(), recipe.name());
             let got = w
                 .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
                 .unwrap();

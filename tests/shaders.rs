@@ -13,12 +13,9 @@ fn validate(src: &str, what: &str) {
     }
     let module = naga::front::wgsl::parse_str(src)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        caps,
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
 }
 
 #[test]
@@ -33,7 +30,12 @@ fn every_attention_specialization_validates() {
         for dp in (16..=256).step_by(16) {
             for bq in [16u32, 8, 4] {
                 for f16_tile in [false, true] {
-                    let key = AttnKey { recipe, dp, bq, f16_tile };
+                    let key = AttnKey {
+                        recipe,
+                        dp,
+                        bq,
+                        f16_tile,
+                    };
                     validate(&attention_source(key), &format!("attention {key:?}"));
                 }
             }

@@ -2,6 +2,9 @@
 //! operands, so the dispatcher can run any request anywhere and compare two backends.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod layout;
 pub mod wgsl;
 
 use crate::error::{Error, Result};

@@ -1,6 +1,8 @@
 //! Shared test helpers: seeded random inputs, the GPU backend (or a printed skip), comparisons.
 #![allow(dead_code)]
 
+pub mod matrix;
+
 use half::{bf16, f16};
 use std::sync::OnceLock;
 use tessera::backend::wgsl::WgslBackend;
@@ -85,7 +87,9 @@ pub fn wgpu() -> Option<&'static WgslBackend> {
     static B: OnceLock<Result<WgslBackend, String>> = OnceLock::new();
     match B.get_or_init(|| WgslBackend::new().map_err(|e| e.to_string())) {
         Ok(b) => Some(b),
-        Err(e) if gpu_required() => panic!("TESSERA_REQUIRE_GPU=1 but no wgpu adapter: {e}"),
+        Err(e) if wgpu_required() => {
+            panic!("TESSERA_REQUIRE_GPU=1 or TESSERA_REQUIRE_WGPU=1 but no wgpu adapter: {e}")
+        }
         Err(e) => {
             eprintln!("skipped: no wgpu adapter ({e})");
             None
@@ -164,4 +168,32 @@ pub fn run_poisoned(
         .as_ref()
         .map(|s| bytemuck::pod_collect_to_vec(&fetch(s)[..plan.lse_len() * 4]));
     (o, lse)
+}
+
+/// The CUDA backend, or None with a printed reason (a panic when TESSERA_REQUIRE_GPU=1).
+#[cfg(feature = "cuda")]
+pub fn cuda() -> Option<&'static tessera::backend::cuda::CudaBackend> {
+    use tessera::backend::cuda::CudaBackend;
+    static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+    match B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())) {
+        Ok(b) => Some(b),
+        Err(e) if gpu_required() => panic!("TESSERA_REQUIRE_GPU=1 but CUDA is unusable: {e}"),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Every GPU backend present (each missing one printed, or a panic under TESSERA_REQUIRE_GPU=1).
+pub fn gpu_backends() -> Vec<&'static dyn tessera::Backend> {
+    let mut v: Vec<&'static dyn tessera::Backend> = Vec::new();
+    if let Some(w) = wgpu() {
+        v.push(w);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(c) = cuda() {
+        v.push(c);
+    }
+    v
 }

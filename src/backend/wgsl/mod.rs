@@ -10,7 +10,7 @@ pub use context::GpuContext;
 
 use crate::backend::{check_inputs, Backend, BackendKind, Output};
 use crate::error::{Error, Result};
-use crate::numerics::{padded_dim, QkCodes, Quantized, VCodes};
+use crate::numerics::{padded_dim, Quantized};
 use crate::recipe::Recipe;
 use crate::spec::{AttentionSpec, DType, Plan};
 use crate::tensor::{Tensor, TensorBuf};
@@ -707,72 +707,4 @@ impl Backend for WgslBackend {
             ))
         })
     }
-}
-
-/// Read the workspace back into the host representation of [`Quantized`].
-fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
-    let s = &plan.spec;
-    let (b, hq, hk, nq, nk, d) = (
-        s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim,
-    );
-    let dp = padded_dim(d);
-    let np = padded_dim(nk);
-    let f32s = |off: u32, n: usize| -> Vec<f32> {
-        ws[off as usize..][..n]
-            .iter()
-            .map(|&w| f32::from_bits(w))
-            .collect()
-    };
-    let bytes = |off: u32, n: usize| -> Vec<u8> {
-        bytemuck::cast_slice::<u32, u8>(&ws[off as usize..][..n / 4]).to_vec()
-    };
-    let low_bytes = |off: u32, n: usize| -> Vec<u8> {
-        ws[off as usize..][..n].iter().map(|&w| w as u8).collect()
-    };
-    let mut out = Quantized::default();
-    if s.recipe.smooths_k() {
-        out.k_mean = Some(f32s(l.kmean, b * hk * d));
-        out.q_delta = Some(f32s(l.qdelta, b * hq * nq));
-    }
-    match s.recipe {
-        Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
-            let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
-            let i8s = |v: Vec<u8>| v.into_iter().map(|x| x as i8).collect();
-            out.q = QkCodes::Int8 {
-                codes: i8s(bytes(l.qcodes, b * hq * nq * dp)),
-                scales: f32s(l.qscales, b * hq * qg.count(nq)),
-            };
-            out.k = QkCodes::Int8 {
-                codes: i8s(bytes(l.kcodes, b * hk * nk * dp)),
-                scales: f32s(l.kscales, b * hk * kg.count(nk)),
-            };
-        }
-        Recipe::Nvfp4 => {
-            out.q = QkCodes::Nvfp4 {
-                codes: bytes(l.qcodes, b * hq * nq * dp),
-                scales: low_bytes(l.qscales, b * hq * nq * dp / 16),
-            };
-            out.k = QkCodes::Nvfp4 {
-                codes: bytes(l.kcodes, b * hk * nk * dp),
-                scales: low_bytes(l.kscales, b * hk * nk * dp / 16),
-            };
-        }
-        _ => {}
-    }
-    match s.recipe {
-        Recipe::Int8QkFp8Pv { .. } => {
-            out.v = VCodes::Fp8 {
-                codes: bytes(l.vcodes, b * hk * nk * dp),
-                scales: f32s(l.vscales, b * hk * dp),
-            }
-        }
-        Recipe::Nvfp4 => {
-            out.v = VCodes::Nvfp4 {
-                codes: bytes(l.vcodes, b * hk * dp * np),
-                scales: low_bytes(l.vscales, b * hk * dp * np / 16),
-            }
-        }
-        _ => {}
-    }
-    out
 }

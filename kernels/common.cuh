@@ -1,0 +1,175 @@
+// common.cuh: the parameters every kernel reads, and the bit-level numerics: the twins of
+// src/numerics/formats.rs and shaders/common.wgsl, function for function. Quantizer multiplies
+// use __fmul_rn (never fused into an add) and divisions __fdiv_rn (correctly rounded), with
+// subnormals flushed explicitly, so the bits match the CPU definition on every GPU.
+#pragma once
+
+typedef unsigned int u32;
+typedef int i32;
+
+struct Params {
+    u32 batch, heads_q, heads_kv, seq_q;
+    u32 seq_kv, head_dim, dp, group;
+    u32 q_sb, q_sh, q_st, kv_sb;
+    u32 kv_sh, kv_st, dtype, flags;
+    u32 q_blocks, k_blocks; float fold, score_scale;
+    float inv_g, g; u32 mode, count;
+    u32 off_kmean, off_qdelta, off_qcodes, off_qscales;
+    u32 off_kcodes, off_kscales, off_vcodes, off_vscales;
+    u32 q_gblock, q_ginter, k_gblock, k_ginter;
+    u32 np, off_vinv, recipe, pad0;
+};
+
+#define DT_F16 0u
+#define DT_BF16 1u
+#define DT_F32 2u
+#define R_EXACT 0u
+#define R_INT8_F16 1u
+#define R_INT8_FP8 2u
+#define R_NVFP4 3u
+#define R_NVFP4P 4u
+#define FLAG_CAUSAL 1u
+#define FLAG_LSE 2u
+#define FLAG_MASK 4u
+#define FLAG_SMOOTH 8u
+#define TINY_BITS 0x0f800000u
+#define E4M3_NAN 0x7fu
+#define E4M3_MAX_CODE 0x7eu
+
+__device__ __forceinline__ u32 f2u(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ float u2f(u32 x) { return __uint_as_float(x); }
+__device__ __forceinline__ float f32_nan() { return u2f(0x7fc00000u); }
+__device__ __forceinline__ float f32_neg_inf() { return u2f(0xff800000u); }
+__device__ __forceinline__ u32 abs_bits(float x) { return f2u(x) & 0x7fffffffu; }
+__device__ __forceinline__ bool non_finite(u32 a) { return a >= 0x7f800000u; }
+__device__ __forceinline__ bool is_nan(float x) { return abs_bits(x) > 0x7f800000u; }
+__device__ __forceinline__ float nan_max(float a, float b) { return (is_nan(a) || is_nan(b)) ? f32_nan() : fmaxf(a, b); }
+
+__device__ __forceinline__ float ftz(float x) {
+    u32 b = f2u(x);
+    return (b & 0x7f800000u) == 0u ? u2f(b & 0x80000000u) : x;
+}
+
+__device__ __forceinline__ u32 rne_shift_right(u32 sig, u32 shift) {
+    if (shift >= 32u) return 0u;
+    u32 q = sig >> shift;
+    u32 rem = sig & ((1u << shift) - 1u);
+    u32 half = 1u << (shift - 1u);
+    return (rem > half || (rem == half && (q & 1u))) ? q + 1u : q;
+}
+
+__device__ __forceinline__ u32 round_minifloat(u32 a, u32 mant, i32 emin) {
+    i32 field = (i32)(a >> 23);
+    if (field == 0) return 0u;
+    i32 e = field - 127;
+    u32 sig = (a & 0x7fffffu) | 0x800000u;
+    i32 big_e = max(e, emin);
+    u32 shift = (u32)(23 - (i32)mant + big_e - e);
+    return ((u32)(big_e - emin) << mant) + rne_shift_right(sig, shift);
+}
+
+__device__ __forceinline__ u32 e4m3_from_f32(float x) {
+    u32 bits = f2u(x);
+    u32 sign = (bits >> 24) & 0x80u;
+    u32 a = bits & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | E4M3_NAN;
+    u32 code = E4M3_MAX_CODE;
+    if (a < 0x7f800000u) code = min(round_minifloat(a, 3u, -6), E4M3_MAX_CODE);
+    return sign | code;
+}
+
+__device__ __forceinline__ float e4m3_to_f32(u32 c) {
+    u32 sign = (c & 0x80u) << 24;
+    if ((c & 0x7fu) == E4M3_NAN) return f32_nan();
+    u32 e = (c >> 3) & 0xfu, m = c & 7u;
+    if (e == 0u) return u2f(sign | f2u(__fmul_rn((float)m, 0.001953125f)));
+    return u2f(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+__device__ __forceinline__ float e2m1_to_f32(u32 c) {
+    u32 sign = (c & 8u) << 28;
+    u32 e = (c >> 1) & 3u, m = c & 1u;
+    if (e == 0u) return u2f(sign | f2u(0.5f * (float)m));
+    return u2f(sign | ((e + 126u) << 23) | (m << 22));
+}
+
+// E2M1 code of the exact quotient x / s: midpoint·s is exact in f32, a tie goes to the even code.
+__device__ __forceinline__ u32 e2m1_code_of_ratio(float x, float s) {
+    if (!(s > 0.0f)) return 0u;
+    const float mids[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+    u32 sign = (f2u(x) >> 28) & 8u;
+    float a = u2f(abs_bits(x));
+    u32 code = 0u;
+#pragma unroll
+    for (u32 i = 0; i < 7u; i++) {
+        float t = __fmul_rn(mids[i], s);
+        if (a > t || (a == t && ((i + 1u) & 1u) == 0u)) code = i + 1u;
+    }
+    return code == 0u ? 0u : (sign | code);
+}
+
+__device__ __forceinline__ i32 int8_round(float y) {
+    u32 bits = f2u(y);
+    u32 a = bits & 0x7fffffffu;
+    i32 e = (i32)(a >> 23) - 127;
+    u32 n = 0u;
+    if (a >= 0x7f800000u || e >= 7) {
+        n = 127u;
+    } else if (e >= -1) {
+        u32 sig = (a & 0x7fffffu) | 0x800000u;
+        u32 shift = (u32)(23 - e);
+        n = min((sig + (1u << (shift - 1u))) >> shift, 127u);
+    }
+    return (bits >> 31) ? -(i32)n : (i32)n;
+}
+
+// a / b correctly rounded (b positive, normal), subnormal inputs and results flushed.
+__device__ __forceinline__ float div_rn(float a, float b) { return ftz(__fdiv_rn(ftz(a), b)); }
+
+__device__ __forceinline__ float f16_bits_to_f32(u32 h) {
+    u32 sign = (h & 0x8000u) << 16;
+    u32 e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0u) return u2f(sign | f2u(__fmul_rn((float)m, 5.9604644775390625e-8f)));
+    if (e == 31u) return u2f(sign | 0x7f800000u | (m << 13));
+    return u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+__device__ __forceinline__ u32 f32_to_f16_bits(float x) {
+    u32 b = f2u(x);
+    u32 sign = (b >> 16) & 0x8000u;
+    u32 a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;
+    return sign | min(round_minifloat(a, 10u, -14), 0x7c00u);
+}
+
+__device__ __forceinline__ u32 f32_to_bf16_bits(float x) {
+    u32 b = f2u(x);
+    u32 sign = (b >> 16) & 0x8000u;
+    u32 a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7fc0u;
+    return sign | min(round_minifloat(a, 7u, -126), 0x7f80u);
+}
+
+__device__ __forceinline__ float round_to(u32 dtype, float x) {
+    if (dtype == DT_F16) return f16_bits_to_f32(f32_to_f16_bits(x));
+    if (dtype == DT_BF16) return u2f(f32_to_bf16_bits(x) << 16);
+    return x;
+}
+
+// Element idx of a tensor of `dtype` (subnormals flushed).
+__device__ __forceinline__ float load_elem(const void* p, u32 idx, u32 dtype) {
+    if (dtype == DT_F32) return ftz(((const float*)p)[idx]);
+    u32 h = ((const unsigned short*)p)[idx];
+    if (dtype == DT_F16) return f16_bits_to_f32(h);
+    return ftz(u2f(h << 16));
+}
+
+__device__ __forceinline__ u32 byte_of(u32 word, u32 idx) { return (word >> ((idx & 3u) * 8u)) & 0xffu; }
+__device__ __forceinline__ u32 group_of(u32 t, u32 block, u32 inter) { return (t / block) * inter + (t % inter); }
+__device__ __forceinline__ u32 group_count(u32 n, u32 block, u32 inter) { return ((n + block - 1u) / block) * inter; }
+
+__device__ __forceinline__ u32 nvfp4_scale_code(u32 amax) {
+    if (non_finite(amax)) return E4M3_NAN;
+    if (amax < TINY_BITS) return 0u;
+    return e4m3_from_f32(div_rn(u2f(amax), 6.0f));
+}

@@ -1,0 +1,177 @@
+// quant.cu: the quantizers of Q, K and V (twins of src/numerics/quant.rs and
+// shaders/quant.wgsl), writing codes and scales into the workspace `ws` at the offsets in
+// Params, with the same layouts. Also the f32 → f16/bf16 output pack.
+
+#define MODE_Q 0u
+#define MODE_K 1u
+
+__device__ __forceinline__ u32 linear_id() { return blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ u32 heads_of_mode(const Params& P) { return P.mode == MODE_Q ? P.heads_q : P.heads_kv; }
+
+// The value a Q/K quantizer sees: q · sm_scale · log2(e), or k − mean(k) when smoothing.
+__device__ __forceinline__ float qk_value(const Params& P, const void* src, const u32* ws, u32 bh, u32 t, u32 c) {
+    u32 heads = heads_of_mode(P);
+    u32 b = bh / heads, h = bh % heads;
+    if (P.mode == MODE_Q) return ftz(__fmul_rn(load_elem(src, b * P.q_sb + h * P.q_sh + t * P.q_st + c, P.dtype), P.fold));
+    float x = load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype);
+    if (P.flags & FLAG_SMOOTH) return ftz(__fsub_rn(x, u2f(ws[P.off_kmean + bh * P.head_dim + c])));
+    return x;
+}
+
+extern "C" __global__ void k_mean(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    if (id >= P.batch * P.heads_kv * P.head_dim) return;
+    u32 bh = id / P.head_dim, c = id % P.head_dim;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    float sum = 0.0f;
+    for (u32 t = 0; t < P.seq_kv; t++) sum = __fadd_rn(sum, load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype));
+    ws[P.off_kmean + id] = f2u(ftz(div_rn(sum, (float)P.seq_kv)));
+}
+
+extern "C" __global__ void q_delta(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    if (id >= P.batch * P.heads_q * P.seq_q) return;
+    u32 bh = id / P.seq_q, i = id % P.seq_q;
+    u32 bkv = (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group;
+    float d = 0.0f;
+    for (u32 c = 0; c < P.head_dim; c++) d += qk_value(P, src, ws, bh, i, c) * u2f(ws[P.off_kmean + bkv * P.head_dim + c]);
+    ws[P.off_qdelta + id] = f2u(d);
+}
+
+// INT8 Q or K: one block of 64 threads per token group; amax is a max over bit patterns.
+extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
+    __shared__ u32 red[64];
+    __shared__ float gs_inv, gs_scale;
+    u32 lid = threadIdx.x;
+    bool is_q = P.mode == MODE_Q;
+    u32 n = is_q ? P.seq_q : P.seq_kv;
+    u32 block = is_q ? P.q_gblock : P.k_gblock, inter = is_q ? P.q_ginter : P.k_ginter;
+    u32 ng = group_count(n, block, inter);
+    u32 wg = blockIdx.x;
+    if (wg >= heads_of_mode(P) * P.batch * ng) return;  // uniform across the block
+    u32 bh = wg / ng, gi = wg % ng;
+    u32 t0 = (gi / inter) * block + gi % inter;
+    u32 per = block / inter, dw = P.dp / 4u;
+    u32 amax = 0u;
+    for (u32 e = lid; e < per * P.head_dim; e += 64u) {
+        u32 t = t0 + (e / P.head_dim) * inter;
+        if (t < n) amax = max(amax, abs_bits(qk_value(P, src, ws, bh, t, e % P.head_dim)));
+    }
+    red[lid] = amax;
+    __syncthreads();
+    for (u32 s = 32u; s > 0u; s >>= 1) {
+        if (lid < s) red[lid] = max(red[lid], red[lid + s]);
+        __syncthreads();
+    }
+    if (lid == 0u) {
+        u32 a = red[0];
+        float inv = 0.0f, scale = 0.0f;
+        if (non_finite(a)) scale = f32_nan();
+        else if (a >= TINY_BITS) { inv = div_rn(127.0f, u2f(a)); scale = div_rn(u2f(a), 127.0f); }
+        gs_inv = inv;
+        gs_scale = scale;
+        ws[(is_q ? P.off_qscales : P.off_kscales) + bh * ng + gi] = f2u(scale);
+    }
+    __syncthreads();
+    float inv = gs_inv;
+    bool finite = gs_scale > 0.0f;
+    u32 off = is_q ? P.off_qcodes : P.off_kcodes;
+    for (u32 e = lid; e < per * dw; e += 64u) {
+        u32 t = t0 + (e / dw) * inter;
+        if (t >= n) continue;
+        u32 w = e % dw, word = 0u;
+        for (u32 k = 0; k < 4u; k++) {
+            u32 c = w * 4u + k;
+            if (c < P.head_dim && finite) word |= ((u32)int8_round(__fmul_rn(qk_value(P, src, ws, bh, t, c), inv)) & 0xffu) << (8u * k);
+        }
+        ws[off + (bh * n + t) * dw + w] = word;
+    }
+}
+
+extern "C" __global__ void fp8_v_scale(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    if (id >= P.batch * P.heads_kv * P.dp) return;
+    u32 bh = id / P.dp, c = id % P.dp;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    u32 amax = 0u;
+    if (c < P.head_dim)
+        for (u32 t = 0; t < P.seq_kv; t++) amax = max(amax, abs_bits(load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype)));
+    float inv = 0.0f, scale = 0.0f;
+    if (non_finite(amax)) scale = f32_nan();
+    else if (amax >= TINY_BITS) { inv = div_rn(448.0f, u2f(amax)); scale = div_rn(u2f(amax), 448.0f); }
+    ws[P.off_vscales + id] = f2u(scale);
+    ws[P.off_vinv + id] = f2u(inv);
+}
+
+extern "C" __global__ void fp8_v_codes(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 dw = P.dp / 4u;
+    if (id >= P.batch * P.heads_kv * P.seq_kv * dw) return;
+    u32 w = id % dw, row = id / dw;
+    u32 t = row % P.seq_kv, bh = row / P.seq_kv;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    u32 word = 0u;
+    for (u32 k = 0; k < 4u; k++) {
+        u32 c = w * 4u + k;
+        if (c < P.head_dim) {
+            float scale = u2f(ws[P.off_vscales + bh * P.dp + c]);
+            if (scale > 0.0f) {
+                float x = load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype);
+                word |= e4m3_from_f32(__fmul_rn(x, u2f(ws[P.off_vinv + bh * P.dp + c]))) << (8u * k);
+            }
+        }
+    }
+    ws[P.off_vcodes + id] = word;
+}
+
+__device__ void nvfp4_store(const float* xs, u32* ws, u32 code_off, u32 scale_at) {
+    u32 amax = 0u;
+    for (u32 i = 0; i < 16u; i++) amax = max(amax, abs_bits(xs[i]));
+    u32 sc = nvfp4_scale_code(amax);
+    float s = sc != E4M3_NAN ? e4m3_to_f32(sc) : 0.0f;
+    for (u32 w = 0; w < 4u; w++) {
+        u32 word = 0u;
+        for (u32 k = 0; k < 4u; k++) word |= e2m1_code_of_ratio(xs[w * 4u + k], s) << (8u * k);
+        ws[code_off + w] = word;
+    }
+    ws[scale_at] = sc;
+}
+
+extern "C" __global__ void nvfp4_qk(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    bool is_q = P.mode == MODE_Q;
+    u32 n = is_q ? P.seq_q : P.seq_kv;
+    u32 nb = P.dp / 16u;
+    if (id >= P.batch * heads_of_mode(P) * n * nb) return;
+    u32 blk = id % nb, row = id / nb;
+    u32 t = row % n, bh = row / n;
+    float xs[16];
+    for (u32 i = 0; i < 16u; i++) {
+        u32 c = blk * 16u + i;
+        xs[i] = c < P.head_dim ? qk_value(P, src, ws, bh, t, c) : 0.0f;
+    }
+    nvfp4_store(xs, ws, (is_q ? P.off_qcodes : P.off_kcodes) + row * (P.dp / 4u) + blk * 4u, (is_q ? P.off_qscales : P.off_kscales) + id);
+}
+
+extern "C" __global__ void nvfp4_v(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 nb = P.np / 16u;
+    if (id >= P.batch * P.heads_kv * P.dp * nb) return;
+    u32 tb = id % nb, chan = id / nb;
+    u32 c = chan % P.dp, bh = chan / P.dp;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    float xs[16];
+    for (u32 i = 0; i < 16u; i++) {
+        u32 t = tb * 16u + i;
+        xs[i] = (t < P.seq_kv && c < P.head_dim) ? load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype) : 0.0f;
+    }
+    nvfp4_store(xs, ws, P.off_vcodes + chan * (P.np / 4u) + tb * 4u, P.off_vscales + id);
+}
+
+// f32 (src) → f16/bf16 (dst), nearest-even, one element per thread (CUDA stores 16 bits).
+extern "C" __global__ void pack_out(Params P, const float* src, unsigned short* dst) {
+    u32 id = linear_id();
+    if (id >= P.count) return;
+    float x = src[id];
+    dst[id] = (unsigned short)(P.dtype == DT_F16 ? f32_to_f16_bits(x) : f32_to_bf16_bits(x));
+}

@@ -1,0 +1,525 @@
+//! The CUDA backend: kernels/*.cu compiled at run time with NVRTC for the device's exact arch
+//! and launched with cudarc, always on an explicit stream (never the legacy default stream,
+//! which would escape CUDA-graph capture).
+//!
+//! [`CudaAttention`] is the zero-copy API: the caller's stream and device slices, nothing
+//! synchronised. [`CudaBackend`] is the host API on its own context and stream.
+
+pub mod nvrtc;
+
+use crate::backend::layout::*;
+use crate::backend::{check_inputs, Backend, BackendKind, Output};
+use crate::error::{Error, Result};
+use crate::numerics::{padded_dim, Quantized};
+use crate::recipe::Recipe;
+use crate::spec::{AttentionSpec, DType, Plan};
+use crate::tensor::{Tensor, TensorBuf};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+// SAFETY: Params is repr(C) plain data, the layout of `struct Params` in common.cuh.
+unsafe impl DeviceRepr for Params {}
+
+/// Query rows per thread block of the CUDA-core kernel (a divisor of 128; the tiles fit the
+/// 48 KiB of static shared memory up to head_dim 256).
+const BQ: u32 = 16;
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Is a CUDA driver and NVRTC present? The reason when not (cudarc would panic otherwise).
+pub fn availability() -> std::result::Result<(), String> {
+    // SAFETY: only probes for the shared libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so) found".into());
+    }
+    if !nvrtc::present() {
+        return Err("no NVRTC library (libnvrtc.so) found: install the CUDA toolkit's NVRTC or put it on LD_LIBRARY_PATH".into());
+    }
+    Ok(())
+}
+
+/// The NVRTC arch name for a compute capability (sm_90a on Hopper for its own instructions).
+pub fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
+    Ok(match (major, minor) {
+        (9, 0) => "sm_90a",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (10, 0) => "sm_100a",
+        (12, 0) => "sm_120a",
+        (m, n) if m >= 8 => return Err(Error::BackendUnavailable { backend: "cuda", why: format!("compute capability {m}.{n} is not in tessera's arch table yet") }),
+        (m, n) => return Err(Error::BackendUnavailable { backend: "cuda", why: format!("compute capability {m}.{n} is below 8.0 (Ampere); tessera's CUDA kernels need sm_80 or newer") }),
+    })
+}
+
+/// Source of a module: "quant" or an attention specialization (recipe, dp).
+pub fn module_source(attn: Option<(u32, u32)>) -> String {
+    match attn {
+        None => nvrtc::source(&[], nvrtc::QUANT),
+        Some((recipe, dp)) => nvrtc::source(
+            &[
+                ("RECIPE", recipe),
+                ("DP", dp),
+                ("BQ", BQ),
+                ("NCH", dp.div_ceil(64)),
+            ],
+            nvrtc::ATTENTION,
+        ),
+    }
+}
+
+/// Every module specialization (for compile checks).
+pub fn all_modules() -> Vec<(String, String)> {
+    let mut v = vec![("quant".to_string(), module_source(None))];
+    for recipe in 0..5 {
+        for dp in (16..=256).step_by(16) {
+            v.push((
+                format!("attention-r{recipe}-d{dp}"),
+                module_source(Some((recipe, dp))),
+            ));
+        }
+    }
+    v
+}
+
+/// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
+pub enum CudaTensor<'a> {
+    Bits16(&'a CudaSlice<u16>),
+    F32(&'a CudaSlice<f32>),
+}
+
+/// A writable device tensor (the output).
+pub enum CudaTensorMut<'a> {
+    Bits16(&'a mut CudaSlice<u16>),
+    F32(&'a mut CudaSlice<f32>),
+}
+
+/// Kernels on one CUDA context, compiled once per configuration.
+pub struct CudaAttention {
+    ctx: Arc<CudaContext>,
+    arch: &'static str,
+    driver: i32,
+    description: String,
+    modules: Mutex<HashMap<Option<(u32, u32)>, Arc<CudaModule>>>,
+}
+
+fn threads(n: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(64).max(1), 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaAttention {
+    /// Kernels for the caller's context.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda_err("compute capability"))?;
+        let arch = arch_for(major, minor)?;
+        let mut driver = 0;
+        // SAFETY: one out-pointer.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        Ok(CudaAttention {
+            ctx: ctx.clone(),
+            arch,
+            driver,
+            description: format!("{name} ({arch})"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn function(&self, attn: Option<(u32, u32)>, name: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut m = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match m.get(&attn) {
+                Some(x) => x.clone(),
+                None => {
+                    let label =
+                        attn.map_or("quant".to_string(), |(r, d)| format!("attention-r{r}-d{d}"));
+                    let cubin = nvrtc::compile_cached(
+                        &label,
+                        &module_source(attn),
+                        self.arch,
+                        self.driver,
+                    )?;
+                    let module = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .map_err(cuda_err("load module"))?;
+                    m.insert(attn, module.clone());
+                    module
+                }
+            }
+        };
+        module
+            .load_function(name)
+            .map_err(cuda_err("load function"))
+    }
+
+    /// How many modules have been compiled or loaded (each configuration once).
+    pub fn compiled_modules(&self) -> usize {
+        self.modules.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Enqueue the attention on `stream`: quantization, attention, output pack. Returns without
+    /// waiting; workspace comes from the stream-ordered allocator.
+    pub fn run(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        q: CudaTensor,
+        k: CudaTensor,
+        v: CudaTensor,
+        o: CudaTensorMut,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let plan = spec.plan()?;
+        let s = &plan.spec;
+        let check = |name: &'static str, len: usize, is_f32: bool, need: usize| -> Result<()> {
+            if is_f32 != (s.dtype == DType::F32) {
+                return Err(Error::BadBuffer {
+                    buffer: name,
+                    problem: format!(
+                        "holds {} elements but the spec's dtype is {:?}",
+                        if is_f32 { "f32" } else { "16-bit" },
+                        s.dtype
+                    ),
+                });
+            }
+            if len < need {
+                return Err(Error::BadBuffer {
+                    buffer: name,
+                    problem: format!("holds {len} elements but the spec needs {need}"),
+                });
+            }
+            Ok(())
+        };
+        let info = |t: &CudaTensor| match t {
+            CudaTensor::Bits16(x) => (x.len(), false),
+            CudaTensor::F32(x) => (x.len(), true),
+        };
+        for (name, t, need) in [
+            ("q", &q, plan.q_len),
+            ("k", &k, plan.kv_len),
+            ("v", &v, plan.kv_len),
+        ] {
+            let (len, f) = info(t);
+            check(name, len, f, need)?;
+        }
+        let (olen, of) = match &o {
+            CudaTensorMut::Bits16(x) => (x.len(), false),
+            CudaTensorMut::F32(x) => (x.len(), true),
+        };
+        check("o", olen, of, plan.q_len)?;
+        match (&lse, s.return_lse) {
+            (None, true) => return Err(Error::BadBuffer { buffer: "lse", problem: "the spec asks for the LSE but no lse slice was given: pass batch*heads_q*seq_q f32".into() }),
+            (Some(l), true) if l.len() < plan.lse_len() => return Err(Error::BadBuffer { buffer: "lse", problem: format!("holds {} elements but needs {}", l.len(), plan.lse_len()) }),
+            _ => {}
+        }
+        self.enqueue(stream, &plan, q, k, v, o, lse).map(|_| ())
+    }
+
+    /// The quantization kernels; returns the workspace and its layout.
+    fn quantize(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+    ) -> Result<(CudaSlice<u32>, Workspace)> {
+        let layout = Workspace::new(plan);
+        // SAFETY: every word the kernels read is written by an earlier kernel in this stream.
+        let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
+            .map_err(cuda_err("alloc workspace"))?;
+        let s = &plan.spec;
+        let base = params(plan, &layout);
+        let (b, hq, hk, nq, nk) = (
+            s.batch as u32,
+            s.heads_q as u32,
+            s.heads_kv as u32,
+            s.seq_q as u32,
+            s.seq_kv as u32,
+        );
+        let dp = padded_dim(s.head_dim) as u32;
+        let mut launch =
+            |name: &str, mode: u32, src: &CudaTensor, cfg: LaunchConfig| -> Result<()> {
+                let f = self.function(None, name)?;
+                let p = Params { mode, ..base };
+                let mut l = stream.launch_builder(&f);
+                l.arg(&p);
+                match src {
+                    CudaTensor::Bits16(x) => l.arg(*x),
+                    CudaTensor::F32(x) => l.arg(*x),
+                };
+                l.arg(&mut ws);
+                // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
+                unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
+            };
+        if s.recipe.smooths_k() {
+            launch("k_mean", 1, k, threads(b * hk * s.head_dim as u32))?;
+            launch("q_delta", 0, q, threads(b * hq * nq))?;
+        }
+        let blocks = |n: u32| LaunchConfig {
+            grid_dim: (n.max(1), 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match s.recipe {
+            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
+                let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
+                launch("int8_qk", 0, q, blocks(b * hq * qg.count(s.seq_q) as u32))?;
+                launch("int8_qk", 1, k, blocks(b * hk * kg.count(s.seq_kv) as u32))?;
+            }
+            Recipe::Nvfp4 => {
+                launch("nvfp4_qk", 0, q, threads(b * hq * nq * dp / 16))?;
+                launch("nvfp4_qk", 1, k, threads(b * hk * nk * dp / 16))?;
+            }
+            _ => {}
+        }
+        match s.recipe {
+            Recipe::Int8QkFp8Pv { .. } => {
+                launch("fp8_v_scale", 1, v, threads(b * hk * dp))?;
+                launch("fp8_v_codes", 1, v, threads(b * hk * nk * dp / 4))?;
+            }
+            Recipe::Nvfp4 => launch(
+                "nvfp4_v",
+                1,
+                v,
+                threads(b * hk * dp * padded_dim(s.seq_kv) as u32 / 16),
+            )?,
+            _ => {}
+        }
+        Ok((ws, layout))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        q: CudaTensor,
+        k: CudaTensor,
+        v: CudaTensor,
+        o: CudaTensorMut,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let s = &plan.spec;
+        if s.batch * s.heads_q > 65535 {
+            return Err(Error::TooLarge(format!(
+                "batch * heads_q = {} exceeds 65535 blocks: split the batch into several calls",
+                s.batch * s.heads_q
+            )));
+        }
+        let (ws, layout) = self.quantize(stream, plan, &q, &k, &v)?;
+        let p = params(plan, &layout);
+        let dp = padded_dim(s.head_dim) as u32;
+        let mask: Vec<u32> = match &s.sparsity {
+            crate::Sparsity::BlockMask(m) => m.data().iter().map(|&x| x as u32).collect(),
+            _ => vec![0],
+        };
+        let mask = stream.clone_htod(&mask).map_err(cuda_err("upload mask"))?;
+        let mut lse_dummy = None;
+        let lse: &mut CudaSlice<f32> = match lse {
+            Some(l) => l,
+            None => lse_dummy.insert(unsafe { stream.alloc::<f32>(1) }.map_err(cuda_err("alloc"))?),
+        };
+        let f = self.function(Some((recipe_id(s.recipe), dp)), "attention")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (s.seq_q as u32).div_ceil(BQ),
+                (s.batch * s.heads_q) as u32,
+                1,
+            ),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut o32_scratch = None;
+        {
+            let mut l = stream.launch_builder(&f);
+            l.arg(&p);
+            for t in [&q, &k, &v] {
+                match t {
+                    CudaTensor::Bits16(x) => l.arg(*x),
+                    CudaTensor::F32(x) => l.arg(*x),
+                };
+            }
+            l.arg(&ws).arg(&mask);
+            match &o {
+                CudaTensorMut::F32(x) => {
+                    l.arg(&**x);
+                }
+                CudaTensorMut::Bits16(_) => {
+                    // SAFETY: the attention kernel writes every element of the scratch.
+                    let scratch = o32_scratch.insert(
+                        unsafe { stream.alloc::<f32>(plan.q_len) }.map_err(cuda_err("alloc"))?,
+                    );
+                    l.arg(&*scratch);
+                }
+            }
+            l.arg(&mut *lse);
+            // SAFETY: the arguments match attention()'s signature.
+            unsafe { l.launch(cfg) }.map_err(cuda_err("attention"))?;
+        }
+        if let (CudaTensorMut::Bits16(out), Some(scratch)) = (o, &o32_scratch) {
+            let f = self.function(None, "pack_out")?;
+            let pp = Params {
+                count: plan.q_len as u32,
+                ..p
+            };
+            let mut l = stream.launch_builder(&f);
+            l.arg(&pp).arg(scratch).arg(out);
+            // SAFETY: (Params, const float*, unsigned short*).
+            unsafe { l.launch(threads(plan.q_len as u32)) }.map_err(cuda_err("pack_out"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The host API on its own context and stream.
+pub struct CudaBackend {
+    attn: CudaAttention,
+    stream: Arc<CudaStream>,
+    calls: Mutex<()>,
+}
+
+impl CudaBackend {
+    /// Device 0, or a typed error saying why CUDA cannot be used.
+    pub fn new() -> Result<Self> {
+        availability().map_err(|why| Error::BackendUnavailable {
+            backend: "cuda",
+            why,
+        })?;
+        let ctx = CudaContext::new(0).map_err(|e| Error::BackendUnavailable {
+            backend: "cuda",
+            why: format!("no usable CUDA device: {e}"),
+        })?;
+        let attn = CudaAttention::new(&ctx)?;
+        let stream = ctx.new_stream().map_err(cuda_err("new stream"))?;
+        Ok(CudaBackend {
+            attn,
+            stream,
+            calls: Mutex::new(()),
+        })
+    }
+
+    pub fn attention(&self) -> &CudaAttention {
+        &self.attn
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<(Option<CudaSlice<u16>>, Option<CudaSlice<f32>>)> {
+        let st = &self.stream;
+        Ok(match t {
+            Tensor::F32(x) => (None, Some(st.clone_htod(*x).map_err(cuda_err("upload"))?)),
+            Tensor::F16(x) => (
+                Some(
+                    st.clone_htod(bytemuck::cast_slice::<_, u16>(x))
+                        .map_err(cuda_err("upload"))?,
+                ),
+                None,
+            ),
+            Tensor::BF16(x) => (
+                Some(
+                    st.clone_htod(bytemuck::cast_slice::<_, u16>(x))
+                        .map_err(cuda_err("upload"))?,
+                ),
+                None,
+            ),
+        })
+    }
+}
+
+fn view<'a>(t: &'a (Option<CudaSlice<u16>>, Option<CudaSlice<f32>>)) -> CudaTensor<'a> {
+    match t {
+        (Some(x), _) => CudaTensor::Bits16(x),
+        (_, Some(x)) => CudaTensor::F32(x),
+        _ => unreachable!("upload returns one of the two"),
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn describe(&self) -> String {
+        format!("cuda: {}", self.attn.description)
+    }
+
+    fn run(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Output> {
+        check_inputs(plan, &q, &k, &v)?;
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &self.stream;
+        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
+        let mut lse = if plan.spec.return_lse {
+            Some(unsafe { st.alloc::<f32>(plan.lse_len()) }.map_err(cuda_err("alloc"))?)
+        } else {
+            None
+        };
+        let o = if plan.spec.dtype == DType::F32 {
+            let mut o = unsafe { st.alloc::<f32>(plan.q_len) }.map_err(cuda_err("alloc"))?;
+            self.attn.enqueue(
+                st,
+                plan,
+                view(&qd),
+                view(&kd),
+                view(&vd),
+                CudaTensorMut::F32(&mut o),
+                lse.as_mut(),
+            )?;
+            TensorBuf::F32(st.clone_dtoh(&o).map_err(cuda_err("download"))?)
+        } else {
+            let mut o = unsafe { st.alloc::<u16>(plan.q_len) }.map_err(cuda_err("alloc"))?;
+            self.attn.enqueue(
+                st,
+                plan,
+                view(&qd),
+                view(&kd),
+                view(&vd),
+                CudaTensorMut::Bits16(&mut o),
+                lse.as_mut(),
+            )?;
+            let bits = st.clone_dtoh(&o).map_err(cuda_err("download"))?;
+            TensorBuf::from_bytes(plan.spec.dtype, bytemuck::cast_slice(&bits), plan.q_len)
+        };
+        let lse = match lse {
+            Some(l) => Some(st.clone_dtoh(&l).map_err(cuda_err("download"))?),
+            None => None,
+        };
+        st.synchronize().map_err(cuda_err("synchronize"))?;
+        Ok(Output {
+            o,
+            lse,
+            backend: self.describe(),
+        })
+    }
+
+    fn quantize(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Quantized> {
+        check_inputs(plan, &q, &k, &v)?;
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &self.stream;
+        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
+        let (ws, layout) = self
+            .attn
+            .quantize(st, plan, &view(&qd), &view(&kd), &view(&vd))?;
+        let words = st.clone_dtoh(&ws).map_err(cuda_err("download"))?;
+        st.synchronize().map_err(cuda_err("synchronize"))?;
+        Ok(unpack_workspace(plan, &layout, &words))
+    }
+}

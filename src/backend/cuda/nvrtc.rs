@@ -1,0 +1,169 @@
+//! Run-time compilation of kernels/*.cu with NVRTC, cached in memory by the caller and on disk
+//! here (keyed by source, options, arch, driver and NVRTC versions; written atomically, so
+//! concurrent processes never see a partial file).
+
+use crate::error::{Error, Result};
+use cudarc::nvrtc::{result, sys};
+use std::path::PathBuf;
+
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+pub const QUANT: &str = include_str!("../../../kernels/quant.cu");
+pub const ATTENTION: &str = include_str!("../../../kernels/attention.cu");
+
+/// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
+pub fn present() -> bool {
+    // SAFETY: only probes for the shared library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// NVRTC's version as (major, minor).
+pub fn version() -> Result<(i32, i32)> {
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: two out-pointers to live integers.
+    unsafe { sys::nvrtcVersion(&mut a, &mut b) }
+        .result()
+        .map_err(|e| Error::Cuda(format!("nvrtcVersion: {e:?}")))?;
+    Ok((a, b))
+}
+
+/// The CUDA include directory, from CUDA_HOME / CUDA_PATH or /usr/local/cuda, if it exists.
+pub fn include_dir() -> Option<PathBuf> {
+    let roots = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .map(PathBuf::from)
+        .chain([PathBuf::from("/usr/local/cuda")]);
+    roots
+        .map(|r| r.join("include"))
+        .find(|p| p.join("cuda.h").exists() || p.join("cuda_fp16.h").exists())
+}
+
+/// Full source of a module: the specialization defines, then common.cuh, then the kernels.
+pub fn source(defines: &[(&str, u32)], body: &str) -> String {
+    let mut s = String::new();
+    for (k, v) in defines {
+        s += &format!("#define {k} {v}u\n");
+    }
+    s + COMMON.replace("#pragma once", "").as_str() + "\n" + body
+}
+
+/// Compile `src` for `arch` (e.g. "sm_90a") to a CUBIN.
+pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "--ftz=false".into(),
+        "--prec-div=true".into(),
+    ];
+    if let Some(dir) = include_dir() {
+        opts.push(format!("--include-path={}", dir.display()));
+    }
+    let csrc = std::ffi::CString::new(src)
+        .map_err(|_| Error::Cuda("kernel source holds a NUL byte".into()))?;
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    let prog = result::create_program(&csrc, Some(&cname))
+        .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
+    // SAFETY: prog is a live program; options are valid C strings.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    let out = match compiled {
+        Err(_) => {
+            // SAFETY: prog is live; the log is a NUL-terminated buffer.
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| {
+                    unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            Err(Error::Nvrtc {
+                kernel: name.into(),
+                arch: arch.into(),
+                log,
+            })
+        }
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: prog compiled; size and buffer come from NVRTC itself.
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| Error::Cuda(format!("nvrtcGetCUBINSize: {e:?}")))?;
+            let mut cubin = vec![0u8; size];
+            unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) }
+                .result()
+                .map_err(|e| Error::Cuda(format!("nvrtcGetCUBIN: {e:?}")))?;
+            Ok(cubin)
+        }
+    };
+    // SAFETY: prog is not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+/// FNV-1a, 64 bits: a stable hash for cache file names (std's hasher may change between releases).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Where compiled modules are kept: TESSERA_CACHE_DIR, else $XDG_CACHE_HOME/tessera, else
+/// ~/.cache/tessera; None disables the disk cache.
+fn cache_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("TESSERA_CACHE_DIR") {
+        return (!d.is_empty()).then(|| PathBuf::from(d));
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("tessera"))
+}
+
+/// Compile through the disk cache. `driver` identifies the driver version in the key.
+pub fn compile_cached(name: &str, src: &str, arch: &str, driver: i32) -> Result<Vec<u8>> {
+    let nv = version().unwrap_or((0, 0));
+    let key = fnv1a(&[
+        src.as_bytes(),
+        arch.as_bytes(),
+        format!("{driver} {}.{} v1", nv.0, nv.1).as_bytes(),
+    ]);
+    let path = cache_dir().map(|d| d.join(format!("{name}-{arch}-{key:016x}.cubin")));
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            log::debug!("tessera: CUDA module {name} from {}", p.display());
+            return Ok(bytes);
+        }
+    }
+    let t = std::time::Instant::now();
+    let cubin = compile(name, src, arch)?;
+    log::debug!(
+        "tessera: NVRTC compiled {name} for {arch} in {:.0?}",
+        t.elapsed()
+    );
+    if let Some(p) = &path {
+        // Write to a unique temporary name, then rename: readers see all or nothing.
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!(
+            "tmp{}-{}",
+            std::process::id(),
+            t.elapsed().as_nanos()
+        ));
+        if std::fs::write(&tmp, &cubin).is_ok() && std::fs::rename(&tmp, p).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(cubin)
+}

@@ -1,0 +1,284 @@
+//! What the GPU kernels (WGSL and CUDA alike) read: the parameter block and where each
+//! quantized operand lives in the workspace. `Params` matches `struct Params` in
+//! shaders/common.wgsl and kernels/common.cuh field for field.
+
+use crate::numerics::p::NVFP4_RANGE;
+use crate::numerics::{padded_dim, QkCodes, Quantized, VCodes};
+use crate::recipe::{Groups, Recipe};
+use crate::spec::{DType, Plan};
+
+/// The recipe number the shaders switch on (R_* in common.wgsl).
+pub fn recipe_id(r: Recipe) -> u32 {
+    match r {
+        Recipe::Exact => 0,
+        Recipe::Int8QkF16Pv => 1,
+        Recipe::Int8QkFp8Pv { .. } => 2,
+        Recipe::Nvfp4 => 3,
+        Recipe::Nvfp4P { .. } => 4,
+    }
+}
+
+/// The parameter block of the kernels' `Params`, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub batch: u32,
+    pub heads_q: u32,
+    pub heads_kv: u32,
+    pub seq_q: u32,
+    pub seq_kv: u32,
+    pub head_dim: u32,
+    pub dp: u32,
+    pub group: u32,
+    pub q_sb: u32,
+    pub q_sh: u32,
+    pub q_st: u32,
+    pub kv_sb: u32,
+    pub kv_sh: u32,
+    pub kv_st: u32,
+    pub dtype: u32,
+    pub flags: u32,
+    pub q_blocks: u32,
+    pub k_blocks: u32,
+    pub fold: f32,
+    pub score_scale: f32,
+    pub inv_g: f32,
+    pub g: f32,
+    pub mode: u32,
+    pub count: u32,
+    pub off_kmean: u32,
+    pub off_qdelta: u32,
+    pub off_qcodes: u32,
+    pub off_qscales: u32,
+    pub off_kcodes: u32,
+    pub off_kscales: u32,
+    pub off_vcodes: u32,
+    pub off_vscales: u32,
+    pub q_gblock: u32,
+    pub q_ginter: u32,
+    pub k_gblock: u32,
+    pub k_ginter: u32,
+    pub np: u32,
+    pub off_vinv: u32,
+    pub recipe: u32,
+    pub pad0: u32,
+}
+
+pub const FLAG_CAUSAL: u32 = 1;
+pub const FLAG_LSE: u32 = 2;
+pub const FLAG_MASK: u32 = 4;
+pub const FLAG_SMOOTH: u32 = 8;
+pub const MODE_Q: u32 = 0;
+pub const MODE_K: u32 = 1;
+
+/// Where each quantized operand lives in the workspace (u32 words), and its total size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Workspace {
+    pub kmean: u32,
+    pub qdelta: u32,
+    pub qcodes: u32,
+    pub qscales: u32,
+    pub kcodes: u32,
+    pub kscales: u32,
+    pub vcodes: u32,
+    pub vscales: u32,
+    pub vinv: u32,
+    pub words: u64,
+}
+
+impl Workspace {
+    pub fn new(plan: &Plan) -> Workspace {
+        let s = &plan.spec;
+        let (b, hq, hk, nq, nk, d) = (
+            s.batch as u64,
+            s.heads_q as u64,
+            s.heads_kv as u64,
+            s.seq_q as u64,
+            s.seq_kv as u64,
+            s.head_dim as u64,
+        );
+        let dp = padded_dim(s.head_dim) as u64;
+        let np = padded_dim(s.seq_kv) as u64;
+        let mut w = Workspace::default();
+        let mut at = 0u64;
+        let mut take = |n: u64| {
+            let o = at;
+            at += n;
+            o as u32
+        };
+        if s.recipe.smooths_k() {
+            w.kmean = take(b * hk * d);
+            w.qdelta = take(b * hq * nq);
+        }
+        match s.recipe {
+            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
+                let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
+                w.qcodes = take(b * hq * nq * dp / 4);
+                w.qscales = take(b * hq * qg.count(s.seq_q) as u64);
+                w.kcodes = take(b * hk * nk * dp / 4);
+                w.kscales = take(b * hk * kg.count(s.seq_kv) as u64);
+            }
+            Recipe::Nvfp4 => {
+                w.qcodes = take(b * hq * nq * dp / 4);
+                w.qscales = take(b * hq * nq * dp / 16);
+                w.kcodes = take(b * hk * nk * dp / 4);
+                w.kscales = take(b * hk * nk * dp / 16);
+            }
+            _ => {}
+        }
+        match s.recipe {
+            Recipe::Int8QkFp8Pv { .. } => {
+                w.vcodes = take(b * hk * nk * dp / 4);
+                w.vscales = take(b * hk * dp);
+                w.vinv = take(b * hk * dp);
+            }
+            Recipe::Nvfp4 => {
+                w.vcodes = take(b * hk * dp * np / 4);
+                w.vscales = take(b * hk * dp * np / 16);
+            }
+            _ => {}
+        }
+        w.words = at.max(1);
+        w
+    }
+}
+
+/// The parameter block for `plan` (mode and count are set per dispatch).
+pub fn params(plan: &Plan, ws: &Workspace) -> Params {
+    let s = &plan.spec;
+    let groups = |g: Option<Groups>| g.map_or((1, 1), |g| (g.block as u32, g.interleave as u32));
+    let (q_gblock, q_ginter) = groups(s.recipe.q_groups());
+    let (k_gblock, k_ginter) = groups(s.recipe.k_groups());
+    let mut flags = 0;
+    if s.causal {
+        flags |= FLAG_CAUSAL;
+    }
+    if s.return_lse {
+        flags |= FLAG_LSE;
+    }
+    if matches!(s.sparsity, crate::Sparsity::BlockMask(_)) {
+        flags |= FLAG_MASK;
+    }
+    if s.recipe.smooths_k() {
+        flags |= FLAG_SMOOTH;
+    }
+    let amax_p = if let Recipe::Nvfp4P { amax_p } = s.recipe {
+        amax_p
+    } else {
+        1.0
+    };
+    Params {
+        batch: s.batch as u32,
+        heads_q: s.heads_q as u32,
+        heads_kv: s.heads_kv as u32,
+        seq_q: s.seq_q as u32,
+        seq_kv: s.seq_kv as u32,
+        head_dim: s.head_dim as u32,
+        dp: padded_dim(s.head_dim) as u32,
+        group: plan.group() as u32,
+        q_sb: plan.q.batch as u32,
+        q_sh: plan.q.head as u32,
+        q_st: plan.q.token as u32,
+        kv_sb: plan.kv.batch as u32,
+        kv_sh: plan.kv.head as u32,
+        kv_st: plan.kv.token as u32,
+        dtype: match s.dtype {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            DType::F32 => 2,
+        },
+        flags,
+        q_blocks: plan.q_blocks as u32,
+        k_blocks: plan.k_blocks as u32,
+        fold: plan.q_fold(),
+        score_scale: plan.q_fold(),
+        inv_g: crate::numerics::div_rn(NVFP4_RANGE, amax_p),
+        g: crate::numerics::div_rn(amax_p, NVFP4_RANGE),
+        mode: 0,
+        count: 0,
+        off_kmean: ws.kmean,
+        off_qdelta: ws.qdelta,
+        off_qcodes: ws.qcodes,
+        off_qscales: ws.qscales,
+        off_kcodes: ws.kcodes,
+        off_kscales: ws.kscales,
+        off_vcodes: ws.vcodes,
+        off_vscales: ws.vscales,
+        q_gblock,
+        q_ginter,
+        k_gblock,
+        k_ginter,
+        np: padded_dim(s.seq_kv) as u32,
+        off_vinv: ws.vinv,
+        recipe: recipe_id(s.recipe),
+        pad0: 0,
+    }
+}
+
+/// Read a workspace (downloaded from either GPU backend) into the host [`Quantized`].
+pub fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
+    let s = &plan.spec;
+    let (b, hq, hk, nq, nk, d) = (
+        s.batch, s.heads_q, s.heads_kv, s.seq_q, s.seq_kv, s.head_dim,
+    );
+    let dp = padded_dim(d);
+    let np = padded_dim(nk);
+    let f32s = |off: u32, n: usize| -> Vec<f32> {
+        ws[off as usize..][..n]
+            .iter()
+            .map(|&w| f32::from_bits(w))
+            .collect()
+    };
+    let bytes = |off: u32, n: usize| -> Vec<u8> {
+        bytemuck::cast_slice::<u32, u8>(&ws[off as usize..][..n / 4]).to_vec()
+    };
+    let low_bytes = |off: u32, n: usize| -> Vec<u8> {
+        ws[off as usize..][..n].iter().map(|&w| w as u8).collect()
+    };
+    let mut out = Quantized::default();
+    if s.recipe.smooths_k() {
+        out.k_mean = Some(f32s(l.kmean, b * hk * d));
+        out.q_delta = Some(f32s(l.qdelta, b * hq * nq));
+    }
+    match s.recipe {
+        Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
+            let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
+            let i8s = |v: Vec<u8>| v.into_iter().map(|x| x as i8).collect();
+            out.q = QkCodes::Int8 {
+                codes: i8s(bytes(l.qcodes, b * hq * nq * dp)),
+                scales: f32s(l.qscales, b * hq * qg.count(nq)),
+            };
+            out.k = QkCodes::Int8 {
+                codes: i8s(bytes(l.kcodes, b * hk * nk * dp)),
+                scales: f32s(l.kscales, b * hk * kg.count(nk)),
+            };
+        }
+        Recipe::Nvfp4 => {
+            out.q = QkCodes::Nvfp4 {
+                codes: bytes(l.qcodes, b * hq * nq * dp),
+                scales: low_bytes(l.qscales, b * hq * nq * dp / 16),
+            };
+            out.k = QkCodes::Nvfp4 {
+                codes: bytes(l.kcodes, b * hk * nk * dp),
+                scales: low_bytes(l.kscales, b * hk * nk * dp / 16),
+            };
+        }
+        _ => {}
+    }
+    match s.recipe {
+        Recipe::Int8QkFp8Pv { .. } => {
+            out.v = VCodes::Fp8 {
+                codes: bytes(l.vcodes, b * hk * nk * dp),
+                scales: f32s(l.vscales, b * hk * dp),
+            }
+        }
+        Recipe::Nvfp4 => {
+            out.v = VCodes::Nvfp4 {
+                codes: bytes(l.vcodes, b * hk * dp * np),
+                scales: low_bytes(l.vscales, b * hk * dp * np / 16),
+            }
+        }
+        _ => {}
+    }
+    out
+}
