@@ -26,7 +26,7 @@ pub mod spec;
 pub mod tensor;
 
 pub use backend::{Backend, BackendKind, CpuBackend, Output};
-pub use dispatch::{attention, Choice, Dispatcher};
+pub use dispatch::{attention, Choice, CrossCheck, Dispatcher};
 pub use error::{Error, Result};
 pub use recipe::{QkGranularity, Recipe};
 pub use sparsity::{BlockMask, Sparsity};

@@ -136,13 +136,25 @@ fn backend_names_parse() {
     assert_eq!(Choice::parse(" WGPU ").unwrap(), Choice::Wgpu);
     assert_eq!(Choice::parse("").unwrap(), Choice::Auto);
     assert!(matches!(Choice::parse("tpu"), Err(Error::BadBackendEnv(_))));
-    assert!(matches!(
-        Choice::parse("cuda"),
-        Err(Error::BackendUnavailable {
-            backend: "cuda",
-            ..
-        })
-    ));
+    assert_eq!(Choice::parse("cuda").unwrap(), Choice::Cuda);
+    assert_eq!(Choice::parse("nocuda").unwrap(), Choice::NoCuda);
+    // Asking for CUDA where there is none is a typed error, not a panic.
+    if tessera::backend::cuda::availability().is_err() {
+        let e = Dispatcher::with_choice(Choice::Cuda)
+            .backend()
+            .err()
+            .expect("CUDA reported present");
+        assert!(
+            matches!(
+                e,
+                Error::BackendUnavailable {
+                    backend: "cuda",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
     // The no-adapter error tells the user how to get one.
     assert!(Error::NoAdapter("none".into())
         .to_string()
@@ -369,4 +381,48 @@ fn zero_copy_api_runs_in_the_callers_encoder() {
         )
         .unwrap_err();
     assert!(matches!(e, Error::BadBuffer { buffer: "lse", .. }), "{e}");
+}
+
+/// The dispatcher's cross-check: every pair of backends present agrees on every recipe, with
+/// bit-identical quantized operands.
+#[test]
+fn cross_check_reports_agreement() {
+    let mut rng = Rng::new(fresh_seed("cross_check"));
+    let d = Dispatcher::with_choice(Choice::Cpu);
+    let mut pairs = vec![];
+    if wgpu().is_some() {
+        pairs.push((Choice::Cpu, Choice::Wgpu));
+    }
+    if cuda().is_some() {
+        pairs.push((Choice::Cpu, Choice::Cuda));
+        pairs.push((Choice::Wgpu, Choice::Cuda));
+    }
+    for (a, b) in pairs {
+        for recipe in [
+            Recipe::Exact,
+            Recipe::Int8QkF16Pv,
+            Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerThread,
+            },
+            Recipe::Nvfp4,
+            Recipe::nvfp4p(),
+        ] {
+            let spec = AttentionSpec::new(1, 4, 150, 96)
+                .with_kv(2, 300)
+                .with_causal(true)
+                .with_recipe(recipe);
+            let plan = spec.plan().unwrap();
+            let (q, k, v) = (
+                f16s(plan.q_len, &mut rng),
+                f16s(plan.kv_len, &mut rng),
+                f16s(plan.kv_len, &mut rng),
+            );
+            let r = d.cross_check(&spec, a, b, &q, &k, &v).unwrap();
+            eprintln!("{r}");
+            assert!(r.passed, "{r}");
+            if !matches!(recipe, Recipe::Exact | Recipe::Nvfp4P { .. }) {
+                assert!(r.bits_total > 0, "no quantized operands compared: {r}");
+            }
+        }
+    }
 }

@@ -75,11 +75,20 @@ pub fn qkv(spec: &AttentionSpec, rng: &mut Rng, k_bias: f64) -> (TensorBuf, Tens
     (q, k, v)
 }
 
-/// Whether GPU tests must fail instead of skipping (TESSERA_REQUIRE_GPU=1).
+/// Whether GPU tests must fail instead of skipping: TESSERA_REQUIRE_GPU=1 (the GPU machine)
+/// requires CUDA and a wgpu adapter.
 pub fn gpu_required() -> bool {
     std::env::var("TESSERA_REQUIRE_GPU")
         .map(|v| v == "1")
         .unwrap_or(false)
+}
+
+/// TESSERA_REQUIRE_WGPU=1 (CI, with lavapipe and no CUDA) requires a wgpu adapter only.
+pub fn wgpu_required() -> bool {
+    gpu_required()
+        || std::env::var("TESSERA_REQUIRE_WGPU")
+            .map(|v| v == "1")
+            .unwrap_or(false)
 }
 
 /// The wgpu backend, or None with a printed reason (a panic when TESSERA_REQUIRE_GPU=1).
@@ -171,7 +180,6 @@ pub fn run_poisoned(
 }
 
 /// The CUDA backend, or None with a printed reason (a panic when TESSERA_REQUIRE_GPU=1).
-#[cfg(feature = "cuda")]
 pub fn cuda() -> Option<&'static tessera::backend::cuda::CudaBackend> {
     use tessera::backend::cuda::CudaBackend;
     static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
@@ -191,7 +199,6 @@ pub fn gpu_backends() -> Vec<&'static dyn tessera::Backend> {
     if let Some(w) = wgpu() {
         v.push(w);
     }
-    #[cfg(feature = "cuda")]
     if let Some(c) = cuda() {
         v.push(c);
     }
