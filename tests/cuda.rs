@@ -17,13 +17,20 @@ fn every_kernel_compiles_for_sm80_sm89_sm90a() {
         eprintln!("skipped: {why}");
         return;
     }
-    for arch in ["sm_80", "sm_89", "sm_90a"] {
-        for (name, src) in all_modules() {
-            if let Err(e) = nvrtc::compile(&name, &src, arch) {
-                panic!("{e}");
-            }
-        }
-    }
+    // Every (arch, module) pair, compiled in parallel (NVRTC is thread-safe per program).
+    let jobs: Vec<(&str, String, String)> = ["sm_80", "sm_89", "sm_90a"].iter().flat_map(|a| all_modules().into_iter().map(move |(n, s)| (*a, n, s))).collect();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let jobs = &jobs;
+                scope.spawn(move || jobs.iter().skip(w).step_by(workers).filter_map(|(arch, name, src)| nvrtc::compile(name, src, arch).err().map(|e| e.to_string())).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("{} kernel modules compiled for sm_80, sm_89 and sm_90a", jobs.len());
 }
 
 /// Through the zero-copy API on the backend's stream, outputs poisoned with NaN first.

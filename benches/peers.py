@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""PyTorch peers on tessera's benchmark shapes, and one table with tessera's ratio to each.
+
+    python3 benches/peers.py [path/to/tessera-bench-binary] [--quick]
+
+Runs SDPA (flash, cuDNN, efficient backends) and FlexAttention (dense, and with the same
+block-mask sparsity as tessera's masked rows) on B=1 H=24 N in {4096, 16384, 32768} D=128 and
+B=1 H=48 N=16384 D=64, causal and not; median of CUDA-event timings after warm-up
+(triton.testing.do_bench). If a tessera bench binary is given, runs it with --json and prints
+tessera's TOPS next to each peer's.
+"""
+import json, subprocess, sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+import triton
+
+quick = "--quick" in sys.argv
+shapes = [(24, 4096, 128), (24, 16384, 128), (24, 32768, 128), (48, 16384, 64)]
+if quick:
+    shapes = shapes[:1]
+
+
+def tops(h, n, d, causal, ms):
+    return 4 * h * n * n * d * (0.5 if causal else 1.0) / (ms * 1e-3) / 1e12
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+peers = {}
+try:
+    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+    flex = torch.compile(flex_attention)
+except Exception as e:  # noqa: BLE001
+    flex = None
+    print(f"FlexAttention unavailable: {e}", file=sys.stderr)
+
+for h, n, d in shapes:
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
+    for causal in (False, True):
+        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                peers[(name, h, n, d, causal, 0.0)] = ms
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} failed at {h},{n},{d}: {e}", file=sys.stderr)
+        if flex is not None:
+            for keep in (1.0, 0.5, 0.2):
+                g = torch.Generator(device="cuda").manual_seed(7)
+                blocks = torch.rand(h, (n + 127) // 128, (n + 127) // 128, generator=g, device="cuda") < keep
+
+                def mod(b, hh, qi, kj):
+                    ok = blocks[hh, qi // 128, kj // 128]
+                    return (ok & (kj <= qi)) if causal else ok
+
+                try:
+                    bm = create_block_mask(mod, 1, h, n, n, device="cuda", BLOCK_SIZE=128)
+                    ms = bench(lambda: flex(q, k, v, block_mask=bm))
+                    peers[("flex", h, n, d, causal, 1.0 - keep)] = ms
+                except Exception as e:  # noqa: BLE001
+                    print(f"flex failed: {e}", file=sys.stderr)
+
+ours = []
+if len(sys.argv) > 1 and not sys.argv[1].startswith("--"):
+    out = subprocess.run([sys.argv[1], "--json"] + (["--quick"] if quick else []), capture_output=True, text=True)
+    print(out.stdout)
+    ours = [json.loads(l) for l in out.stderr.splitlines() if l.startswith("{")]
+
+print("| shape H,N,D | causal | mask sparsity | peer | peer TOPS | " + " | ".join(f"{r} ratio" for r in ("exact", "int8qk-f16pv", "int8qk-fp8pv", "nvfp4", "nvfp4-p")) + " |")
+print("|---|---|---|---|---|" + "---|" * 5)
+for (name, h, n, d, causal, sp), ms in sorted(peers.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][4], kv[0][5], kv[0][0])):
+    t = tops(h, n, d, causal, ms)
+    cells = []
+    for r in ("exact", "int8qk-f16pv", "int8qk-fp8pv", "nvfp4", "nvfp4-p"):
+        m = [o for o in ours if o["backend"] == "cuda" and o["recipe"] == r and (o["h"], o["n"], o["d"], o["causal"]) == (h, n, d, causal) and abs(o["sparsity"] - sp) < 0.05]
+        cells.append(f"{m[0]['tops'] / t:.2f}x" if m else "-")
+    print(f"| {h},{n},{d} | {causal} | {sp:.0%} | {name} | {t:.0f} | " + " | ".join(cells) + " |")
