@@ -38,7 +38,8 @@ fn random_f16(n: usize, seed: u64) -> Vec<f16> {
             s ^= s >> 7;
             s ^= s << 17;
             // Sum of uniforms: roughly normal, never all zeros.
-            let u = ((s >> 11) as f64 / (1u64 << 53) as f64) + ((s & 0xffff) as f64 / 65536.0) - 1.0;
+            let u =
+                ((s >> 11) as f64 / (1u64 << 53) as f64) + ((s & 0xffff) as f64 / 65536.0) - 1.0;
             f16::from_f64(u * 1.7)
         })
         .collect()
@@ -59,7 +60,11 @@ fn block_mask(spec: &AttentionSpec, keep: f64, seed: u64) -> Sparsity {
 }
 
 #[cfg(feature = "cuda")]
-fn time_cuda(c: &tessera::backend::cuda::CudaBackend, spec: &AttentionSpec, reps: usize) -> Option<f64> {
+fn time_cuda(
+    c: &tessera::backend::cuda::CudaBackend,
+    spec: &AttentionSpec,
+    reps: usize,
+) -> Option<f64> {
     use tessera::backend::cuda::{CudaTensor, CudaTensorMut};
     let st = c.stream();
     let plan = spec.plan().ok()?;
@@ -68,7 +73,19 @@ fn time_cuda(c: &tessera::backend::cuda::CudaBackend, spec: &AttentionSpec, reps
     let k = st.clone_htod(&bits(random_f16(plan.kv_len, 2))).ok()?;
     let v = st.clone_htod(&bits(random_f16(plan.kv_len, 3))).ok()?;
     let mut o = st.clone_htod(&vec![0u16; plan.q_len]).ok()?;
-    let mut run = || c.attention().run(st, spec, CudaTensor::Bits16(&q), CudaTensor::Bits16(&k), CudaTensor::Bits16(&v), CudaTensorMut::Bits16(&mut o), None).unwrap();
+    let mut run = || {
+        c.attention()
+            .run(
+                st,
+                spec,
+                CudaTensor::Bits16(&q),
+                CudaTensor::Bits16(&k),
+                CudaTensor::Bits16(&v),
+                CudaTensorMut::Bits16(&mut o),
+                None,
+            )
+            .unwrap()
+    };
     for _ in 0..2 {
         run();
     }
@@ -88,10 +105,26 @@ fn time_wgpu(w: &WgslBackend, spec: &AttentionSpec, reps: usize) -> Option<f64> 
     let a = w.attention();
     let (dev, queue) = (a.device(), a.queue());
     let plan = spec.plan().ok()?;
-    let buf = |v: Vec<f16>| dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(&v), usage: wgpu::BufferUsages::STORAGE });
-    let (q, k, v) = (buf(random_f16(plan.q_len, 1)), buf(random_f16(plan.kv_len, 2)), buf(random_f16(plan.kv_len, 3)));
+    let buf = |v: Vec<f16>| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&v),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
+    let (q, k, v) = (
+        buf(random_f16(plan.q_len, 1)),
+        buf(random_f16(plan.kv_len, 2)),
+        buf(random_f16(plan.kv_len, 3)),
+    );
     let o = buf(vec![f16::ZERO; plan.q_len + 2]);
-    let bufs = Buffers { q: &q, k: &k, v: &v, o: &o, lse: None };
+    let bufs = Buffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        o: &o,
+        lse: None,
+    };
     let run = || {
         let mut enc = dev.create_command_encoder(&Default::default());
         a.encode(&mut enc, spec, &bufs).unwrap();
@@ -113,18 +146,38 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
     #[cfg(feature = "cuda")]
-    let cuda = tessera::backend::cuda::CudaBackend::new().map_err(|e| eprintln!("no CUDA: {e}")).ok();
-    let wgpu = WgslBackend::new().map_err(|e| eprintln!("no wgpu: {e}")).ok();
-    let mut shapes: Vec<(usize, usize, usize)> = vec![(24, 4096, 128), (24, 16384, 128), (24, 32768, 128), (48, 16384, 64)];
+    let cuda = tessera::backend::cuda::CudaBackend::new()
+        .map_err(|e| eprintln!("no CUDA: {e}"))
+        .ok();
+    let wgpu = WgslBackend::new()
+        .map_err(|e| eprintln!("no wgpu: {e}"))
+        .ok();
+    let mut shapes: Vec<(usize, usize, usize)> = vec![
+        (24, 4096, 128),
+        (24, 16384, 128),
+        (24, 32768, 128),
+        (48, 16384, 64),
+    ];
     if quick {
         shapes.truncate(1);
     }
     let mut rows = Vec::new();
     for &(h, n, d) in &shapes {
         for causal in [false, true] {
-            for (recipe, masks) in Recipe::ALL.iter().map(|r| (*r, if *r == Recipe::Int8QkF16Pv { vec![1.0, 0.5, 0.2] } else { vec![1.0] })) {
+            for (recipe, masks) in Recipe::ALL.iter().map(|r| {
+                (
+                    *r,
+                    if *r == Recipe::Int8QkF16Pv {
+                        vec![1.0, 0.5, 0.2]
+                    } else {
+                        vec![1.0]
+                    },
+                )
+            }) {
                 for keep in masks {
-                    let mut spec = AttentionSpec::new(1, h, n, d).with_causal(causal).with_recipe(recipe);
+                    let mut spec = AttentionSpec::new(1, h, n, d)
+                        .with_causal(causal)
+                        .with_recipe(recipe);
                     if keep < 1.0 {
                         spec.sparsity = block_mask(&spec, keep, 7);
                     }
@@ -132,13 +185,31 @@ fn main() {
                     #[cfg(feature = "cuda")]
                     if let Some(c) = &cuda {
                         if let Some(ms) = time_cuda(c, &spec, reps) {
-                            rows.push(Row { backend: "cuda", recipe: recipe.name(), n, h, d, causal, sparsity: 1.0 - keep, ms });
+                            rows.push(Row {
+                                backend: "cuda",
+                                recipe: recipe.name(),
+                                n,
+                                h,
+                                d,
+                                causal,
+                                sparsity: 1.0 - keep,
+                                ms,
+                            });
                         }
                     }
                     // WGSL on the same GPU at the smallest shape (it is the portable oracle, not the fast path).
                     if let (Some(w), true) = (&wgpu, n <= 4096 && keep == 1.0) {
                         if let Some(ms) = time_wgpu(w, &spec, 5) {
-                            rows.push(Row { backend: "wgpu", recipe: recipe.name(), n, h, d, causal, sparsity: 1.0 - keep, ms });
+                            rows.push(Row {
+                                backend: "wgpu",
+                                recipe: recipe.name(),
+                                n,
+                                h,
+                                d,
+                                causal,
+                                sparsity: 1.0 - keep,
+                                ms,
+                            });
                         }
                     }
                 }
@@ -148,7 +219,18 @@ fn main() {
     println!("| backend | recipe | B,H,N,D | causal | mask sparsity | median ms | TOPS |\n|---|---|---|---|---|---|---|");
     for r in &rows {
         let tops = work(1, r.h, r.n, r.d, r.causal) / (r.ms * 1e-3) / 1e12;
-        println!("| {} | {} | 1,{},{},{} | {} | {:.0}% | {:.3} | {:.1} |", r.backend, r.recipe, r.h, r.n, r.d, r.causal, r.sparsity * 100.0, r.ms, tops);
+        println!(
+            "| {} | {} | 1,{},{},{} | {} | {:.0}% | {:.3} | {:.1} |",
+            r.backend,
+            r.recipe,
+            r.h,
+            r.n,
+            r.d,
+            r.causal,
+            r.sparsity * 100.0,
+            r.ms,
+            tops
+        );
         if json {
             eprintln!("{{\"backend\":\"{}\",\"recipe\":\"{}\",\"h\":{},\"n\":{},\"d\":{},\"causal\":{},\"sparsity\":{},\"ms\":{},\"tops\":{}}}", r.backend, r.recipe, r.h, r.n, r.d, r.causal, r.sparsity, r.ms, tops);
         }

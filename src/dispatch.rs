@@ -264,84 +264,44 @@ pub fn tolerance(recipe: Recipe, dtype: crate::DType) -> (f64, f64) {
 
 /// Count of quantized-operand bytes (codes and scales) that match between two backends.
 fn compare_codes(a: &Quantized, b: &Quantized) -> (usize, usize) {
-    let mut eq = 0;
-    let mut total = 0;
+    let mut tally = (0usize, 0usize);
     let mut bytes = |x: &[u8], y: &[u8]| {
-        total += x.len().max(y.len());
-        eq += x.iter().zip(y).filter(|(p, q)| p == q).count();
-    };
-    let f32b = |v: &[f32]| -> Vec<u8> {
-        v.iter()
-            .flat_map(|x| {
-                if x.is_nan() {
-                    0x7fc0_0000u32
-                } else {
-                    x.to_bits()
-                }
-                .to_le_bytes()
-            })
-            .collect()
+        tally.1 += x.len().max(y.len());
+        tally.0 += x.iter().zip(y).filter(|(p, q)| p == q).count();
     };
     if let (Some(x), Some(y)) = (&a.k_mean, &b.k_mean) {
-        bytes(&f32b(x), &f32b(y));
+        bytes(&f32_bytes(x), &f32_bytes(y));
     }
-    match (&a.q, &b.q) {
-        (
-            QkCodes::Int8 {
-                codes: c1,
-                scales: s1,
-            },
-            QkCodes::Int8 {
-                codes: c2,
-                scales: s2,
-            },
-        ) => {
-            bytes(bytemuck::cast_slice(c1), bytemuck::cast_slice(c2));
-            bytes(&f32b(s1), &f32b(s2));
+    for (x, y) in [(&a.q, &b.q), (&a.k, &b.k)] {
+        match (x, y) {
+            (
+                QkCodes::Int8 {
+                    codes: c1,
+                    scales: s1,
+                },
+                QkCodes::Int8 {
+                    codes: c2,
+                    scales: s2,
+                },
+            ) => {
+                bytes(bytemuck::cast_slice(c1), bytemuck::cast_slice(c2));
+                bytes(&f32_bytes(s1), &f32_bytes(s2));
+            }
+            (
+                QkCodes::Nvfp4 {
+                    codes: c1,
+                    scales: s1,
+                },
+                QkCodes::Nvfp4 {
+                    codes: c2,
+                    scales: s2,
+                },
+            ) => {
+                bytes(c1, c2);
+                bytes(s1, s2);
+            }
+            _ => {}
         }
-        (
-            QkCodes::Nvfp4 {
-                codes: c1,
-                scales: s1,
-            },
-            QkCodes::Nvfp4 {
-                codes: c2,
-                scales: s2,
-            },
-        ) => {
-            bytes(c1, c2);
-            bytes(s1, s2);
-        }
-        _ => {}
-    }
-    match (&a.k, &b.k) {
-        (
-            QkCodes::Int8 {
-                codes: c1,
-                scales: s1,
-            },
-            QkCodes::Int8 {
-                codes: c2,
-                scales: s2,
-            },
-        ) => {
-            bytes(bytemuck::cast_slice(c1), bytemuck::cast_slice(c2));
-            bytes(&f32b(s1), &f32b(s2));
-        }
-        (
-            QkCodes::Nvfp4 {
-                codes: c1,
-                scales: s1,
-            },
-            QkCodes::Nvfp4 {
-                codes: c2,
-                scales: s2,
-            },
-        ) => {
-            bytes(c1, c2);
-            bytes(s1, s2);
-        }
-        _ => {}
     }
     match (&a.v, &b.v) {
         (
@@ -355,7 +315,7 @@ fn compare_codes(a: &Quantized, b: &Quantized) -> (usize, usize) {
             },
         ) => {
             bytes(c1, c2);
-            bytes(&f32b(s1), &f32b(s2));
+            bytes(&f32_bytes(s1), &f32_bytes(s2));
         }
         (
             VCodes::Nvfp4 {
@@ -372,7 +332,21 @@ fn compare_codes(a: &Quantized, b: &Quantized) -> (usize, usize) {
         }
         _ => {}
     }
-    (eq, total)
+    tally
+}
+
+/// f32 values as bytes, every NaN canonical (scales of non-finite groups are NaN on all sides).
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|x| {
+            if x.is_nan() {
+                0x7fc0_0000u32
+            } else {
+                x.to_bits()
+            }
+            .to_le_bytes()
+        })
+        .collect()
 }
 
 /// What a cross-check found.

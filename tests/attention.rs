@@ -14,31 +14,4 @@ fn check(recipe: Recipe) {
     });
 }
 
-#[test]
-fn exact_matches_reference() {
-    check(Recipe::Exact);
-}
-#[test]
-fn int8qk_f16pv_matches_reference() {
-    check(Recipe::Int8QkF16Pv);
-}
-#[test]
-fn int8qk_fp8pv_per_warp_matches_reference() {
-    check(Recipe::Int8QkFp8Pv {
-        granularity: QkGranularity::PerWarp,
-    });
-}
-#[test]
-fn int8qk_fp8pv_per_thread_matches_reference() {
-    check(Recipe::Int8QkFp8Pv {
-        granularity: QkGranularity::PerThread,
-    });
-}
-#[test]
-fn nvfp4_matches_reference() {
-    check(Recipe::Nvfp4);
-}
-#[test]
-fn nvfp4p_matches_reference() {
-    check(Recipe::nvfp4p());
-}
+recipe_tests!(check);

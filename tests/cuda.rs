@@ -18,19 +18,36 @@ fn every_kernel_compiles_for_sm80_sm89_sm90a() {
         return;
     }
     // Every (arch, module) pair, compiled in parallel (NVRTC is thread-safe per program).
-    let jobs: Vec<(&str, String, String)> = ["sm_80", "sm_89", "sm_90a"].iter().flat_map(|a| all_modules().into_iter().map(move |(n, s)| (*a, n, s))).collect();
+    let jobs: Vec<(&str, String, String)> = ["sm_80", "sm_89", "sm_90a"]
+        .iter()
+        .flat_map(|a| all_modules().into_iter().map(move |(n, s)| (*a, n, s)))
+        .collect();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let failures: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let jobs = &jobs;
-                scope.spawn(move || jobs.iter().skip(w).step_by(workers).filter_map(|(arch, name, src)| nvrtc::compile(name, src, arch).err().map(|e| e.to_string())).collect::<Vec<_>>())
+                scope.spawn(move || {
+                    jobs.iter()
+                        .skip(w)
+                        .step_by(workers)
+                        .filter_map(|(arch, name, src)| {
+                            nvrtc::compile(name, src, arch).err().map(|e| e.to_string())
+                        })
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    eprintln!("{} kernel modules compiled for sm_80, sm_89 and sm_90a", jobs.len());
+    eprintln!(
+        "{} kernel modules compiled for sm_80, sm_89 and sm_90a",
+        jobs.len()
+    );
 }
 
 /// Through the zero-copy API on the backend's stream, outputs poisoned with NaN first.
@@ -97,31 +114,4 @@ fn check(recipe: Recipe) {
     check_matrix("cuda", recipe, run_poisoned_cuda);
 }
 
-#[test]
-fn exact_matches_reference() {
-    check(Recipe::Exact);
-}
-#[test]
-fn int8qk_f16pv_matches_reference() {
-    check(Recipe::Int8QkF16Pv);
-}
-#[test]
-fn int8qk_fp8pv_per_warp_matches_reference() {
-    check(Recipe::Int8QkFp8Pv {
-        granularity: QkGranularity::PerWarp,
-    });
-}
-#[test]
-fn int8qk_fp8pv_per_thread_matches_reference() {
-    check(Recipe::Int8QkFp8Pv {
-        granularity: QkGranularity::PerThread,
-    });
-}
-#[test]
-fn nvfp4_matches_reference() {
-    check(Recipe::Nvfp4);
-}
-#[test]
-fn nvfp4p_matches_reference() {
-    check(Recipe::nvfp4p());
-}
+recipe_tests!(check);

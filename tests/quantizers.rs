@@ -141,37 +141,23 @@ fn assert_same(got: &Quantized, want: &Quantized, delta_bounds: &[f64], ctx: &st
         want.k_mean.as_deref().map(bits),
         "k_mean {ctx}"
     );
-    match (&got.q, &want.q) {
-        (
-            QkCodes::Int8 {
-                codes: a,
-                scales: s,
-            },
-            QkCodes::Int8 {
-                codes: b,
-                scales: t,
-            },
-        ) => {
-            assert_eq!(bits(s), bits(t), "q scales {ctx}");
-            assert!(a == b, "q codes {ctx}");
+    for (name, g, w) in [("q", &got.q, &want.q), ("k", &got.k, &want.k)] {
+        match (g, w) {
+            (
+                QkCodes::Int8 {
+                    codes: a,
+                    scales: s,
+                },
+                QkCodes::Int8 {
+                    codes: b,
+                    scales: t,
+                },
+            ) => {
+                assert_eq!(bits(s), bits(t), "{name} scales {ctx}");
+                assert!(a == b, "{name} codes {ctx}");
+            }
+            (a, b) => assert!(a == b, "{name} {ctx}"),
         }
-        (a, b) => assert!(a == b, "q {ctx}"),
-    }
-    match (&got.k, &want.k) {
-        (
-            QkCodes::Int8 {
-                codes: a,
-                scales: s,
-            },
-            QkCodes::Int8 {
-                codes: b,
-                scales: t,
-            },
-        ) => {
-            assert_eq!(bits(s), bits(t), "k scales {ctx}");
-            assert!(a == b, "k codes {ctx}");
-        }
-        (a, b) => assert!(a == b, "k {ctx}"),
     }
     match (&got.v, &want.v) {
         (

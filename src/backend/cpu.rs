@@ -105,13 +105,9 @@ fn attend_row(
 ) -> (Vec<f64>, f64) {
     let s = &plan.spec;
     let (nk, d) = (s.seq_kv, s.head_dim);
-    // Exact-input recipes scale the f32 dot product by sm_scale·log2(e) (base-2 scores);
-    // the quantized ones folded it into Q before quantizing.
-    let post = if qo.folded {
-        1.0
-    } else {
-        plan.sm_scale as f64 * std::f64::consts::LOG2_E
-    };
+    // Exact-input recipes scale the dot product by sm_scale·log2(e), the f32 every backend uses
+    // (base-2 scores); the quantized ones folded it into Q before quantizing.
+    let post = if qo.folded { 1.0 } else { plan.q_fold() as f64 };
     let qrow = qo.row(i);
     let qs = qo.scale.get(i).copied().unwrap_or(1.0) * post;
     let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);

@@ -282,3 +282,104 @@ pub fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
     }
     out
 }
+
+/// Which input a quantization kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Q,
+    K,
+    V,
+}
+
+/// One launch of a quantization kernel: its entry point, the `mode` it reads Params with, the
+/// input it reads, and how many work items it covers: `threads` items of one invocation each,
+/// or `groups` items of one 64-wide workgroup each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantStep {
+    pub entry: &'static str,
+    pub mode: u32,
+    pub src: Source,
+    pub threads: u32,
+    pub groups: u32,
+}
+
+impl QuantStep {
+    /// Workgroups / thread blocks of 64 to launch.
+    pub fn workgroups(&self) -> u32 {
+        if self.groups > 0 {
+            self.groups
+        } else {
+            self.threads.div_ceil(64).max(1)
+        }
+    }
+}
+
+/// The quantization kernels a recipe runs before the attention, in order (the same on every
+/// GPU backend; the entry points exist in shaders/quant.wgsl and kernels/quant.cu).
+pub fn quant_steps(plan: &Plan) -> Vec<QuantStep> {
+    let s = &plan.spec;
+    let (b, hq, hk, nq, nk, d) = (
+        s.batch as u32,
+        s.heads_q as u32,
+        s.heads_kv as u32,
+        s.seq_q as u32,
+        s.seq_kv as u32,
+        s.head_dim as u32,
+    );
+    let dp = padded_dim(s.head_dim) as u32;
+    let np = padded_dim(s.seq_kv) as u32;
+    let t = |entry, mode, src, threads| QuantStep {
+        entry,
+        mode,
+        src,
+        threads,
+        groups: 0,
+    };
+    let mut steps = Vec::new();
+    if s.recipe.smooths_k() {
+        steps.push(t("k_mean", MODE_K, Source::K, b * hk * d));
+        steps.push(t("q_delta", MODE_Q, Source::Q, b * hq * nq));
+    }
+    match s.recipe {
+        Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
+            let (qg, kg) = (
+                s.recipe.q_groups().unwrap_or(Groups {
+                    block: 1,
+                    interleave: 1,
+                }),
+                s.recipe.k_groups().unwrap_or(Groups {
+                    block: 1,
+                    interleave: 1,
+                }),
+            );
+            steps.push(QuantStep {
+                entry: "int8_qk",
+                mode: MODE_Q,
+                src: Source::Q,
+                threads: 0,
+                groups: b * hq * qg.count(s.seq_q) as u32,
+            });
+            steps.push(QuantStep {
+                entry: "int8_qk",
+                mode: MODE_K,
+                src: Source::K,
+                threads: 0,
+                groups: b * hk * kg.count(s.seq_kv) as u32,
+            });
+        }
+        Recipe::Nvfp4 => {
+            steps.push(t("nvfp4_qk", MODE_Q, Source::Q, b * hq * nq * dp / 16));
+            steps.push(t("nvfp4_qk", MODE_K, Source::K, b * hk * nk * dp / 16));
+        }
+        _ => {}
+    }
+    match s.recipe {
+        Recipe::Int8QkFp8Pv { .. } => {
+            steps.push(t("fp8_v_scale", MODE_K, Source::V, b * hk * dp));
+            steps.push(t("fp8_v_codes", MODE_K, Source::V, b * hk * nk * dp / 4));
+        }
+        Recipe::Nvfp4 => steps.push(t("nvfp4_v", MODE_K, Source::V, b * hk * dp * np / 16)),
+        _ => {}
+    }
+    steps
+}

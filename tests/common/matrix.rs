@@ -152,3 +152,38 @@ pub fn check_matrix(
         worst.1
     );
 }
+
+/// One #[test] per recipe, each calling `$check(recipe)`.
+#[macro_export]
+macro_rules! recipe_tests {
+    ($check:ident) => {
+        #[test]
+        fn exact_matches_reference() {
+            $check(Recipe::Exact);
+        }
+        #[test]
+        fn int8qk_f16pv_matches_reference() {
+            $check(Recipe::Int8QkF16Pv);
+        }
+        #[test]
+        fn int8qk_fp8pv_per_warp_matches_reference() {
+            $check(Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerWarp,
+            });
+        }
+        #[test]
+        fn int8qk_fp8pv_per_thread_matches_reference() {
+            $check(Recipe::Int8QkFp8Pv {
+                granularity: QkGranularity::PerThread,
+            });
+        }
+        #[test]
+        fn nvfp4_matches_reference() {
+            $check(Recipe::Nvfp4);
+        }
+        #[test]
+        fn nvfp4p_matches_reference() {
+            $check(Recipe::nvfp4p());
+        }
+    };
+}

@@ -11,7 +11,6 @@ use crate::backend::layout::*;
 use crate::backend::{check_inputs, Backend, BackendKind, Output};
 use crate::error::{Error, Result};
 use crate::numerics::{padded_dim, Quantized};
-use crate::recipe::Recipe;
 use crate::spec::{AttentionSpec, DType, Plan};
 use crate::tensor::{Tensor, TensorBuf};
 use cudarc::driver::{
@@ -246,16 +245,7 @@ impl CudaAttention {
         // SAFETY: every word the kernels read is written by an earlier kernel in this stream.
         let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
             .map_err(cuda_err("alloc workspace"))?;
-        let s = &plan.spec;
         let base = params(plan, &layout);
-        let (b, hq, hk, nq, nk) = (
-            s.batch as u32,
-            s.heads_q as u32,
-            s.heads_kv as u32,
-            s.seq_q as u32,
-            s.seq_kv as u32,
-        );
-        let dp = padded_dim(s.head_dim) as u32;
         let mut launch =
             |name: &str, mode: u32, src: &CudaTensor, cfg: LaunchConfig| -> Result<()> {
                 let f = self.function(None, name)?;
@@ -270,39 +260,18 @@ impl CudaAttention {
                 // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
                 unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
             };
-        if s.recipe.smooths_k() {
-            launch("k_mean", 1, k, threads(b * hk * s.head_dim as u32))?;
-            launch("q_delta", 0, q, threads(b * hq * nq))?;
-        }
-        let blocks = |n: u32| LaunchConfig {
-            grid_dim: (n.max(1), 1, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        match s.recipe {
-            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
-                let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
-                launch("int8_qk", 0, q, blocks(b * hq * qg.count(s.seq_q) as u32))?;
-                launch("int8_qk", 1, k, blocks(b * hk * kg.count(s.seq_kv) as u32))?;
-            }
-            Recipe::Nvfp4 => {
-                launch("nvfp4_qk", 0, q, threads(b * hq * nq * dp / 16))?;
-                launch("nvfp4_qk", 1, k, threads(b * hk * nk * dp / 16))?;
-            }
-            _ => {}
-        }
-        match s.recipe {
-            Recipe::Int8QkFp8Pv { .. } => {
-                launch("fp8_v_scale", 1, v, threads(b * hk * dp))?;
-                launch("fp8_v_codes", 1, v, threads(b * hk * nk * dp / 4))?;
-            }
-            Recipe::Nvfp4 => launch(
-                "nvfp4_v",
-                1,
-                v,
-                threads(b * hk * dp * padded_dim(s.seq_kv) as u32 / 16),
-            )?,
-            _ => {}
+        for step in quant_steps(plan) {
+            let src = match step.src {
+                Source::Q => q,
+                Source::K => k,
+                Source::V => v,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (step.workgroups(), 1, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch(step.entry, step.mode, src, cfg)?;
         }
         Ok((ws, layout))
     }

@@ -194,16 +194,7 @@ impl WgslAttention {
             ws_bytes,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         );
-        let s = &plan.spec;
         let base = params(plan, &layout);
-        let (b, hq, hk, nq, nk) = (
-            s.batch as u32,
-            s.heads_q as u32,
-            s.heads_kv as u32,
-            s.seq_q as u32,
-            s.seq_kv as u32,
-        );
-        let dp = padded_dim(s.head_dim) as u32;
         let run = |pass: &mut wgpu::ComputePass,
                    entry: &str,
                    mode: u32,
@@ -234,60 +225,13 @@ impl WgslAttention {
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(x, y, 1);
         };
-        let threads = |n: u32| n.div_ceil(WG);
-        if s.recipe.smooths_k() {
-            run(
-                pass,
-                "k_mean",
-                MODE_K,
-                k,
-                threads(b * hk * s.head_dim as u32),
-            );
-            run(pass, "q_delta", MODE_Q, q, threads(b * hq * nq));
-        }
-        match s.recipe {
-            Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
-                let (qg, kg) = (s.recipe.q_groups().unwrap(), s.recipe.k_groups().unwrap());
-                run(
-                    pass,
-                    "int8_qk",
-                    MODE_Q,
-                    q,
-                    b * hq * qg.count(s.seq_q) as u32,
-                );
-                run(
-                    pass,
-                    "int8_qk",
-                    MODE_K,
-                    k,
-                    b * hk * kg.count(s.seq_kv) as u32,
-                );
-            }
-            Recipe::Nvfp4 => {
-                run(pass, "nvfp4_qk", MODE_Q, q, threads(b * hq * nq * dp / 16));
-                run(pass, "nvfp4_qk", MODE_K, k, threads(b * hk * nk * dp / 16));
-            }
-            _ => {}
-        }
-        match s.recipe {
-            Recipe::Int8QkFp8Pv { .. } => {
-                run(pass, "fp8_v_scale", MODE_K, v, threads(b * hk * dp));
-                run(
-                    pass,
-                    "fp8_v_codes",
-                    MODE_K,
-                    v,
-                    threads(b * hk * nk * dp / 4),
-                );
-            }
-            Recipe::Nvfp4 => run(
-                pass,
-                "nvfp4_v",
-                MODE_K,
-                v,
-                threads(b * hk * dp * padded_dim(s.seq_kv) as u32 / 16),
-            ),
-            _ => {}
+        for step in quant_steps(plan) {
+            let src = match step.src {
+                Source::Q => q,
+                Source::K => k,
+                Source::V => v,
+            };
+            run(pass, step.entry, step.mode, src, step.workgroups());
         }
         Ok((ws, layout))
     }
