@@ -217,3 +217,23 @@ pub fn grid(n: u32) -> (u32, u32) {
     let x = n.clamp(1, 65535);
     (x, n.div_ceil(x).max(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_per_workgroup_follow_the_memory_limit() {
+        // wgpu's default 16 KiB: D = 256 fits 8 rows in f32, 16 in f16; 4 KiB fits none.
+        assert_eq!(pick_bq(256, 4, 16384), Some(8));
+        assert_eq!(pick_bq(256, 2, 16384), Some(16));
+        assert_eq!(pick_bq(128, 4, 32768), Some(16));
+        assert_eq!(pick_bq(256, 4, 4096), None);
+        // Every choice divides 128, so a workgroup never straddles a 128-row mask block.
+        for dp in (16..=256).step_by(16) {
+            if let Some(bq) = pick_bq(dp, 4, 16384) {
+                assert_eq!(128 % bq, 0);
+            }
+        }
+    }
+}
