@@ -18,6 +18,7 @@ struct Params {
     u32 off_kcodes, off_kscales, off_vcodes, off_vscales;
     u32 q_gblock, q_ginter, k_gblock, k_ginter;
     u32 np, off_vinv, recipe, pad0;
+    u32 nm_n, nm_m, nm_sink, nm_recent;
 };
 
 #define DT_F16 0u

@@ -114,6 +114,34 @@ fn quantize_p_row(r: u32) -> f32 {
     return P.g;
 }
 
+// N:M sparse softmax on row r of the tile: in each group of nm_m keys only the nm_n largest
+// scores survive (an equal score at a lower key outranks); sink and recent keys stay dense.
+fn nm_select(r: u32, row: u32, kb: u32, offset: i32) {
+    var keep: array<bool, 64>;
+    for (var jj = 0u; jj < BK; jj++) {
+        let x = s_sh[r * BK + jj];
+        var k = true;
+        if (x != MASKED) {
+            let key = kb * BK + jj;
+            let dist = i32(row) + offset - i32(key);
+            let dense = key < P.nm_sink || (dist >= 0 && dist < i32(P.nm_recent));
+            if (!dense) {
+                let g = (jj / P.nm_m) * P.nm_m;
+                var rank = 0u;
+                for (var kk = g; kk < g + P.nm_m; kk++) {
+                    let y = s_sh[r * BK + kk];
+                    if (y != MASKED && (y > x || (y == x && kk < jj))) { rank++; }
+                }
+                k = rank < P.nm_n;
+            }
+        }
+        keep[jj] = k;
+    }
+    for (var jj = 0u; jj < BK; jj++) {
+        if (!keep[jj]) { s_sh[r * BK + jj] = MASKED; }
+    }
+}
+
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let bh = wid.y;
@@ -220,6 +248,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         // Online softmax: thread r owns row r.
         if (lid < BQ) {
             let r = lid;
+            if (P.nm_n != 0u) { nm_select(r, row0 + r, kb, offset); }
             var tmax = MASKED;
             for (var jj = 0u; jj < BK; jj++) { tmax = nan_max(tmax, s_sh[r * BK + jj]); }
             if (tmax == MASKED) {

@@ -15,6 +15,7 @@ struct Params {
     off_kcodes: u32, off_kscales: u32, off_vcodes: u32, off_vscales: u32,
     q_gblock: u32, q_ginter: u32, k_gblock: u32, k_ginter: u32,
     np: u32, off_vinv: u32, recipe: u32, pad0: u32,
+    nm_n: u32, nm_m: u32, nm_sink: u32, nm_recent: u32,
 }
 
 const DT_F16: u32 = 0u;

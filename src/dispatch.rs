@@ -167,7 +167,14 @@ impl Dispatcher {
         let plan = spec.plan()?;
         let (q, k, v) = (q.into(), k.into(), v.into());
         check_inputs(&plan, &q, &k, &v)?;
-        let b = self.backend()?;
+        let mut b = self.backend()?;
+        if let Err(e) = b.supports(&plan) {
+            if !matches!(self.choice, Choice::Auto) {
+                return Err(e);
+            }
+            log::info!("tessera: {e}; this call falls back");
+            b = self.backend_for(Choice::NoCuda)?;
+        }
         log::debug!(
             "tessera: {} {:?} on {}",
             spec.recipe.name(),

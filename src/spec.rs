@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::recipe::{Recipe, KV_BLOCK, Q_BLOCK};
-use crate::sparsity::Sparsity;
+use crate::sparsity::{NmSoftmax, Sparsity};
 
 /// Element type of q, k, v and o.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +53,8 @@ pub struct AttentionSpec {
     pub sparsity: Sparsity,
     /// Also return the log-sum-exp [batch, heads_q, seq_q] (natural log, f32).
     pub return_lse: bool,
+    /// N:M sparse softmax (None: dense).
+    pub nm_softmax: Option<NmSoftmax>,
 }
 
 impl AttentionSpec {
@@ -72,6 +74,7 @@ impl AttentionSpec {
             recipe: Recipe::Exact,
             sparsity: Sparsity::None,
             return_lse: false,
+            nm_softmax: None,
         }
     }
     pub fn with_kv(mut self, heads_kv: usize, seq_kv: usize) -> Self {
@@ -101,6 +104,10 @@ impl AttentionSpec {
     }
     pub fn with_lse(mut self, return_lse: bool) -> Self {
         self.return_lse = return_lse;
+        self
+    }
+    pub fn with_nm_softmax(mut self, nm: NmSoftmax) -> Self {
+        self.nm_softmax = Some(nm);
         self
     }
     pub fn with_sm_scale(mut self, sm_scale: f32) -> Self {
@@ -141,6 +148,9 @@ impl AttentionSpec {
             return Err(Error::BadScale(sm_scale));
         }
         self.recipe.validate()?;
+        if let Some(nm) = &self.nm_softmax {
+            nm.validate()?;
+        }
         let q_blocks = self.seq_q.div_ceil(Q_BLOCK);
         let k_blocks = self.seq_kv.div_ceil(KV_BLOCK);
         self.sparsity

@@ -136,6 +136,16 @@ fn attend_row(
         if !any {
             continue;
         }
+        if let Some(nm) = &s.nm_softmax {
+            // N:M selection on the scaled scores; the tile max survives it (rank 0).
+            let mut opt: Vec<Option<f64>> = (0..KV_BLOCK)
+                .map(|jj| valid[jj].then_some(sc[jj]))
+                .collect();
+            nm.apply(&mut opt, kb * KV_BLOCK, i, plan.causal_offset());
+            for (v, o) in valid.iter_mut().zip(&opt) {
+                *v = o.is_some();
+            }
+        }
         let m_new = nan_max(m, tile_max);
         let alpha = if m == f64::NEG_INFINITY {
             0.0

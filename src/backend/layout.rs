@@ -62,6 +62,11 @@ pub struct Params {
     pub off_vinv: u32,
     pub recipe: u32,
     pub pad0: u32,
+    /// N:M sparse softmax (nm_n = 0: dense), and its dense windows.
+    pub nm_n: u32,
+    pub nm_m: u32,
+    pub nm_sink: u32,
+    pub nm_recent: u32,
 }
 
 pub const FLAG_CAUSAL: u32 = 1;
@@ -212,6 +217,14 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         off_vinv: ws.vinv,
         recipe: recipe_id(s.recipe),
         pad0: 0,
+        nm_n: s.nm_softmax.map_or(0, |n| n.n),
+        nm_m: s.nm_softmax.map_or(4, |n| n.m),
+        nm_sink: s
+            .nm_softmax
+            .map_or(0, |n| n.dense_sink_tokens.min(i32::MAX as usize) as u32),
+        nm_recent: s
+            .nm_softmax
+            .map_or(0, |n| n.dense_recent_tokens.min(i32::MAX as usize) as u32),
     }
 }
 

@@ -54,6 +54,10 @@ pub trait Backend: Send + Sync {
     fn run(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Output>;
     /// The quantized operands the recipe derives from q, k, v (for bit-exact checks).
     fn quantize(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Quantized>;
+    /// Whether this backend runs every option of the plan (Err says which one it lacks).
+    fn supports(&self, _plan: &Plan) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Check host tensors against a plan: lengths and dtypes.

@@ -3,6 +3,9 @@
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
+mod nm;
+pub use nm::NmSoftmax;
+
 /// How much of the attention matrix is computed. More modes (predicted sparsity) will join;
 /// the enum is non-exhaustive so adding them breaks no caller.
 #[derive(Debug, Clone, PartialEq, Default)]
