@@ -61,6 +61,10 @@ __device__ float quantize_p_row(const Params& P, float* srow) {
         for (u32 j0 = 0; j0 < BK; j0 += 16u) p_fp4_block(srow, j0, inv_f, DT_F32);
         return div_rn(u2f(rho), 2688.0f);
     }
+    if (RECIPE == R_FP8P) {
+        for (u32 j = 0; j < BK; j++) srow[j] = e4m3_to_f32(e4m3_from_f32(__fmul_rn(srow[j], P.inv_g)));
+        return P.g;
+    }
     for (u32 j0 = 0; j0 < BK; j0 += 16u) p_fp4_block(srow, j0, P.inv_g, P.dtype);
     return P.g;
 }
@@ -144,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
 #pragma unroll
                     for (u32 r = 0; r < BQ; r++) s[r] += u2f(q_sh[r * DP + c]) * kc;
                 }
-                if (RECIPE == R_EXACT || RECIPE == R_NVFP4P) {
+                if (RECIPE == R_EXACT || RECIPE == R_NVFP4P || RECIPE == R_FP8P) {
 #pragma unroll
                     for (u32 r = 0; r < BQ; r++) s[r] *= P.score_scale;
                 }

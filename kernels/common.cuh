@@ -29,6 +29,7 @@ struct Params {
 #define R_INT8_FP8 2u
 #define R_NVFP4 3u
 #define R_NVFP4P 4u
+#define R_FP8P 5u
 #define FLAG_CAUSAL 1u
 #define FLAG_LSE 2u
 #define FLAG_MASK 4u

@@ -36,7 +36,7 @@ var<workgroup> qscale_sh: array<f32, BQ>;
 var<workgroup> skip_sh: u32;
 
 fn is_int8() -> bool { return RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8; }
-fn reads_raw_qk() -> bool { return RECIPE == R_EXACT || RECIPE == R_NVFP4P; }
+fn reads_raw_qk() -> bool { return RECIPE == R_EXACT || RECIPE == R_NVFP4P || RECIPE == R_FP8P; }
 
 fn load_q(b: u32, h: u32, i: u32, c: u32) -> f32 {
     let idx = b * P.q_sb + h * P.q_sh + i * P.q_st + c;
@@ -108,6 +108,11 @@ fn quantize_p_row(r: u32) -> f32 {
         let inv_f = div_rn(2688.0, bitcast<f32>(rho));
         for (var j0 = 0u; j0 < BK; j0 += 16u) { p_fp4_block(r, j0, inv_f, DT_F32); }
         return div_rn(bitcast<f32>(rho), 2688.0);
+    }
+    if (RECIPE == R_FP8P) {
+        // ModelOpt P → FP8: E4M3(p / s) with s = amax_p / 448 folded out.
+        for (var j = 0u; j < BK; j++) { s_sh[r * BK + j] = e4m3_to_f32(e4m3_from_f32(s_sh[r * BK + j] * P.inv_g)); }
+        return P.g;
     }
     // R_NVFP4P: ModelOpt: p rounded to the input dtype, global scale g.
     for (var j0 = 0u; j0 < BK; j0 += 16u) { p_fp4_block(r, j0, P.inv_g, P.dtype); }

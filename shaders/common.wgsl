@@ -27,6 +27,7 @@ const R_INT8_F16: u32 = 1u;
 const R_INT8_FP8: u32 = 2u;
 const R_NVFP4: u32 = 3u;
 const R_NVFP4P: u32 = 4u;
+const R_FP8P: u32 = 5u;
 
 const FLAG_CAUSAL: u32 = 1u;
 const FLAG_LSE: u32 = 2u;

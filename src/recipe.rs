@@ -47,11 +47,14 @@ pub enum Recipe {
     /// ModelOpt `quantize_p`: Q, K, V in the input dtype; P quantized to NVFP4 with the global
     /// scale g = amax_p / (6·448).
     Nvfp4P { amax_p: f32 },
+    /// ModelOpt P → FP8: Q, K, V in the input dtype; P quantized to E4M3 with the static
+    /// per-tensor scale s = amax_p / 448.
+    Fp8P { amax_p: f32 },
 }
 
 impl Recipe {
     /// All recipes with their default options, in the order the docs list them.
-    pub const ALL: [Recipe; 5] = [
+    pub const ALL: [Recipe; 6] = [
         Recipe::Exact,
         Recipe::Int8QkF16Pv,
         Recipe::Int8QkFp8Pv {
@@ -59,11 +62,17 @@ impl Recipe {
         },
         Recipe::Nvfp4,
         Recipe::Nvfp4P { amax_p: 1.0 },
+        Recipe::Fp8P { amax_p: 1.0 },
     ];
 
     /// `Nvfp4P` with ModelOpt's default amax_P = 1 (p ≤ 1 always).
     pub const fn nvfp4p() -> Recipe {
         Recipe::Nvfp4P { amax_p: 1.0 }
+    }
+
+    /// `Fp8P` with amax_P = 1.
+    pub const fn fp8p() -> Recipe {
+        Recipe::Fp8P { amax_p: 1.0 }
     }
 
     /// A short stable name, used in logs, cache keys and reports.
@@ -79,6 +88,7 @@ impl Recipe {
             } => "int8qk-fp8pv-thread",
             Recipe::Nvfp4 => "nvfp4",
             Recipe::Nvfp4P { .. } => "nvfp4-p",
+            Recipe::Fp8P { .. } => "fp8-p",
         }
     }
 
@@ -136,7 +146,7 @@ impl Recipe {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if let Recipe::Nvfp4P { amax_p } = *self {
+        if let Recipe::Nvfp4P { amax_p } | Recipe::Fp8P { amax_p } = *self {
             if !(amax_p.is_finite() && amax_p >= 1e-6 && amax_p <= 1e6) {
                 return Err(Error::BadRecipeParam {
                     name: "amax_p",

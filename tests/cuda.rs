@@ -108,7 +108,13 @@ fn run_poisoned_cuda(
 }
 
 fn check(recipe: Recipe) {
-    if cuda().is_none() {
+    let Some(c) = cuda() else { return };
+    let probe = AttentionSpec::new(1, 1, 1, 64)
+        .with_recipe(recipe)
+        .plan()
+        .unwrap();
+    if let Err(e) = c.supports(&probe) {
+        eprintln!("not run on CUDA: {e}");
         return;
     }
     check_matrix("cuda", recipe, run_poisoned_cuda);

@@ -26,7 +26,7 @@ fn quant_kernels_validate() {
 
 #[test]
 fn every_attention_specialization_validates() {
-    for recipe in 0..5u32 {
+    for recipe in 0..6u32 {
         for dp in (16..=256).step_by(16) {
             for bq in [16u32, 8, 4] {
                 for f16_tile in [false, true] {

@@ -15,6 +15,7 @@ pub fn recipe_id(r: Recipe) -> u32 {
         Recipe::Int8QkFp8Pv { .. } => 2,
         Recipe::Nvfp4 => 3,
         Recipe::Nvfp4P { .. } => 4,
+        Recipe::Fp8P { .. } => 5,
     }
 }
 
@@ -167,10 +168,12 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
     if s.recipe.smooths_k() {
         flags |= FLAG_SMOOTH;
     }
-    let amax_p = if let Recipe::Nvfp4P { amax_p } = s.recipe {
-        amax_p
-    } else {
-        1.0
+    // P's global scale: g = amax_p / (6·448) for NVFP4, s = amax_p / 448 for FP8; the kernels
+    // multiply p by inv_g and fold g out of the product.
+    let (amax_p, range) = match s.recipe {
+        Recipe::Nvfp4P { amax_p } => (amax_p, NVFP4_RANGE),
+        Recipe::Fp8P { amax_p } => (amax_p, crate::recipe::E4M3_MAX),
+        _ => (1.0, NVFP4_RANGE),
     };
     Params {
         batch: s.batch as u32,
@@ -197,8 +200,8 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         k_blocks: plan.k_blocks as u32,
         fold: plan.q_fold(),
         score_scale: plan.q_fold(),
-        inv_g: crate::numerics::div_rn(NVFP4_RANGE, amax_p),
-        g: crate::numerics::div_rn(amax_p, NVFP4_RANGE),
+        inv_g: crate::numerics::div_rn(range, amax_p),
+        g: crate::numerics::div_rn(amax_p, range),
         mode: 0,
         count: 0,
         off_kmean: ws.kmean,

@@ -61,6 +61,14 @@ pub fn quantize_p_row(recipe: Recipe, dtype: DType, p: &[f32], out: &mut [f64]) 
             let f = div_rn(rho, NVFP4_RANGE) as f64;
             fp4_blocks(p, out, |x| x * inv_f, f);
         }
+        Recipe::Fp8P { amax_p } => {
+            // ModelOpt: E4M3(clamp(p / s, ±448)) · s with s = amax_p / 448 (p·RN(448/amax_p)).
+            let inv = div_rn(E4M3_MAX, amax_p);
+            let s = div_rn(amax_p, E4M3_MAX) as f64;
+            p.iter()
+                .zip(out)
+                .for_each(|(&x, o)| *o = e4m3_to_f32(e4m3_from_f32(x * inv)) as f64 * s)
+        }
         Recipe::Nvfp4P { amax_p } => {
             // ModelOpt: p rounded to the input dtype, global scale g = amax_p / 2688.
             let inv_g = div_rn(NVFP4_RANGE, amax_p);

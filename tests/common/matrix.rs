@@ -31,7 +31,7 @@ pub fn tolerance(recipe: Recipe, dtype: DType) -> (f64, f64) {
     };
     let (flip_l1, flip_max) = match recipe {
         Recipe::Exact | Recipe::Int8QkF16Pv => (2e-5, 2f64.powi(-8)),
-        Recipe::Int8QkFp8Pv { .. } => (2e-4, 2f64.powi(-3)),
+        Recipe::Int8QkFp8Pv { .. } | Recipe::Fp8P { .. } => (2e-4, 2f64.powi(-3)),
         _ => (1e-3, 0.34),
     };
     (out + 1e-5 + flip_l1, 2.0 * out + flip_max)
@@ -184,6 +184,10 @@ macro_rules! recipe_tests {
         #[test]
         fn nvfp4p_matches_reference() {
             $check(Recipe::nvfp4p());
+        }
+        #[test]
+        fn fp8p_matches_reference() {
+            $check(Recipe::fp8p());
         }
     };
 }

@@ -11,6 +11,7 @@ use crate::backend::layout::*;
 use crate::backend::{check_inputs, Backend, BackendKind, Output};
 use crate::error::{Error, Result};
 use crate::numerics::{padded_dim, Quantized};
+use crate::recipe::Recipe;
 use crate::spec::{AttentionSpec, DType, Plan};
 use crate::tensor::{Tensor, TensorBuf};
 use cudarc::driver::{
@@ -77,7 +78,7 @@ pub fn module_source(attn: Option<(u32, u32)>) -> String {
 /// Every module specialization (for compile checks).
 pub fn all_modules() -> Vec<(String, String)> {
     let mut v = vec![("quant".to_string(), module_source(None))];
-    for recipe in 0..5 {
+    for recipe in 0..6 {
         for dp in (16..=256).step_by(16) {
             v.push((
                 format!("attention-r{recipe}-d{dp}"),
@@ -362,6 +363,12 @@ impl CudaAttention {
 
 /// Options the CUDA kernels do not run yet (they are on the CPU reference and WGSL).
 fn unsupported(spec: &AttentionSpec) -> Result<()> {
+    if let Recipe::Fp8P { .. } = spec.recipe {
+        return Err(Error::BackendUnavailable {
+            backend: "cuda",
+            why: "the fp8-p recipe has not been run on the CUDA backend yet: use TESSERA_BACKEND=wgpu (or cpu), or Choice::NoCuda".into(),
+        });
+    }
     if spec.nm_softmax.is_some() {
         return Err(Error::BackendUnavailable {
             backend: "cuda",

@@ -253,7 +253,10 @@ impl WgslAttention {
         // Q as given and in f16: keep the tile in f16 where the device can (exact; half the memory).
         let f16_tile = self.kernels.f16
             && s.dtype == DType::F16
-            && matches!(s.recipe, Recipe::Exact | Recipe::Nvfp4P { .. });
+            && matches!(
+                s.recipe,
+                Recipe::Exact | Recipe::Nvfp4P { .. } | Recipe::Fp8P { .. }
+            );
         let q_bytes = if f16_tile { 2 } else { 4 };
         let bq = pick_bq(dp, q_bytes, self.device.limits().max_compute_workgroup_storage_size).ok_or_else(|| Error::MissingFeature {
             adapter: self.description.clone(),
