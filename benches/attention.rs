@@ -66,8 +66,13 @@ fn time_cuda(
     reps: usize,
 ) -> Option<f64> {
     use tessera::backend::cuda::{CudaTensor, CudaTensorMut};
+    use tessera::Backend;
     let st = c.stream();
     let plan = spec.plan().ok()?;
+    if let Err(e) = c.supports(&plan) {
+        eprintln!("skipped on CUDA: {e}");
+        return None;
+    }
     let bits = |v: Vec<f16>| -> Vec<u16> { v.into_iter().map(|x| x.to_bits()).collect() };
     let q = st.clone_htod(&bits(random_f16(plan.q_len, 1))).ok()?;
     let k = st.clone_htod(&bits(random_f16(plan.kv_len, 2))).ok()?;
