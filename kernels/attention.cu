@@ -69,6 +69,32 @@ __device__ float quantize_p_row(const Params& P, float* srow) {
     return P.g;
 }
 
+// N:M sparse softmax on one row of the tile: in each group of nm_m keys only the nm_n largest
+// scores survive (an equal score at a lower key outranks); sink and recent keys stay dense.
+__device__ void nm_select(const Params& P, float* srow, u32 row, u32 kb, i32 offset) {
+    bool keep[BK];
+    for (u32 jj = 0; jj < BK; jj++) {
+        float x = srow[jj];
+        bool k = true;
+        if (x != MASKED) {
+            u32 key = kb * BK + jj;
+            i32 dist = (i32)row + offset - (i32)key;
+            bool dense = key < P.nm_sink || (dist >= 0 && dist < (i32)P.nm_recent);
+            if (!dense) {
+                u32 g = (jj / P.nm_m) * P.nm_m, rank = 0u;
+                for (u32 kk = g; kk < g + P.nm_m; kk++) {
+                    float y = srow[kk];
+                    if (y != MASKED && (y > x || (y == x && kk < jj))) rank++;
+                }
+                k = rank < P.nm_n;
+            }
+        }
+        keep[jj] = k;
+    }
+    for (u32 jj = 0; jj < BK; jj++)
+        if (!keep[jj]) srow[jj] = MASKED;
+}
+
 extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void* q_in, const void* k_in, const void* v_in,
                                                            const u32* ws, const u32* mask, float* o_out, float* lse_out) {
     __shared__ u32 q_sh[BQ * DP];
@@ -165,6 +191,7 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
         if (lid < BQ) {
             u32 r = lid;
             float* srow = s_sh + r * BK;
+            if (P.nm_n != 0u) nm_select(P, srow, row0 + r, kb, offset);
             float tmax = MASKED;
             for (u32 jj = 0; jj < BK; jj++) tmax = nan_max(tmax, srow[jj]);
             if (tmax == MASKED) {

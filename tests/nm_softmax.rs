@@ -1,6 +1,6 @@
 //! N:M sparse softmax: the surviving keys are exactly the N largest of each group of M (ties to
 //! the lower key), sink and recent keys stay dense, the weights renormalise; WGSL agrees with
-//! the reference for every recipe. (CUDA: not yet; the dispatcher falls back.)
+//! the reference for every recipe on WGSL and CUDA.
 
 mod common;
 use common::matrix::tolerance;
@@ -148,5 +148,54 @@ fn bad_nm_is_a_typed_error() {
             ),
             "{e}"
         );
+    }
+}
+
+#[test]
+fn cuda_matches_reference_with_nm() {
+    let Some(c) = cuda() else { return };
+    let mut rng = Rng::new(fresh_seed("nm_cuda"));
+    for (i, recipe) in Recipe::ALL.into_iter().enumerate() {
+        let nm = if i % 2 == 0 {
+            NmSoftmax::new(2, 4)
+        } else {
+            NmSoftmax {
+                n: 3,
+                m: 8,
+                dense_sink_tokens: 4,
+                dense_recent_tokens: 32,
+            }
+        };
+        let dtype = [DType::F16, DType::BF16, DType::F32][i % 3];
+        let spec = AttentionSpec::new(1, 4, 200, 64)
+            .with_kv(2, 333)
+            .with_causal(i % 2 == 1)
+            .with_dtype(dtype)
+            .with_recipe(recipe)
+            .with_nm_softmax(nm)
+            .with_lse(true);
+        let (q, k, v) = qkv(&spec, &mut rng, 1.0);
+        let plan = spec.plan().unwrap();
+        let want = reference(
+            &plan,
+            &q.view().to_f32(),
+            &k.view().to_f32(),
+            &v.view().to_f32(),
+            None,
+        );
+        let got = c.run(&plan, q.view(), k.view(), v.view()).unwrap();
+        let acc = Accuracy::of(&got.o.to_f32(), &want.o);
+        let (tol, _) = tolerance(recipe, dtype);
+        assert!(
+            acc.non_finite_mismatch == 0 && acc.rel_l1 <= tol,
+            "{} {nm:?} {dtype:?}: {acc}",
+            recipe.name()
+        );
+        for (g, r) in got.lse.unwrap().iter().zip(&want.lse) {
+            assert!(
+                g == r || (g - r).abs() <= 1e-4 * r.abs().max(1.0),
+                "lse {g} vs {r}"
+            );
+        }
     }
 }
