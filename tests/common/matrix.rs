@@ -22,7 +22,9 @@ pub enum MaskKind {
 /// - A P element whose f32 and f64 values straddle a rounding boundary of the P format is
 ///   quantized one step apart: one ulp of that format on one term of one row (E4M3 2^-3,
 ///   E2M1 up to 1/3, f16 2^-11 relative to that p). Rare (f32 and f64 p agree to ~1e-7), so it
-///   barely moves rel-L1, but it bounds the worst element.
+///   barely moves rel-L1, but it bounds the worst element. With a 16-bit P grid, flips are
+///   common enough (~1 in 2000 elements) that a one-row problem can carry one: 2^-11 of a
+///   weight of a few percent, over |o| ≈ 0.15, is ~1e-4 of rel-L1 (seen once at 6e-5).
 pub fn tolerance(recipe: Recipe, dtype: DType) -> (f64, f64) {
     let out = match dtype {
         DType::F16 => 2f64.powi(-12),
@@ -30,7 +32,7 @@ pub fn tolerance(recipe: Recipe, dtype: DType) -> (f64, f64) {
         DType::F32 => 0.0,
     };
     let (flip_l1, flip_max) = match recipe {
-        Recipe::Exact | Recipe::Int8QkF16Pv => (2e-5, 2f64.powi(-8)),
+        Recipe::Exact | Recipe::Int8QkF16Pv => (2e-4, 2f64.powi(-8)),
         Recipe::Int8QkFp8Pv { .. } | Recipe::Fp8P { .. } => (2e-4, 2f64.powi(-3)),
         _ => (1e-3, 0.34),
     };
