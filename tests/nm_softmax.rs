@@ -79,10 +79,12 @@ fn survivors_are_the_n_largest_of_each_group() {
     }
 }
 
-#[test]
-fn wgsl_matches_reference_with_nm() {
-    let Some(w) = wgpu() else { return };
-    let mut rng = Rng::new(fresh_seed("nm_wgsl"));
+/// Every recipe with N:M against the reference on one GPU backend; `run` returns o (f32) and the LSE.
+fn check_nm(
+    name: &str,
+    mut run: impl FnMut(&AttentionSpec, &TensorBuf, &TensorBuf, &TensorBuf) -> (Vec<f32>, Vec<f32>),
+) {
+    let mut rng = Rng::new(fresh_seed(&format!("nm {name}")));
     let configs = [
         NmSoftmax::new(2, 4),
         NmSoftmax {
@@ -111,24 +113,44 @@ fn wgsl_matches_reference_with_nm() {
                 &v.view().to_f32(),
                 None,
             );
-            let (o, lse) = run_poisoned(w, &spec, &q, &k, &v);
+            let (o, lse) = run(&spec, &q, &k, &v);
             let acc = Accuracy::of(&o, &want.o);
             // As in the matrix, plus: a near-tie between two scores of one group (f32 vs f64)
             // can pick a different survivor; with random normal scores that is vanishingly rare.
             let (tol, _) = tolerance(recipe, dtype);
             assert!(
                 acc.non_finite_mismatch == 0 && acc.rel_l1 <= tol,
-                "{} {nm:?} {dtype:?}: {acc}",
+                "{name} {} {nm:?} {dtype:?}: {acc}",
                 recipe.name()
             );
-            for (g, r) in lse.unwrap().iter().zip(&want.lse) {
+            for (g, r) in lse.iter().zip(&want.lse) {
                 assert!(
                     g == r || (g - r).abs() <= 1e-4 * r.abs().max(1.0),
-                    "lse {g} vs {r}"
+                    "{name} lse {g} vs {r}"
                 );
             }
         }
     }
+}
+
+#[test]
+fn wgsl_matches_reference_with_nm() {
+    let Some(w) = wgpu() else { return };
+    check_nm("wgpu", |spec, q, k, v| {
+        let (o, lse) = run_poisoned(w, spec, q, k, v);
+        (o, lse.unwrap())
+    });
+}
+
+#[test]
+fn cuda_matches_reference_with_nm() {
+    let Some(c) = cuda() else { return };
+    check_nm("cuda", |spec, q, k, v| {
+        let out = c
+            .run(&spec.plan().unwrap(), q.view(), k.view(), v.view())
+            .unwrap();
+        (out.o.to_f32(), out.lse.unwrap())
+    });
 }
 
 #[test]
@@ -148,54 +170,5 @@ fn bad_nm_is_a_typed_error() {
             ),
             "{e}"
         );
-    }
-}
-
-#[test]
-fn cuda_matches_reference_with_nm() {
-    let Some(c) = cuda() else { return };
-    let mut rng = Rng::new(fresh_seed("nm_cuda"));
-    for (i, recipe) in Recipe::ALL.into_iter().enumerate() {
-        let nm = if i % 2 == 0 {
-            NmSoftmax::new(2, 4)
-        } else {
-            NmSoftmax {
-                n: 3,
-                m: 8,
-                dense_sink_tokens: 4,
-                dense_recent_tokens: 32,
-            }
-        };
-        let dtype = [DType::F16, DType::BF16, DType::F32][i % 3];
-        let spec = AttentionSpec::new(1, 4, 200, 64)
-            .with_kv(2, 333)
-            .with_causal(i % 2 == 1)
-            .with_dtype(dtype)
-            .with_recipe(recipe)
-            .with_nm_softmax(nm)
-            .with_lse(true);
-        let (q, k, v) = qkv(&spec, &mut rng, 1.0);
-        let plan = spec.plan().unwrap();
-        let want = reference(
-            &plan,
-            &q.view().to_f32(),
-            &k.view().to_f32(),
-            &v.view().to_f32(),
-            None,
-        );
-        let got = c.run(&plan, q.view(), k.view(), v.view()).unwrap();
-        let acc = Accuracy::of(&got.o.to_f32(), &want.o);
-        let (tol, _) = tolerance(recipe, dtype);
-        assert!(
-            acc.non_finite_mismatch == 0 && acc.rel_l1 <= tol,
-            "{} {nm:?} {dtype:?}: {acc}",
-            recipe.name()
-        );
-        for (g, r) in got.lse.unwrap().iter().zip(&want.lse) {
-            assert!(
-                g == r || (g - r).abs() <= 1e-4 * r.abs().max(1.0),
-                "lse {g} vs {r}"
-            );
-        }
     }
 }

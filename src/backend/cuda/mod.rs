@@ -187,7 +187,6 @@ impl CudaAttention {
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         let plan = spec.plan()?;
-        unsupported(spec)?;
         let s = &plan.spec;
         let check = |name: &'static str, len: usize, is_f32: bool, need: usize| -> Result<()> {
             if is_f32 != (s.dtype == DType::F32) {
@@ -360,11 +359,6 @@ impl CudaAttention {
     }
 }
 
-/// Options the CUDA kernels do not run yet (none at present; kept as the one place to say so).
-fn unsupported(_spec: &AttentionSpec) -> Result<()> {
-    Ok(())
-}
-
 /// The host API on its own context and stream.
 pub struct CudaBackend {
     attn: CudaAttention,
@@ -437,13 +431,8 @@ impl Backend for CudaBackend {
         format!("cuda: {}", self.attn.description)
     }
 
-    fn supports(&self, plan: &Plan) -> Result<()> {
-        unsupported(&plan.spec)
-    }
-
     fn run(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Output> {
         check_inputs(plan, &q, &k, &v)?;
-        unsupported(&plan.spec)?;
         let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let st = &self.stream;
         let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
