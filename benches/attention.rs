@@ -166,19 +166,43 @@ fn main() {
     if quick {
         shapes.truncate(1);
     }
+    // Filters: --shape H,N,D (repeatable), --recipe NAME (repeatable), --no-wgpu, --dense.
+    let values = |flag: &str| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let only_shapes: Vec<(usize, usize, usize)> = values("--shape")
+        .iter()
+        .filter_map(|s| {
+            let v: Vec<usize> = s.split(',').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect();
+    if !only_shapes.is_empty() {
+        shapes = only_shapes;
+    }
+    let only_recipes = values("--recipe");
+    let no_wgpu = args.iter().any(|a| a == "--no-wgpu");
+    let dense_only = args.iter().any(|a| a == "--dense");
     let mut rows = Vec::new();
     for &(h, n, d) in &shapes {
         for causal in [false, true] {
-            for (recipe, masks) in Recipe::ALL.iter().map(|r| {
-                (
-                    *r,
-                    if *r == Recipe::Int8QkF16Pv {
-                        vec![1.0, 0.5, 0.2]
-                    } else {
-                        vec![1.0]
-                    },
-                )
-            }) {
+            for (recipe, masks) in Recipe::ALL
+                .iter()
+                .filter(|r| only_recipes.is_empty() || only_recipes.iter().any(|x| x == r.name()))
+                .map(|r| {
+                    (
+                        *r,
+                        if *r == Recipe::Int8QkF16Pv && !dense_only {
+                            vec![1.0, 0.5, 0.2]
+                        } else {
+                            vec![1.0]
+                        },
+                    )
+                })
+            {
                 for keep in masks {
                     let mut spec = AttentionSpec::new(1, h, n, d)
                         .with_causal(causal)
@@ -203,7 +227,7 @@ fn main() {
                         }
                     }
                     // WGSL on the same GPU at the smallest shape (it is the portable oracle, not the fast path).
-                    if let (Some(w), true) = (&wgpu, n <= 4096 && keep == 1.0) {
+                    if let (Some(w), true) = (&wgpu, !no_wgpu && n <= 4096 && keep == 1.0) {
                         if let Some(ms) = time_wgpu(w, &spec, 5) {
                             rows.push(Row {
                                 backend: "wgpu",

@@ -57,8 +57,17 @@ fn run_poisoned_cuda(
     k: &TensorBuf,
     v: &TensorBuf,
 ) -> (Vec<f32>, Vec<f32>) {
-    let c = cuda().unwrap();
-    let st = c.stream();
+    run_poisoned_with(cuda().unwrap().attention(), spec, q, k, v)
+}
+
+fn run_poisoned_with(
+    attn: &tessera::backend::cuda::CudaAttention,
+    spec: &AttentionSpec,
+    q: &TensorBuf,
+    k: &TensorBuf,
+    v: &TensorBuf,
+) -> (Vec<f32>, Vec<f32>) {
+    let st = cuda().unwrap().stream();
     let plan = spec.plan().unwrap();
     let bits = |t: &TensorBuf| -> Vec<u16> { bytemuck::cast_slice(t.view().bytes()).to_vec() };
     let mut lse = st.clone_htod(&vec![f32::NAN; plan.lse_len()]).unwrap();
@@ -69,17 +78,16 @@ fn run_poisoned_cuda(
             st.clone_htod(&v.to_f32()).unwrap(),
         );
         let mut o = st.clone_htod(&vec![f32::NAN; plan.q_len]).unwrap();
-        c.attention()
-            .run(
-                st,
-                spec,
-                CudaTensor::F32(&q),
-                CudaTensor::F32(&k),
-                CudaTensor::F32(&v),
-                CudaTensorMut::F32(&mut o),
-                Some(&mut lse),
-            )
-            .unwrap();
+        attn.run(
+            st,
+            spec,
+            CudaTensor::F32(&q),
+            CudaTensor::F32(&k),
+            CudaTensor::F32(&v),
+            CudaTensorMut::F32(&mut o),
+            Some(&mut lse),
+        )
+        .unwrap();
         st.clone_dtoh(&o).unwrap()
     } else {
         let (q, k, v) = (
@@ -88,17 +96,16 @@ fn run_poisoned_cuda(
             st.clone_htod(&bits(v)).unwrap(),
         );
         let mut o = st.clone_htod(&vec![0xffffu16; plan.q_len]).unwrap(); // NaN in f16 and bf16
-        c.attention()
-            .run(
-                st,
-                spec,
-                CudaTensor::Bits16(&q),
-                CudaTensor::Bits16(&k),
-                CudaTensor::Bits16(&v),
-                CudaTensorMut::Bits16(&mut o),
-                Some(&mut lse),
-            )
-            .unwrap();
+        attn.run(
+            st,
+            spec,
+            CudaTensor::Bits16(&q),
+            CudaTensor::Bits16(&k),
+            CudaTensor::Bits16(&v),
+            CudaTensorMut::Bits16(&mut o),
+            Some(&mut lse),
+        )
+        .unwrap();
         let out = st.clone_dtoh(&o).unwrap();
         TensorBuf::from_bytes(spec.dtype, bytemuck::cast_slice(&out), plan.q_len).to_f32()
     };
@@ -121,3 +128,79 @@ fn check(recipe: Recipe) {
 }
 
 recipe_tests!(check);
+
+/// The tensor-core kernel against the CUDA-core kernel (the CUDA numerics' definition) on the
+/// same inputs: ragged lengths, Nq ≠ Nk, GQA, causal, block masks, both 16-bit dtypes, every
+/// recipe the tensor cores run. Also checks that `kernel_for` picks the tensor cores here.
+#[test]
+fn tensor_cores_match_cuda_cores() {
+    use common::matrix::{mask_for, tolerance, MaskKind};
+    use tessera::backend::cuda::{tensor_core_fit, CudaAttention, Module};
+    use tessera::metrics::Accuracy;
+    let Some(c) = cuda() else { return };
+    let simt = CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    let mut rng = Rng::new(fresh_seed("tensor cores vs cuda cores"));
+    let recipes = [
+        Recipe::Exact,
+        Recipe::Int8QkF16Pv,
+        Recipe::Int8QkFp8Pv {
+            granularity: QkGranularity::PerThread,
+        },
+        Recipe::nvfp4p(),
+        Recipe::fp8p(),
+    ];
+    let mut cases = 0;
+    for recipe in recipes {
+        for (i, (nq, nk, d, causal, mask)) in [
+            (777usize, 1000usize, 128usize, true, MaskKind::None),
+            (1000, 777, 64, false, MaskKind::Random),
+            (300, 300, 96, true, MaskKind::AllMaskedRows),
+            (5, 130, 128, false, MaskKind::None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+            let mut spec = AttentionSpec::new(2, 4, nq, d)
+                .with_kv(2, nk)
+                .with_dtype(dtype)
+                .with_causal(causal)
+                .with_layout(if i % 2 == 0 { Layout::Nhd } else { Layout::Hnd })
+                .with_recipe(recipe)
+                .with_lse(true);
+            spec.sparsity = mask_for(&spec, mask, &mut rng);
+            let plan = spec.plan().unwrap();
+            assert!(
+                matches!(c.attention().kernel_for(&plan), Module::Mma { .. }),
+                "{:?}",
+                tensor_core_fit(&plan)
+            );
+            let (q, k, v) = qkv(&spec, &mut rng, 2.0);
+            let (o_mma, lse_mma) = run_poisoned_cuda(&spec, &q, &k, &v);
+            let (o_simt, lse_simt) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+            let ctx = format!(
+                "{} nq{nq} nk{nk} d{d} causal={causal} {mask:?} {dtype:?}",
+                recipe.name()
+            );
+            let acc = Accuracy::of(&o_mma, &o_simt);
+            // Same numerics, f32 sums in another order: see tolerance()'s terms.
+            let (tol_l1, _) = tolerance(recipe, dtype);
+            assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
+            assert!(
+                acc.rel_l1 <= tol_l1,
+                "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
+                acc.rel_l1
+            );
+            for (a, b) in lse_mma.iter().zip(&lse_simt) {
+                // Both are f32 log-sum-exps of the same scores: a few ulp, or both -inf.
+                assert!(
+                    a == b || (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "LSE {a} vs {b}: {ctx}"
+                );
+            }
+            cases += 1;
+        }
+    }
+    eprintln!("tensor cores = CUDA cores on {cases} cases");
+}

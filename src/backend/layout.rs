@@ -107,9 +107,10 @@ impl Workspace {
         let np = padded_dim(s.seq_kv) as u64;
         let mut w = Workspace::default();
         let mut at = 0u64;
+        // Every operand starts on a 16-byte boundary: the tensor-core kernel copies 16 bytes at a time.
         let mut take = |n: u64| {
-            let o = at;
-            at += n;
+            let o = at.next_multiple_of(4);
+            at = o + n;
             o as u32
         };
         if s.recipe.smooths_k() {

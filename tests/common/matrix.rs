@@ -39,7 +39,7 @@ pub fn tolerance(recipe: Recipe, dtype: DType) -> (f64, f64) {
     (out + 1e-5 + flip_l1, 2.0 * out + flip_max)
 }
 
-fn mask_for(spec: &AttentionSpec, kind: MaskKind, rng: &mut Rng) -> Sparsity {
+pub fn mask_for(spec: &AttentionSpec, kind: MaskKind, rng: &mut Rng) -> Sparsity {
     let (qb, kb) = (spec.seq_q.div_ceil(128), spec.seq_kv.div_ceil(64));
     let n = spec.batch * spec.heads_q * qb * kb;
     match kind {

@@ -58,11 +58,47 @@ pub fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
     })
 }
 
-/// Source of a module: "quant" or an attention specialization (recipe, dp).
-pub fn module_source(attn: Option<(u32, u32)>) -> String {
-    match attn {
-        None => nvrtc::source(&[], nvrtc::QUANT),
-        Some((recipe, dp)) => nvrtc::source(
+/// Warps per block of the tensor-core kernel (16 query rows each: 128 rows, the block mask's
+/// query block).
+const MMA_WARPS: u32 = 8;
+
+/// One compiled module: the quantizers, or a specialization of an attention kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Module {
+    Quant,
+    /// The CUDA-core kernel (kernels/attention.cu): every recipe, dtype and head dim.
+    Simt {
+        recipe: u32,
+        dp: u32,
+    },
+    /// The tensor-core kernel (kernels/attention_mma.cu): see [`tensor_core_fit`].
+    Mma {
+        recipe: u32,
+        dp: u32,
+        bf16: bool,
+    },
+}
+
+impl Module {
+    pub fn label(&self) -> String {
+        match self {
+            Module::Quant => "quant".into(),
+            Module::Simt { recipe, dp } => format!("attention-r{recipe}-d{dp}"),
+            Module::Mma { recipe, dp, bf16 } => {
+                format!(
+                    "attention-mma-r{recipe}-d{dp}-{}",
+                    if *bf16 { "bf16" } else { "f16" }
+                )
+            }
+        }
+    }
+}
+
+/// Source of a module.
+pub fn module_source(m: Module) -> String {
+    match m {
+        Module::Quant => nvrtc::source(&[], nvrtc::QUANT),
+        Module::Simt { recipe, dp } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
                 ("DP", dp),
@@ -71,21 +107,89 @@ pub fn module_source(attn: Option<(u32, u32)>) -> String {
             ],
             nvrtc::ATTENTION,
         ),
+        Module::Mma { recipe, dp, bf16 } => nvrtc::source(
+            &[
+                ("RECIPE", recipe),
+                ("DP", dp),
+                ("BF16", bf16 as u32),
+                ("WARPS", MMA_WARPS),
+            ],
+            nvrtc::ATTENTION_MMA,
+        ),
     }
 }
 
+/// The recipes and padded head dims the tensor-core kernel is built for.
+const MMA_RECIPES: [u32; 5] = [0, 1, 2, 4, 5];
+const MMA_DIMS: [u32; 4] = [32, 64, 96, 128];
+
 /// Every module specialization (for compile checks).
 pub fn all_modules() -> Vec<(String, String)> {
-    let mut v = vec![("quant".to_string(), module_source(None))];
+    let mut mods = vec![Module::Quant];
     for recipe in 0..6 {
         for dp in (16..=256).step_by(16) {
-            v.push((
-                format!("attention-r{recipe}-d{dp}"),
-                module_source(Some((recipe, dp))),
-            ));
+            mods.push(Module::Simt { recipe, dp });
         }
     }
-    v
+    for recipe in MMA_RECIPES {
+        for dp in MMA_DIMS {
+            for bf16 in [false, true] {
+                mods.push(Module::Mma { recipe, dp, bf16 });
+            }
+        }
+    }
+    mods.into_iter()
+        .map(|m| (m.label(), module_source(m)))
+        .collect()
+}
+
+/// Can the tensor-core kernel run `plan`? `Err` says why not (the CUDA-core kernel runs it then).
+pub fn tensor_core_fit(plan: &Plan) -> std::result::Result<Module, String> {
+    let s = &plan.spec;
+    let dp = padded_dim(s.head_dim) as u32;
+    let recipe = recipe_id(s.recipe);
+    if s.dtype == DType::F32 {
+        return Err("f32 inputs (the tensor cores take 16-bit operands)".into());
+    }
+    if !MMA_RECIPES.contains(&recipe) {
+        return Err(format!(
+            "recipe {} (not on tensor cores yet)",
+            s.recipe.name()
+        ));
+    }
+    if s.nm_softmax.is_some() {
+        return Err("N:M sparse softmax (not on tensor cores yet)".into());
+    }
+    if !MMA_DIMS.contains(&dp) || s.head_dim % 8 != 0 {
+        return Err(format!(
+            "head_dim {} (tensor cores: a multiple of 8 whose 16-padding is one of {MMA_DIMS:?})",
+            s.head_dim
+        ));
+    }
+    let strides = [
+        plan.q.batch,
+        plan.q.head,
+        plan.q.token,
+        plan.kv.batch,
+        plan.kv.head,
+        plan.kv.token,
+    ];
+    if strides.iter().any(|x| x % 8 != 0) {
+        return Err("strides that are not multiples of 8 elements (16-byte rows)".into());
+    }
+    Ok(Module::Mma {
+        recipe,
+        dp,
+        bf16: s.dtype == DType::BF16,
+    })
+}
+
+/// Dynamic shared memory of the tensor-core kernel: two stages of (K tile, V tile, K scales),
+/// rows padded by 16 bytes (kernels/attention_mma.cu, STAGE_BYTES).
+fn mma_shared_bytes(recipe: u32, dp: u32) -> u32 {
+    let int8_qk = recipe == 1 || recipe == 2;
+    let qk_bytes = if int8_qk { dp } else { 2 * dp };
+    2 * (64 * (qk_bytes + 16) + 64 * (2 * dp + 16) + 4 * 64)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -106,7 +210,8 @@ pub struct CudaAttention {
     arch: &'static str,
     driver: i32,
     description: String,
-    modules: Mutex<HashMap<Option<(u32, u32)>, Arc<CudaModule>>>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    tensor_cores: std::sync::atomic::AtomicBool,
 }
 
 fn threads(n: u32) -> LaunchConfig {
@@ -134,6 +239,9 @@ impl CudaAttention {
             driver,
             description: format!("{name} ({arch})"),
             modules: Mutex::new(HashMap::new()),
+            tensor_cores: std::sync::atomic::AtomicBool::new(
+                std::env::var("TESSERA_CUDA_TENSOR_CORES").map_or(true, |v| v != "0"),
+            ),
         })
     }
 
@@ -141,14 +249,39 @@ impl CudaAttention {
         &self.ctx
     }
 
-    fn function(&self, attn: Option<(u32, u32)>, name: &str) -> Result<CudaFunction> {
+    /// Use the tensor-core kernel where it fits (the default; TESSERA_CUDA_TENSOR_CORES=0 turns
+    /// it off). Off, every call runs the CUDA-core kernel: useful to compare the two.
+    pub fn set_tensor_cores(&self, on: bool) {
+        self.tensor_cores
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The attention kernel a plan runs on this context.
+    pub fn kernel_for(&self, plan: &Plan) -> Module {
+        let simt = Module::Simt {
+            recipe: recipe_id(plan.spec.recipe),
+            dp: padded_dim(plan.spec.head_dim) as u32,
+        };
+        if !self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
+            return simt;
+        }
+        match tensor_core_fit(plan) {
+            Ok(m) => m,
+            Err(why) => {
+                log::debug!("cuda: CUDA-core kernel for {why}");
+                simt
+            }
+        }
+    }
+
+    fn function(&self, module: Module, name: &str) -> Result<CudaFunction> {
+        let attn = module;
         let module = {
             let mut m = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             match m.get(&attn) {
                 Some(x) => x.clone(),
                 None => {
-                    let label =
-                        attn.map_or("quant".to_string(), |(r, d)| format!("attention-r{r}-d{d}"));
+                    let label = attn.label();
                     let cubin = nvrtc::compile_cached(
                         &label,
                         &module_source(attn),
@@ -248,7 +381,7 @@ impl CudaAttention {
         let base = params(plan, &layout);
         let mut launch =
             |name: &str, mode: u32, src: &CudaTensor, cfg: LaunchConfig| -> Result<()> {
-                let f = self.function(None, name)?;
+                let f = self.function(Module::Quant, name)?;
                 let p = Params { mode, ..base };
                 let mut l = stream.launch_builder(&f);
                 l.arg(&p);
@@ -307,7 +440,30 @@ impl CudaAttention {
             Some(l) => l,
             None => lse_dummy.insert(unsafe { stream.alloc::<f32>(1) }.map_err(cuda_err("alloc"))?),
         };
-        let f = self.function(Some((recipe_id(s.recipe), dp)), "attention")?;
+        let kernel = self.kernel_for(plan);
+        let o = match (kernel, o) {
+            (Module::Mma { .. }, CudaTensorMut::Bits16(out)) => {
+                return self.enqueue_mma(
+                    stream,
+                    plan,
+                    kernel,
+                    [&q, &k, &v],
+                    &ws,
+                    &layout,
+                    &mask,
+                    out,
+                    lse,
+                )
+            }
+            (_, o) => o,
+        };
+        let f = self.function(
+            Module::Simt {
+                recipe: recipe_id(s.recipe),
+                dp,
+            },
+            "attention",
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (
                 (s.seq_q as u32).div_ceil(BQ),
@@ -345,7 +501,7 @@ impl CudaAttention {
             unsafe { l.launch(cfg) }.map_err(cuda_err("attention"))?;
         }
         if let (CudaTensorMut::Bits16(out), Some(scratch)) = (o, &o32_scratch) {
-            let f = self.function(None, "pack_out")?;
+            let f = self.function(Module::Quant, "pack_out")?;
             let pp = Params {
                 count: plan.q_len as u32,
                 ..p
@@ -355,6 +511,80 @@ impl CudaAttention {
             // SAFETY: (Params, const float*, unsigned short*).
             unsafe { l.launch(threads(plan.q_len as u32)) }.map_err(cuda_err("pack_out"))?;
         }
+        Ok(())
+    }
+
+    /// The tensor-core kernel: writes the 16-bit output directly (no f32 scratch, no pack).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_mma(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        kernel: Module,
+        qkv: [&CudaTensor; 3],
+        ws: &CudaSlice<u32>,
+        layout: &Workspace,
+        mask: &CudaSlice<u32>,
+        out: &mut CudaSlice<u16>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let Module::Mma { recipe, dp, .. } = kernel else {
+            return Err(Error::Cuda(
+                "enqueue_mma called with a non-tensor-core module".into(),
+            ));
+        };
+        let s = &plan.spec;
+        let p = params(plan, layout);
+        // FP8 V: its codes as f16 rows [batch·heads_kv][seq_kv][dp] (exact), so P·V runs on the
+        // 16-bit tensor cores; the per-channel scale is applied at the end.
+        let (hk, nk) = (s.heads_kv as u32, s.seq_kv as u32);
+        let v16 = if recipe == 2 {
+            let n = s.batch as u32 * hk * nk * dp;
+            // SAFETY: v_fp8_to_f16 writes all n elements before the attention reads them.
+            let mut v16 = unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))?;
+            let f = self.function(kernel, "v_fp8_to_f16")?;
+            let mut l = stream.launch_builder(&f);
+            l.arg(&p).arg(ws).arg(&mut v16);
+            // SAFETY: (Params, const u32*, unsigned short*).
+            unsafe { l.launch(threads(n)) }.map_err(cuda_err("v_fp8_to_f16"))?;
+            Some(v16)
+        } else {
+            None
+        };
+        let f = self.function(kernel, "attention_mma")?;
+        let smem = mma_shared_bytes(recipe, dp);
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(cuda_err("shared memory attribute"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (s.seq_q as u32).div_ceil(16 * MMA_WARPS),
+                (s.batch * s.heads_q) as u32,
+                1,
+            ),
+            block_dim: (32 * MMA_WARPS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p);
+        for t in qkv {
+            match t {
+                CudaTensor::Bits16(x) => l.arg(*x),
+                CudaTensor::F32(x) => l.arg(*x),
+            };
+        }
+        l.arg(ws).arg(mask).arg(out).arg(lse);
+        let (v16_sb, v16_sh, v16_st) = (hk * nk * dp, nk * dp, dp);
+        match &v16 {
+            Some(v) => l.arg(v),
+            None => l.arg(ws),
+        };
+        l.arg(&v16_sb).arg(&v16_sh).arg(&v16_st);
+        log::debug!("cuda: tensor-core kernel {}", kernel.label());
+        // SAFETY: the arguments match attention_mma()'s signature.
+        unsafe { l.launch(cfg) }.map_err(cuda_err("attention_mma"))?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 pub const QUANT: &str = include_str!("../../../kernels/quant.cu");
 pub const ATTENTION: &str = include_str!("../../../kernels/attention.cu");
+pub const ATTENTION_MMA: &str = include_str!("../../../kernels/attention_mma.cu");
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
 pub fn present() -> bool {

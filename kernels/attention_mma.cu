@@ -1,0 +1,415 @@
+// attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
+// The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
+// the 16-bit operands are bf16) and WARPS. Each warp owns 16 query rows; the block's warps share
+// 64-key tiles of K and V that cp.async stages in shared memory, two tiles deep.
+//
+// One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 or f16/bf16 m16n8k16, f32 accumulators)
+//                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
+//                      → P in the recipe's format, packed straight into the A fragments of
+//                        m16n8k16 → O += P·V.
+// P's constant factor (1/448 for FP8 P, the global scale g for Fp8P/Nvfp4P) and the per-channel
+// V scale are applied once at the end. Register arrays are indexed by unrolled constants only.
+
+#define BK 64u
+#define BQT (16u * WARPS)
+#define THREADS (32u * WARPS)
+#define MASKED (-3.0e38f)
+// FP8 V runs through the f16 tensor cores (its codes' values are f16-exact); all else in the input dtype.
+#define PV_BF16 (BF16 && RECIPE != R_INT8_FP8)
+#define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
+#define QK_BYTES (INT8_QK ? DP : 2u * DP)   // one Q/K row in shared memory and registers
+#define V_BYTES (2u * DP)
+#define KSTEPS (QK_BYTES / 32u)            // 32 bytes of the head dim per QK mma
+#define NT_S (BK / 8u)                     // n-tiles of S (8 keys each)
+#define NT_O (DP / 8u)                     // n-tiles of O (8 channels each)
+// Rows padded by 16 bytes: the 8 rows one ldmatrix reads then fall into 8 different bank groups.
+#define K_STRIDE (QK_BYTES + 16u)
+#define V_STRIDE (V_BYTES + 16u)
+#define K_TILE (BK * K_STRIDE)
+#define V_TILE (BK * V_STRIDE)
+#define STAGE_BYTES (K_TILE + V_TILE + 4u * BK)  // K, V, and the K scales of the tile
+
+// ---- tile primitives -----------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16 bytes global → shared, zero-filled when `valid` is false (ragged tails, padded columns).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// D += A·B on one 16×8 tile; 32 bytes of the reduction axis per call in the QK forms.
+__device__ __forceinline__ void mma_s8(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <bool IS_BF16> __device__ __forceinline__ void mma_16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (IS_BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 → one register of two 16-bit values (lo = first), round to nearest even.
+template <bool IS_BF16> __device__ __forceinline__ u32 pack16(float lo, float hi) {
+    u32 r;
+    if (IS_BF16)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---- the recipe's P ------------------------------------------------------------------------
+
+// The value of p in the P·V operand, divided by the constant factor applied at the end.
+__device__ __forceinline__ float p_operand(const Params& P, float p) {
+    if (RECIPE == R_INT8_FP8) return e4m3_to_f32(e4m3_from_f32(__fmul_rn(p, 448.0f)));
+    if (RECIPE == R_FP8P) return e4m3_to_f32(e4m3_from_f32(__fmul_rn(p, P.inv_g)));
+    return p;  // Exact, Int8QkF16Pv: rounded to 16 bits by pack16
+}
+
+// Nvfp4P: groups of 16 keys of a row are n-tiles 2i and 2i+1; a thread holds 4 of the 16 values
+// and its quad the rest.
+__device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
+#pragma unroll
+    for (u32 blk = 0; blk < NT_S / 2u; blk++) {
+#pragma unroll
+        for (u32 half = 0; half < 2u; half++) {
+            float x[4];
+            u32 amax = 0u;
+#pragma unroll
+            for (u32 i = 0; i < 4u; i++) {
+                x[i] = __fmul_rn(round_to(P.dtype, p[2u * blk + i / 2u][2u * half + i % 2u]), P.inv_g);
+                amax = max(amax, abs_bits(x[i]));
+            }
+            amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            u32 sc = nvfp4_scale_code(amax);
+            float s = sc != E4M3_NAN ? e4m3_to_f32(sc) : f32_nan();
+#pragma unroll
+            for (u32 i = 0; i < 4u; i++) p[2u * blk + i / 2u][2u * half + i % 2u] = e2m1_to_f32(e2m1_code_of_ratio(x[i], s)) * s;
+        }
+    }
+}
+
+__device__ __forceinline__ float p_factor(const Params& P) {
+    if (RECIPE == R_INT8_FP8) return 1.0f / 448.0f;
+    if (RECIPE == R_FP8P || RECIPE == R_NVFP4P) return P.g;
+    return 1.0f;
+}
+
+// ---- staging -------------------------------------------------------------------------------
+
+struct Src {
+    const char* k;   // row 0 of this (batch, kv head) in K (codes or 16-bit input)
+    const char* v;   // row 0 in V (16-bit)
+    u32 k_row, v_row;  // row strides in bytes
+};
+
+// Issue the copies of key tile kb into one stage (zero-filled past seq_kv and head_dim).
+__device__ __forceinline__ void stage_tile(const Params& P, const Src& src, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
+    u32 tid = threadIdx.x;
+    u32 key0 = kb * BK;
+    u32 kbase = smem_addr(stage), vbase = kbase + K_TILE;
+    const u32 kchunks = QK_BYTES / 16u, vchunks = V_BYTES / 16u;
+    // Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit inputs
+    // are not, and their rows may run into the next head.
+    u32 row_chunks = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u;
+    for (u32 e = tid; e < BK * kchunks; e += THREADS) {
+        u32 r = e / kchunks, c = e % kchunks;
+        bool ok = key0 + r < P.seq_kv && c < row_chunks;
+        cp_async16(kbase + r * K_STRIDE + c * 16u, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
+    }
+    u32 v_chunks_valid = (P.head_dim * 2u) / 16u;
+    for (u32 e = tid; e < BK * vchunks; e += THREADS) {
+        u32 r = e / vchunks, c = e % vchunks;
+        bool ok = key0 + r < P.seq_kv && c < v_chunks_valid;
+        cp_async16(vbase + r * V_STRIDE + c * 16u, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
+    }
+    if (INT8_QK && tid < BK) {
+        u32 key = key0 + tid;
+        u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
+        float ks = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
+        ((float*)(stage + K_TILE + V_TILE))[tid] = ks;
+    }
+}
+
+// Is key tile kb skipped for this block of query rows (block mask, or wholly above the causal diagonal)?
+__device__ __forceinline__ bool tile_skipped(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
+    if ((i32)(kb * BK) > last_visible) return true;
+    return (P.flags & FLAG_MASK) && mask[(bh * P.q_blocks + row0 / 128u) * P.k_blocks + kb] == 0u;
+}
+
+__device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
+    while (kb < P.k_blocks && tile_skipped(P, mask, bh, row0, kb, last_visible)) kb++;
+    return kb;
+}
+
+// ---- the kernel ----------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
+                                                                    const u32* ws, const u32* mask, unsigned short* o_out,
+                                                                    float* lse_out, const void* v16, u32 v16_sb, u32 v16_sh, u32 v16_st) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32 tid = threadIdx.x, warp = tid / 32u, lane = tid % 32u;
+    u32 g = lane / 4u, t = lane % 4u;
+    u32 bh = blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
+    u32 hkv = h / P.group, bkv = b * P.heads_kv + hkv;
+    u32 row0 = blockIdx.x * BQT;
+    bool causal = (P.flags & FLAG_CAUSAL) != 0u;
+    i32 offset = (i32)P.seq_kv - (i32)P.seq_q;
+    u32 last_row = min(row0 + BQT, P.seq_q) - 1u;
+    i32 last_visible = causal ? (i32)last_row + offset : (i32)P.seq_kv;
+
+    Src src;
+    if (INT8_QK) {
+        src.k = (const char*)(ws + P.off_kcodes) + (size_t)bkv * P.seq_kv * DP;
+        src.k_row = DP;
+    } else {
+        src.k = (const char*)k_in + 2ull * ((size_t)b * P.kv_sb + (size_t)hkv * P.kv_sh);
+        src.k_row = 2u * P.kv_st;
+    }
+    if (RECIPE == R_INT8_FP8) {
+        src.v = (const char*)v16 + 2ull * ((size_t)b * v16_sb + (size_t)hkv * v16_sh);
+        src.v_row = 2u * v16_st;
+    } else {
+        src.v = (const char*)v_in + 2ull * ((size_t)b * P.kv_sb + (size_t)hkv * P.kv_sh);
+        src.v_row = 2u * P.kv_st;
+    }
+
+    // This thread's two rows, and Q as A fragments straight from global memory.
+    u32 rows[2] = {row0 + 16u * warp + g, row0 + 16u * warp + g + 8u};
+    u32 qa[KSTEPS][4];
+    float qscale[2] = {1.0f, 1.0f};
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        bool in = rows[i] < P.seq_q;
+        const char* qrow;
+        u32 valid_bytes;
+        if (INT8_QK) {
+            qrow = (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + (in ? rows[i] : 0u)) * DP;
+            valid_bytes = DP;
+            u32 ngq = group_count(P.seq_q, P.q_gblock, P.q_ginter);
+            qscale[i] = in ? u2f(ws[P.off_qscales + bh * ngq + group_of(rows[i], P.q_gblock, P.q_ginter)]) : 0.0f;
+        } else {
+            qrow = (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)(in ? rows[i] : 0u) * P.q_st);
+            valid_bytes = 2u * P.head_dim;
+        }
+#pragma unroll
+        for (u32 ks = 0; ks < KSTEPS; ks++) {
+#pragma unroll
+            for (u32 half = 0; half < 2u; half++) {
+                u32 byte = ks * 32u + half * 16u + 4u * t;
+                qa[ks][i + 2u * half] = (in && byte < valid_bytes) ? *(const u32*)(qrow + byte) : 0u;
+            }
+        }
+    }
+
+    float o[NT_O][4];
+#pragma unroll
+    for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+        for (u32 e = 0; e < 4u; e++) o[n][e] = 0.0f;
+    float m[2] = {MASKED, MASKED}, l[2] = {0.0f, 0.0f};
+
+    u32 kb = next_tile(P, mask, bh, row0, 0u, last_visible);
+    u32 stage = 0u;
+    if (kb < P.k_blocks) stage_tile(P, src, ws, smem, kb, bkv);
+    cp_async_commit();
+
+    while (kb < P.k_blocks) {
+        u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
+        if (kn < P.k_blocks) {
+            stage_tile(P, src, ws, smem + (stage ^ 1u) * STAGE_BYTES, kn, bkv);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        unsigned char* st = smem + stage * STAGE_BYTES;
+        u32 kbase = smem_addr(st), vbase = kbase + K_TILE;
+        const float* kscale = (const float*)(st + K_TILE + V_TILE);
+
+        // S = Q·Kᵀ: for each pair of key n-tiles, ldmatrix gives both tiles' B fragments.
+        float s[NT_S][4];
+        if (INT8_QK) {
+            i32 acc[NT_S][4];
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) acc[n][e] = 0;
+#pragma unroll
+            for (u32 ks = 0; ks < KSTEPS; ks++) {
+#pragma unroll
+                for (u32 np = 0; np < NT_S / 2u; np++) {
+                    u32 key = np * 16u + lane % 8u + (lane / 16u) * 8u;
+                    u32 bfr[4];
+                    ldmatrix_x4(bfr, kbase + key * K_STRIDE + ks * 32u + ((lane / 8u) & 1u) * 16u);
+                    mma_s8(acc[2u * np], qa[ks], bfr[0], bfr[1]);
+                    mma_s8(acc[2u * np + 1u], qa[ks], bfr[2], bfr[3]);
+                }
+            }
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n][e] = (float)acc[n][e] * qscale[e / 2u] * kscale[n * 8u + 2u * t + e % 2u];
+        } else {
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n][e] = 0.0f;
+#pragma unroll
+            for (u32 ks = 0; ks < KSTEPS; ks++) {
+#pragma unroll
+                for (u32 np = 0; np < NT_S / 2u; np++) {
+                    u32 key = np * 16u + lane % 8u + (lane / 16u) * 8u;
+                    u32 bfr[4];
+                    ldmatrix_x4(bfr, kbase + key * K_STRIDE + ks * 32u + ((lane / 8u) & 1u) * 16u);
+                    mma_16<BF16>(s[2u * np], qa[ks], bfr[0], bfr[1]);
+                    mma_16<BF16>(s[2u * np + 1u], qa[ks], bfr[2], bfr[3]);
+                }
+            }
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n][e] *= P.score_scale;
+        }
+
+        // Mask keys past the end and (causal) keys past the diagonal,
+        // only on tiles that can hold such keys.
+        u32 key0 = kb * BK;
+        bool edge = key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset);
+        if (edge) {
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) {
+                    u32 key = key0 + n * 8u + 2u * t + e % 2u;
+                    bool visible = key < P.seq_kv && (!causal || (i32)key <= (i32)rows[e / 2u] + offset);
+                    if (!visible) s[n][e] = MASKED;
+                }
+        }
+
+        // Online softmax: row max over the quad, rescale the running sums.
+        float alpha[2];
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            float mx = MASKED;
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
+            float m_new = fmaxf(m[i], quad_max(mx));
+            alpha[i] = m[i] != MASKED ? exp2f(m[i] - m_new) : 0.0f;
+            m[i] = m_new;
+        }
+        float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) {
+                float x = s[n][e];
+                float p = x != MASKED ? exp2f(x - m[e / 2u]) : 0.0f;
+                sum[e / 2u] += p;
+                s[n][e] = p;
+            }
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i];
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[n][e] *= alpha[e / 2u];
+
+        // P in the recipe's format; then O += P·V, 16 keys per step.
+        if (RECIPE == R_NVFP4P) {
+            p_nvfp4(P, s);
+        } else {
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n][e] = p_operand(P, s[n][e]);
+        }
+#pragma unroll
+        for (u32 kk = 0; kk < BK / 16u; kk++) {
+            u32 pa[4] = {pack16<PV_BF16>(s[2u * kk][0], s[2u * kk][1]), pack16<PV_BF16>(s[2u * kk][2], s[2u * kk][3]),
+                         pack16<PV_BF16>(s[2u * kk + 1u][0], s[2u * kk + 1u][1]), pack16<PV_BF16>(s[2u * kk + 1u][2], s[2u * kk + 1u][3])};
+#pragma unroll
+            for (u32 np = 0; np < NT_O / 2u; np++) {
+                u32 key = kk * 16u + lane % 8u + ((lane / 8u) & 1u) * 8u;
+                u32 chan = np * 16u + (lane / 16u) * 8u;
+                u32 bfr[4];
+                ldmatrix_x4_trans(bfr, vbase + key * V_STRIDE + chan * 2u);
+                mma_16<PV_BF16>(o[2u * np], pa, bfr[0], bfr[1]);
+                mma_16<PV_BF16>(o[2u * np + 1u], pa, bfr[2], bfr[3]);
+            }
+        }
+        __syncthreads();  // this stage is refilled two tiles from now
+        kb = kn;
+        stage ^= 1u;
+    }
+
+    // Normalise and write this thread's two rows.
+    float factor = p_factor(P);
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        u32 row = rows[i];
+        float lsum = quad_sum(l[i]);
+        if (row >= P.seq_q) continue;
+        unsigned short* orow = o_out + (size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)row * P.q_st;
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++) {
+            u32 c = n * 8u + 2u * t;
+            if (c >= P.head_dim) continue;
+            float x0 = 0.0f, x1 = 0.0f;
+            if (lsum != 0.0f) {
+                x0 = o[n][2u * i] / lsum;
+                x1 = o[n][2u * i + 1u] / lsum;
+                if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) { x0 *= factor; x1 *= factor; }
+                if (RECIPE == R_INT8_FP8) {
+                    x0 *= u2f(ws[P.off_vscales + bkv * DP + c]);
+                    x1 *= u2f(ws[P.off_vscales + bkv * DP + c + 1u]);
+                }
+            }
+            *(u32*)(orow + c) = pack16<BF16>(x0, x1);
+        }
+        if (t == 0u && (P.flags & FLAG_LSE)) {
+            float lse = f32_neg_inf();
+            if (lsum != 0.0f) {
+                float shift = (P.flags & FLAG_SMOOTH) ? u2f(ws[P.off_qdelta + bh * P.seq_q + row]) : 0.0f;
+                lse = (m[i] + log2f(lsum) + shift) * 0.6931471805599453f;
+            }
+            lse_out[bh * P.seq_q + row] = lse;
+        }
+    }
+}
+
+// FP8 V codes → f16 rows [bkv][seq_kv][DP] (exact: every E4M3 value is an f16), so P·V runs on
+// the 16-bit tensor cores with the codes' values; the per-channel scale is applied at the end.
+extern "C" __global__ void v_fp8_to_f16(Params P, const u32* ws, unsigned short* v16) {
+    u32 id = blockIdx.x * blockDim.x + threadIdx.x;
+    u32 n = P.batch * P.heads_kv * P.seq_kv * DP;
+    if (id >= n) return;
+    v16[id] = (unsigned short)f32_to_f16_bits(e4m3_to_f32(byte_of(ws[P.off_vcodes + id / 4u], id)));
+}
