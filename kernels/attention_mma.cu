@@ -1,7 +1,10 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
-// the 16-bit operands are bf16) and WARPS. Each warp owns 16 query rows; the block's warps share
-// 64-key tiles of K and V that cp.async stages in shared memory, two tiles deep.
+// the 16-bit operands are bf16) and the launch shape: WARPS, MT, QSMEM, MINB. Each warp owns MT
+// m-tiles of 16 query rows (so every K/V fragment read from shared memory feeds MT mma); the
+// block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that cp.async stages in shared
+// memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
+// with ldmatrix at each step, which frees registers; MINB is __launch_bounds__' blocks per SM.
 //
 // One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 or f16/bf16 m16n8k16, f32 accumulators)
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
@@ -11,7 +14,7 @@
 // V scale are applied once at the end. Register arrays are indexed by unrolled constants only.
 
 #define BK 64u
-#define BQT (16u * WARPS)
+#define BQT (16u * MT * WARPS)
 #define THREADS (32u * WARPS)
 #define MASKED (-3.0e38f)
 // FP8 V runs through the f16 tensor cores (its codes' values are f16-exact); all else in the input dtype.
@@ -28,6 +31,7 @@
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
 #define STAGE_BYTES (K_TILE + V_TILE + 4u * BK)  // K, V, and the K scales of the tile
+#define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [stage 0] [stage 1]
 
 // ---- tile primitives -----------------------------------------------------------------------
 
@@ -84,16 +88,40 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ---- the recipe's P ------------------------------------------------------------------------
 
-// The value of p in the P·V operand, divided by the constant factor applied at the end.
-__device__ __forceinline__ float p_operand(const Params& P, float p) {
-    if (RECIPE == R_INT8_FP8) return e4m3_to_f32(e4m3_from_f32(__fmul_rn(p, 448.0f)));
-    if (RECIPE == R_FP8P) return e4m3_to_f32(e4m3_from_f32(__fmul_rn(p, P.inv_g)));
-    return p;  // Exact, Int8QkF16Pv: rounded to 16 bits by pack16
+// p rounded to the input dtype (exact hardware RNE; subnormal p flushed as in round_to).
+__device__ __forceinline__ float round_dtype(float p) {
+    p = ftz(p);
+    unsigned short h;
+    if (BF16) {
+        asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(p));
+        return u2f((u32)h << 16);
+    }
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(p));
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+    return r;
 }
 
-// Nvfp4P: groups of 16 keys of a row are n-tiles 2i and 2i+1; a thread holds 4 of the 16 values
-// and its quad the rest.
+// Two values → E4M3 (RNE, saturating at ±448) → their values as one packed 16-bit register.
+// sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
+template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short e;
+    u32 h2;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(e));
+    if (!IS_BF16) return h2;
+    return pack16<true>(f16_bits_to_f32(h2 & 0xffffu), f16_bits_to_f32(h2 >> 16));
+#else
+    return pack16<IS_BF16>(e4m3_to_f32(e4m3_from_f32(lo)), e4m3_to_f32(e4m3_from_f32(hi)));
+#endif
+}
+
+// Nvfp4P on one m-tile: a group of 16 keys of a row is n-tiles 2i and 2i+1; a thread holds 4 of
+// its values, its quad the rest. The E2M1 thresholds (midpoints · scale) are computed once per
+// group; a value on a threshold goes to the even code.
 __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
+    const float mids[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
 #pragma unroll
     for (u32 blk = 0; blk < NT_S / 2u; blk++) {
 #pragma unroll
@@ -102,17 +130,44 @@ __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
             u32 amax = 0u;
 #pragma unroll
             for (u32 i = 0; i < 4u; i++) {
-                x[i] = __fmul_rn(round_to(P.dtype, p[2u * blk + i / 2u][2u * half + i % 2u]), P.inv_g);
+                x[i] = __fmul_rn(round_dtype(p[2u * blk + i / 2u][2u * half + i % 2u]), P.inv_g);
                 amax = max(amax, abs_bits(x[i]));
             }
             amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
             u32 sc = nvfp4_scale_code(amax);
             float s = sc != E4M3_NAN ? e4m3_to_f32(sc) : f32_nan();
+            float th[7];
 #pragma unroll
-            for (u32 i = 0; i < 4u; i++) p[2u * blk + i / 2u][2u * half + i % 2u] = e2m1_to_f32(e2m1_code_of_ratio(x[i], s)) * s;
+            for (u32 j = 0; j < 7u; j++) th[j] = __fmul_rn(mids[j], s);
+#pragma unroll
+            for (u32 i = 0; i < 4u; i++) {
+                float a = fabsf(x[i]);  // p ≥ 0: the sign is always +
+                u32 code = 0u;
+#pragma unroll
+                for (u32 j = 0; j < 7u; j++) code += (a > th[j] || (a == th[j] && (j & 1u))) ? 1u : 0u;
+                p[2u * blk + i / 2u][2u * half + i % 2u] = s > 0.0f ? e2m1_to_f32(code) * s : (s == 0.0f ? 0.0f : f32_nan());
+            }
         }
     }
+}
+
+// The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
+// in the recipe's format divided by the constant factor applied at the end.
+__device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4]) {
+    if (RECIPE == R_NVFP4P) p_nvfp4(P, p);
+    float mul = RECIPE == R_INT8_FP8 ? 448.0f : P.inv_g;
+#pragma unroll
+    for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+        for (u32 r = 0; r < 4u; r++) {
+            // r: (row g, keys 2t..) (row g+8) of n-tile 2kk, then the same of n-tile 2kk+1.
+            float lo = p[2u * kk + r / 2u][2u * (r % 2u)], hi = p[2u * kk + r / 2u][2u * (r % 2u) + 1u];
+            if (RECIPE == R_INT8_FP8 || RECIPE == R_FP8P)
+                pa[kk][r] = e4m3_pair<PV_BF16>(__fmul_rn(lo, mul), __fmul_rn(hi, mul));
+            else
+                pa[kk][r] = pack16<PV_BF16>(lo, hi);  // Exact, Int8QkF16Pv: RNE to 16 bits; Nvfp4P: exact
+        }
 }
 
 __device__ __forceinline__ float p_factor(const Params& P) {
@@ -124,8 +179,8 @@ __device__ __forceinline__ float p_factor(const Params& P) {
 // ---- staging -------------------------------------------------------------------------------
 
 struct Src {
-    const char* k;   // row 0 of this (batch, kv head) in K (codes or 16-bit input)
-    const char* v;   // row 0 in V (16-bit)
+    const char* k;     // row 0 of this (batch, kv head) in K (codes or 16-bit input)
+    const char* v;     // row 0 in V (16-bit)
     u32 k_row, v_row;  // row strides in bytes
 };
 
@@ -137,16 +192,17 @@ __device__ __forceinline__ void stage_tile(const Params& P, const Src& src, cons
     const u32 kchunks = QK_BYTES / 16u, vchunks = V_BYTES / 16u;
     // Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit inputs
     // are not, and their rows may run into the next head.
-    u32 row_chunks = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u;
+    u32 k_valid = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u, v_valid = (P.head_dim * 2u) / 16u;
+#pragma unroll
     for (u32 e = tid; e < BK * kchunks; e += THREADS) {
         u32 r = e / kchunks, c = e % kchunks;
-        bool ok = key0 + r < P.seq_kv && c < row_chunks;
+        bool ok = key0 + r < P.seq_kv && c < k_valid;
         cp_async16(kbase + r * K_STRIDE + c * 16u, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
     }
-    u32 v_chunks_valid = (P.head_dim * 2u) / 16u;
+#pragma unroll
     for (u32 e = tid; e < BK * vchunks; e += THREADS) {
         u32 r = e / vchunks, c = e % vchunks;
-        bool ok = key0 + r < P.seq_kv && c < v_chunks_valid;
+        bool ok = key0 + r < P.seq_kv && c < v_valid;
         cp_async16(vbase + r * V_STRIDE + c * 16u, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
     }
     if (INT8_QK && tid < BK) {
@@ -168,9 +224,114 @@ __device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 b
     return kb;
 }
 
+// ---- one tile --------------------------------------------------------------------------------
+
+#define QREG_STEPS (QSMEM ? 1u : KSTEPS)
+
+// Q's A fragments for k-step ks of the warp's m-tiles: from registers, or ldmatrix (QSMEM).
+__device__ __forceinline__ void q_fragments(const u32 (&qreg)[MT][QREG_STEPS][4], u32 qlane, u32 ks, u32 (&qa)[MT][4]) {
+#pragma unroll
+    for (u32 mt = 0; mt < MT; mt++) {
+        if (QSMEM) {
+            ldmatrix_x4(qa[mt], qlane + mt * 16u * K_STRIDE + ks * 32u);
+        } else {
+#pragma unroll
+            for (u32 r = 0; r < 4u; r++) qa[mt][r] = qreg[mt][QSMEM ? 0u : ks][r];
+        }
+    }
+}
+
+// S = Q·Kᵀ for the warp's MT m-tiles: each ldmatrix.x4 gives the B fragments of two key n-tiles,
+// used by all MT m-tiles. Int8 products are exact; the scales come after.
+__device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
+                                        const float* kscale, const float (&qscale)[MT][2], float (&s)[MT][NT_S][4]) {
+    u32 lane = threadIdx.x % 32u, t = lane % 4u;
+    u32 key_lane = lane % 8u + (lane / 16u) * 8u, byte_lane = ((lane / 8u) & 1u) * 16u;
+    // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
+    u32 qlane = qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
+    if (INT8_QK) {
+        i32 acc[MT][NT_S][4];
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) acc[mt][n][e] = 0;
+#pragma unroll
+        for (u32 ks = 0; ks < KSTEPS; ks++) {
+            u32 qa[MT][4];
+            q_fragments(qreg, qlane, ks, qa);
+#pragma unroll
+            for (u32 np = 0; np < NT_S / 2u; np++) {
+                u32 bfr[4];
+                ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
+#pragma unroll
+                for (u32 mt = 0; mt < MT; mt++) {
+                    mma_s8(acc[mt][2u * np], qa[mt], bfr[0], bfr[1]);
+                    mma_s8(acc[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) {
+            float k0 = kscale[n * 8u + 2u * t], k1 = kscale[n * 8u + 2u * t + 1u];
+#pragma unroll
+            for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[mt][n][e] = (float)acc[mt][n][e] * qscale[mt][e / 2u] * (e % 2u ? k1 : k0);
+        }
+    } else {
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[mt][n][e] = 0.0f;
+#pragma unroll
+        for (u32 ks = 0; ks < KSTEPS; ks++) {
+            u32 qa[MT][4];
+            q_fragments(qreg, qlane, ks, qa);
+#pragma unroll
+            for (u32 np = 0; np < NT_S / 2u; np++) {
+                u32 bfr[4];
+                ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
+#pragma unroll
+                for (u32 mt = 0; mt < MT; mt++) {
+                    mma_16<BF16>(s[mt][2u * np], qa[mt], bfr[0], bfr[1]);
+                    mma_16<BF16>(s[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[mt][n][e] *= P.score_scale;
+    }
+}
+
+// O += P·V for the warp's MT m-tiles: ldmatrix.trans gives the B fragments of two channel n-tiles.
+__device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vbase, float (&o)[MT][NT_O][4]) {
+    u32 lane = threadIdx.x % 32u;
+    u32 key_lane = lane % 8u + ((lane / 8u) & 1u) * 8u, chan_lane = (lane / 16u) * 8u;
+#pragma unroll
+    for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+        for (u32 np = 0; np < NT_O / 2u; np++) {
+            u32 bfr[4];
+            ldmatrix_x4_trans(bfr, vbase + (kk * 16u + key_lane) * V_STRIDE + (np * 16u + chan_lane) * 2u);
+#pragma unroll
+            for (u32 mt = 0; mt < MT; mt++) {
+                mma_16<PV_BF16>(o[mt][2u * np], pa[mt][kk], bfr[0], bfr[1]);
+                mma_16<PV_BF16>(o[mt][2u * np + 1u], pa[mt][kk], bfr[2], bfr[3]);
+            }
+        }
+}
+
 // ---- the kernel ----------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
+extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
                                                                     const u32* ws, const u32* mask, unsigned short* o_out,
                                                                     float* lse_out, const void* v16, u32 v16_sb, u32 v16_sh, u32 v16_st) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -200,209 +361,176 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_mma(Params P, co
         src.v_row = 2u * P.kv_st;
     }
 
-    // This thread's two rows, and Q as A fragments straight from global memory.
-    u32 rows[2] = {row0 + 16u * warp + g, row0 + 16u * warp + g + 8u};
-    u32 qa[KSTEPS][4];
-    float qscale[2] = {1.0f, 1.0f};
-#pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        bool in = rows[i] < P.seq_q;
-        const char* qrow;
-        u32 valid_bytes;
-        if (INT8_QK) {
-            qrow = (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + (in ? rows[i] : 0u)) * DP;
-            valid_bytes = DP;
-            u32 ngq = group_count(P.seq_q, P.q_gblock, P.q_ginter);
-            qscale[i] = in ? u2f(ws[P.off_qscales + bh * ngq + group_of(rows[i], P.q_gblock, P.q_ginter)]) : 0.0f;
-        } else {
-            qrow = (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)(in ? rows[i] : 0u) * P.q_st);
-            valid_bytes = 2u * P.head_dim;
-        }
-#pragma unroll
-        for (u32 ks = 0; ks < KSTEPS; ks++) {
-#pragma unroll
-            for (u32 half = 0; half < 2u; half++) {
-                u32 byte = ks * 32u + half * 16u + 4u * t;
-                qa[ks][i + 2u * half] = (in && byte < valid_bytes) ? *(const u32*)(qrow + byte) : 0u;
-            }
+    // This thread's rows (g and g+8 of each m-tile), and Q as A fragments from global memory
+    // (or, QSMEM, the whole Q tile copied to shared memory with the first K/V tile).
+    u32 rows[MT][2];
+    u32 qreg[MT][QREG_STEPS][4];
+    float qscale[MT][2];
+    u32 qbase = smem_addr(smem) + warp * MT * 16u * K_STRIDE;
+    if (QSMEM) {
+        const u32 chunks = QK_BYTES / 16u;
+        u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;
+        for (u32 e = tid; e < BQT * chunks; e += THREADS) {
+            u32 r = e / chunks, c = e % chunks, row = row0 + r;
+            bool ok = row < P.seq_q && c < valid;
+            const char* q = INT8_QK ? (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + row) * DP
+                                    : (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)row * P.q_st);
+            cp_async16(smem_addr(smem) + r * K_STRIDE + c * 16u, ok ? q + c * 16u : (const char*)ws, ok);
         }
     }
-
-    float o[NT_O][4];
 #pragma unroll
-    for (u32 n = 0; n < NT_O; n++)
+    for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (u32 e = 0; e < 4u; e++) o[n][e] = 0.0f;
-    float m[2] = {MASKED, MASKED}, l[2] = {0.0f, 0.0f};
+        for (u32 i = 0; i < 2u; i++) {
+            u32 row = row0 + 16u * (warp * MT + mt) + g + 8u * i;
+            rows[mt][i] = row;
+            bool in = row < P.seq_q;
+            const char* qrow;
+            u32 valid_bytes;
+            qscale[mt][i] = 1.0f;
+            if (INT8_QK) {
+                qrow = (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + (in ? row : 0u)) * DP;
+                valid_bytes = DP;
+                u32 ngq = group_count(P.seq_q, P.q_gblock, P.q_ginter);
+                qscale[mt][i] = in ? u2f(ws[P.off_qscales + bh * ngq + group_of(row, P.q_gblock, P.q_ginter)]) : 0.0f;
+            } else {
+                qrow = (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)(in ? row : 0u) * P.q_st);
+                valid_bytes = 2u * P.head_dim;
+            }
+#pragma unroll
+            for (u32 ks = 0; ks < QREG_STEPS; ks++)
+#pragma unroll
+                for (u32 half = 0; half < 2u; half++) {
+                    u32 byte = ks * 32u + half * 16u + 4u * t;
+                    qreg[mt][ks][i + 2u * half] = (!QSMEM && in && byte < valid_bytes) ? *(const u32*)(qrow + byte) : 0u;
+                }
+        }
 
+    float o[MT][NT_O][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (u32 mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[mt][n][e] = 0.0f;
+        m[mt][0] = m[mt][1] = MASKED;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+
+    unsigned char* stages = smem + Q_TILE;
     u32 kb = next_tile(P, mask, bh, row0, 0u, last_visible);
     u32 stage = 0u;
-    if (kb < P.k_blocks) stage_tile(P, src, ws, smem, kb, bkv);
+    if (kb < P.k_blocks) stage_tile(P, src, ws, stages, kb, bkv);
     cp_async_commit();
 
     while (kb < P.k_blocks) {
+        // Prefetch the next visited tile into the other stage while this one is computed.
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
         if (kn < P.k_blocks) {
-            stage_tile(P, src, ws, smem + (stage ^ 1u) * STAGE_BYTES, kn, bkv);
+            stage_tile(P, src, ws, stages + (stage ^ 1u) * STAGE_BYTES, kn, bkv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        unsigned char* st = smem + stage * STAGE_BYTES;
+        unsigned char* st = stages + stage * STAGE_BYTES;
         u32 kbase = smem_addr(st), vbase = kbase + K_TILE;
-        const float* kscale = (const float*)(st + K_TILE + V_TILE);
 
-        // S = Q·Kᵀ: for each pair of key n-tiles, ldmatrix gives both tiles' B fragments.
-        float s[NT_S][4];
-        if (INT8_QK) {
-            i32 acc[NT_S][4];
+        float s[MT][NT_S][4];
+        qk_tile(P, qreg, qbase, kbase, (const float*)(st + K_TILE + V_TILE), qscale, s);
+
+        // Keys past the end and (causal) past the diagonal, on the tiles that hold such keys.
+        u32 key0 = kb * BK;
+        if (key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset)) {
 #pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
+            for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (u32 e = 0; e < 4u; e++) acc[n][e] = 0;
+                for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
-            for (u32 ks = 0; ks < KSTEPS; ks++) {
-#pragma unroll
-                for (u32 np = 0; np < NT_S / 2u; np++) {
-                    u32 key = np * 16u + lane % 8u + (lane / 16u) * 8u;
-                    u32 bfr[4];
-                    ldmatrix_x4(bfr, kbase + key * K_STRIDE + ks * 32u + ((lane / 8u) & 1u) * 16u);
-                    mma_s8(acc[2u * np], qa[ks], bfr[0], bfr[1]);
-                    mma_s8(acc[2u * np + 1u], qa[ks], bfr[2], bfr[3]);
-                }
-            }
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[n][e] = (float)acc[n][e] * qscale[e / 2u] * kscale[n * 8u + 2u * t + e % 2u];
-        } else {
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[n][e] = 0.0f;
-#pragma unroll
-            for (u32 ks = 0; ks < KSTEPS; ks++) {
-#pragma unroll
-                for (u32 np = 0; np < NT_S / 2u; np++) {
-                    u32 key = np * 16u + lane % 8u + (lane / 16u) * 8u;
-                    u32 bfr[4];
-                    ldmatrix_x4(bfr, kbase + key * K_STRIDE + ks * 32u + ((lane / 8u) & 1u) * 16u);
-                    mma_16<BF16>(s[2u * np], qa[ks], bfr[0], bfr[1]);
-                    mma_16<BF16>(s[2u * np + 1u], qa[ks], bfr[2], bfr[3]);
-                }
-            }
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[n][e] *= P.score_scale;
+                    for (u32 e = 0; e < 4u; e++) {
+                        u32 key = key0 + n * 8u + 2u * t + e % 2u;
+                        if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = MASKED;
+                    }
         }
 
-        // Mask keys past the end and (causal) keys past the diagonal,
-        // only on tiles that can hold such keys.
-        u32 key0 = kb * BK;
-        bool edge = key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset);
-        if (edge) {
+        // Online softmax: row max over the quad, rescale, p = exp2(s − m); l sums unquantised p.
+        u32 pa[MT][BK / 16u][4];
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++) {
+            float alpha[2];
+#pragma unroll
+            for (u32 i = 0; i < 2u; i++) {
+                float mx = MASKED;
+#pragma unroll
+                for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
+                float m_new = fmaxf(m[mt][i], quad_max(mx));
+                alpha[i] = m[mt][i] != MASKED ? exp2f(m[mt][i] - m_new) : 0.0f;
+                m[mt][i] = m_new;
+            }
+            float sum[2] = {0.0f, 0.0f};
 #pragma unroll
             for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
-                    u32 key = key0 + n * 8u + 2u * t + e % 2u;
-                    bool visible = key < P.seq_kv && (!causal || (i32)key <= (i32)rows[e / 2u] + offset);
-                    if (!visible) s[n][e] = MASKED;
+                    float x = s[mt][n][e];
+                    float p = x != MASKED ? exp2f(x - m[mt][e / 2u]) : 0.0f;
+                    sum[e / 2u] += p;
+                    s[mt][n][e] = p;
                 }
+#pragma unroll
+            for (u32 i = 0; i < 2u; i++) l[mt][i] = l[mt][i] * alpha[i] + sum[i];
+#pragma unroll
+            for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= alpha[e / 2u];
+            p_fragments(P, s[mt], pa[mt]);
         }
-
-        // Online softmax: row max over the quad, rescale the running sums.
-        float alpha[2];
-#pragma unroll
-        for (u32 i = 0; i < 2u; i++) {
-            float mx = MASKED;
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
-            float m_new = fmaxf(m[i], quad_max(mx));
-            alpha[i] = m[i] != MASKED ? exp2f(m[i] - m_new) : 0.0f;
-            m[i] = m_new;
-        }
-        float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-            for (u32 e = 0; e < 4u; e++) {
-                float x = s[n][e];
-                float p = x != MASKED ? exp2f(x - m[e / 2u]) : 0.0f;
-                sum[e / 2u] += p;
-                s[n][e] = p;
-            }
-#pragma unroll
-        for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i];
-#pragma unroll
-        for (u32 n = 0; n < NT_O; n++)
-#pragma unroll
-            for (u32 e = 0; e < 4u; e++) o[n][e] *= alpha[e / 2u];
-
-        // P in the recipe's format; then O += P·V, 16 keys per step.
-        if (RECIPE == R_NVFP4P) {
-            p_nvfp4(P, s);
-        } else {
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[n][e] = p_operand(P, s[n][e]);
-        }
-#pragma unroll
-        for (u32 kk = 0; kk < BK / 16u; kk++) {
-            u32 pa[4] = {pack16<PV_BF16>(s[2u * kk][0], s[2u * kk][1]), pack16<PV_BF16>(s[2u * kk][2], s[2u * kk][3]),
-                         pack16<PV_BF16>(s[2u * kk + 1u][0], s[2u * kk + 1u][1]), pack16<PV_BF16>(s[2u * kk + 1u][2], s[2u * kk + 1u][3])};
-#pragma unroll
-            for (u32 np = 0; np < NT_O / 2u; np++) {
-                u32 key = kk * 16u + lane % 8u + ((lane / 8u) & 1u) * 8u;
-                u32 chan = np * 16u + (lane / 16u) * 8u;
-                u32 bfr[4];
-                ldmatrix_x4_trans(bfr, vbase + key * V_STRIDE + chan * 2u);
-                mma_16<PV_BF16>(o[2u * np], pa, bfr[0], bfr[1]);
-                mma_16<PV_BF16>(o[2u * np + 1u], pa, bfr[2], bfr[3]);
-            }
-        }
+        pv_tile(pa, vbase, o);
         __syncthreads();  // this stage is refilled two tiles from now
         kb = kn;
         stage ^= 1u;
     }
 
-    // Normalise and write this thread's two rows.
+    // Normalise and write this thread's rows.
     float factor = p_factor(P);
 #pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        u32 row = rows[i];
-        float lsum = quad_sum(l[i]);
-        if (row >= P.seq_q) continue;
-        unsigned short* orow = o_out + (size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)row * P.q_st;
+    for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (u32 n = 0; n < NT_O; n++) {
-            u32 c = n * 8u + 2u * t;
-            if (c >= P.head_dim) continue;
-            float x0 = 0.0f, x1 = 0.0f;
-            if (lsum != 0.0f) {
-                x0 = o[n][2u * i] / lsum;
-                x1 = o[n][2u * i + 1u] / lsum;
-                if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) { x0 *= factor; x1 *= factor; }
-                if (RECIPE == R_INT8_FP8) {
-                    x0 *= u2f(ws[P.off_vscales + bkv * DP + c]);
-                    x1 *= u2f(ws[P.off_vscales + bkv * DP + c + 1u]);
+        for (u32 i = 0; i < 2u; i++) {
+            u32 row = rows[mt][i];
+            float lsum = quad_sum(l[mt][i]);
+            if (row >= P.seq_q) continue;
+            unsigned short* orow = o_out + (size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)row * P.q_st;
+#pragma unroll
+            for (u32 n = 0; n < NT_O; n++) {
+                u32 c = n * 8u + 2u * t;
+                if (c >= P.head_dim) continue;
+                float x0 = 0.0f, x1 = 0.0f;
+                if (lsum != 0.0f) {
+                    x0 = o[mt][n][2u * i] / lsum;
+                    x1 = o[mt][n][2u * i + 1u] / lsum;
+                    if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) {
+                        x0 *= factor;
+                        x1 *= factor;
+                    }
+                    if (RECIPE == R_INT8_FP8) {
+                        x0 *= u2f(ws[P.off_vscales + bkv * DP + c]);
+                        x1 *= u2f(ws[P.off_vscales + bkv * DP + c + 1u]);
+                    }
                 }
+                *(u32*)(orow + c) = pack16<BF16>(x0, x1);
             }
-            *(u32*)(orow + c) = pack16<BF16>(x0, x1);
-        }
-        if (t == 0u && (P.flags & FLAG_LSE)) {
-            float lse = f32_neg_inf();
-            if (lsum != 0.0f) {
-                float shift = (P.flags & FLAG_SMOOTH) ? u2f(ws[P.off_qdelta + bh * P.seq_q + row]) : 0.0f;
-                lse = (m[i] + log2f(lsum) + shift) * 0.6931471805599453f;
+            if (t == 0u && (P.flags & FLAG_LSE)) {
+                float lse = f32_neg_inf();
+                if (lsum != 0.0f) {
+                    float shift = (P.flags & FLAG_SMOOTH) ? u2f(ws[P.off_qdelta + bh * P.seq_q + row]) : 0.0f;
+                    lse = (m[mt][i] + log2f(lsum) + shift) * 0.6931471805599453f;
+                }
+                lse_out[bh * P.seq_q + row] = lse;
             }
-            lse_out[bh * P.seq_q + row] = lse;
         }
-    }
 }
 
 // FP8 V codes → f16 rows [bkv][seq_kv][DP] (exact: every E4M3 value is an f16), so P·V runs on

@@ -17,7 +17,7 @@ struct Params {
     u32 off_kmean, off_qdelta, off_qcodes, off_qscales;
     u32 off_kcodes, off_kscales, off_vcodes, off_vscales;
     u32 q_gblock, q_ginter, k_gblock, k_ginter;
-    u32 np, off_vinv, recipe, pad0;
+    u32 np, off_vinv, recipe, off_kpart;
     u32 nm_n, nm_m, nm_sink, nm_recent;
 };
 

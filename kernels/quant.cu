@@ -18,13 +18,30 @@ __device__ __forceinline__ float qk_value(const Params& P, const void* src, cons
     return x;
 }
 
+// The K mean in two passes (the CPU's order, in parallel): each 64-token block's sum per channel,
+// partials [b·hk][block][d]; then the partials in block order, divided by N.
+#define MEAN_BLOCK 64u
+
+extern "C" __global__ void k_block_sums(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 nb = (P.seq_kv + MEAN_BLOCK - 1u) / MEAN_BLOCK;
+    if (id >= P.batch * P.heads_kv * nb * P.head_dim) return;
+    u32 c = id % P.head_dim, blk = (id / P.head_dim) % nb, bh = id / P.head_dim / nb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    u32 t_end = min(blk * MEAN_BLOCK + MEAN_BLOCK, P.seq_kv);
+    float sum = 0.0f;
+    for (u32 t = blk * MEAN_BLOCK; t < t_end; t++) sum = __fadd_rn(sum, load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype));
+    ws[P.off_kpart + id] = f2u(sum);
+}
+
 extern "C" __global__ void k_mean(Params P, const void* src, u32* ws) {
     u32 id = linear_id();
     if (id >= P.batch * P.heads_kv * P.head_dim) return;
     u32 bh = id / P.head_dim, c = id % P.head_dim;
-    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    u32 nb = (P.seq_kv + MEAN_BLOCK - 1u) / MEAN_BLOCK;
     float sum = 0.0f;
-    for (u32 t = 0; t < P.seq_kv; t++) sum = __fadd_rn(sum, load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype));
+#pragma unroll 8
+    for (u32 blk = 0; blk < nb; blk++) sum = __fadd_rn(sum, u2f(ws[P.off_kpart + (bh * nb + blk) * P.head_dim + c]));
     ws[P.off_kmean + id] = f2u(ftz(div_rn(sum, (float)P.seq_kv)));
 }
 

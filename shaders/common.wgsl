@@ -14,7 +14,7 @@ struct Params {
     off_kmean: u32, off_qdelta: u32, off_qcodes: u32, off_qscales: u32,
     off_kcodes: u32, off_kscales: u32, off_vcodes: u32, off_vscales: u32,
     q_gblock: u32, q_ginter: u32, k_gblock: u32, k_ginter: u32,
-    np: u32, off_vinv: u32, recipe: u32, pad0: u32,
+    np: u32, off_vinv: u32, recipe: u32, off_kpart: u32,
     nm_n: u32, nm_m: u32, nm_sink: u32, nm_recent: u32,
 }
 

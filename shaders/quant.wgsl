@@ -40,18 +40,38 @@ fn qk_value(bh: u32, t: u32, c: u32) -> f32 {
     return x;
 }
 
-// Per-channel mean of K over tokens: an f32 sum in token order, then RN(sum / N).
+// Per-channel mean of K over tokens in two passes: each 64-token block's f32 sum in token order
+// (partials [b·hk][block][d]); then the partials in block order, and RN(sum / N).
+const MEAN_BLOCK: u32 = 64u;
+
+@compute @workgroup_size(64)
+fn k_block_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = linear_id(gid, nwg);
+    let nb = (P.seq_kv + MEAN_BLOCK - 1u) / MEAN_BLOCK;
+    if (id >= P.batch * P.heads_kv * nb * P.head_dim) { return; }
+    let c = id % P.head_dim;
+    let blk = (id / P.head_dim) % nb;
+    let bh = id / P.head_dim / nb;
+    let b = bh / P.heads_kv;
+    let h = bh % P.heads_kv;
+    let t_end = min(blk * MEAN_BLOCK + MEAN_BLOCK, P.seq_kv);
+    var sum = 0.0;
+    for (var t = blk * MEAN_BLOCK; t < t_end; t++) {
+        sum = sum + src_val(b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c);
+    }
+    ws[P.off_kpart + id] = bitcast<u32>(sum);
+}
+
 @compute @workgroup_size(64)
 fn k_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let id = linear_id(gid, nwg);
     if (id >= P.batch * P.heads_kv * P.head_dim) { return; }
     let bh = id / P.head_dim;
     let c = id % P.head_dim;
-    let b = bh / P.heads_kv;
-    let h = bh % P.heads_kv;
+    let nb = (P.seq_kv + MEAN_BLOCK - 1u) / MEAN_BLOCK;
     var sum = 0.0;
-    for (var t = 0u; t < P.seq_kv; t++) {
-        sum = sum + src_val(b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c);
+    for (var blk = 0u; blk < nb; blk++) {
+        sum = sum + bitcast<f32>(ws[P.off_kpart + (bh * nb + blk) * P.head_dim + c]);
     }
     ws[P.off_kmean + id] = bitcast<u32>(ftz(div_rn(sum, f32(P.seq_kv))));
 }

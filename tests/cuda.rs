@@ -135,11 +135,25 @@ recipe_tests!(check);
 #[test]
 fn tensor_cores_match_cuda_cores() {
     use common::matrix::{mask_for, tolerance, MaskKind};
-    use tessera::backend::cuda::{tensor_core_fit, CudaAttention, Module};
+    use tessera::backend::cuda::{tensor_core_fit, CudaAttention, MmaConfig, Module};
     use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
+    // Every launch shape: Q in shared memory (Hopper's default), Q in registers (sm_86/89's),
+    // and two m-tiles per warp.
+    let shapes: Vec<CudaAttention> = [
+        MmaConfig::for_arch("sm_90a"),
+        MmaConfig::for_arch("sm_89"),
+        MmaConfig::parse("4,2,1,1").unwrap(),
+    ]
+    .into_iter()
+    .map(|cfg| {
+        CudaAttention::new(c.attention().context())
+            .unwrap()
+            .with_mma_config(cfg)
+    })
+    .collect();
     let mut rng = Rng::new(fresh_seed("tensor cores vs cuda cores"));
     let recipes = [
         Recipe::Exact,
@@ -171,35 +185,39 @@ fn tensor_cores_match_cuda_cores() {
                 .with_lse(true);
             spec.sparsity = mask_for(&spec, mask, &mut rng);
             let plan = spec.plan().unwrap();
-            assert!(
-                matches!(c.attention().kernel_for(&plan), Module::Mma { .. }),
-                "{:?}",
-                tensor_core_fit(&plan)
-            );
             let (q, k, v) = qkv(&spec, &mut rng, 2.0);
-            let (o_mma, lse_mma) = run_poisoned_cuda(&spec, &q, &k, &v);
             let (o_simt, lse_simt) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-            let ctx = format!(
-                "{} nq{nq} nk{nk} d{d} causal={causal} {mask:?} {dtype:?}",
-                recipe.name()
-            );
-            let acc = Accuracy::of(&o_mma, &o_simt);
-            // Same numerics, f32 sums in another order: see tolerance()'s terms.
-            let (tol_l1, _) = tolerance(recipe, dtype);
-            assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
-            assert!(
-                acc.rel_l1 <= tol_l1,
-                "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
-                acc.rel_l1
-            );
-            for (a, b) in lse_mma.iter().zip(&lse_simt) {
-                // Both are f32 log-sum-exps of the same scores: a few ulp, or both -inf.
+            for attn in &shapes {
+                let kernel = attn.kernel_for(&plan);
                 assert!(
-                    a == b || (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                    "LSE {a} vs {b}: {ctx}"
+                    matches!(kernel, Module::Mma { .. }),
+                    "{:?}",
+                    tensor_core_fit(&plan, MmaConfig::for_arch("sm_90a"))
                 );
+                let (o_mma, lse_mma) = run_poisoned_with(attn, &spec, &q, &k, &v);
+                let ctx = format!("{} ", kernel.label())
+                    + &format!(
+                        "{} nq{nq} nk{nk} d{d} causal={causal} {mask:?} {dtype:?}",
+                        recipe.name()
+                    );
+                let acc = Accuracy::of(&o_mma, &o_simt);
+                // Same numerics, f32 sums in another order: see tolerance()'s terms.
+                let (tol_l1, _) = tolerance(recipe, dtype);
+                assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
+                assert!(
+                    acc.rel_l1 <= tol_l1,
+                    "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
+                    acc.rel_l1
+                );
+                for (a, b) in lse_mma.iter().zip(&lse_simt) {
+                    // Both are f32 log-sum-exps of the same scores: a few ulp, or both -inf.
+                    assert!(
+                        a == b || (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                        "LSE {a} vs {b}: {ctx}"
+                    );
+                }
+                cases += 1;
             }
-            cases += 1;
         }
     }
     eprintln!("tensor cores = CUDA cores on {cases} cases");

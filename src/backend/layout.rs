@@ -3,7 +3,7 @@
 //! shaders/common.wgsl and kernels/common.cuh field for field.
 
 use crate::numerics::p::NVFP4_RANGE;
-use crate::numerics::{padded_dim, QkCodes, Quantized, VCodes};
+use crate::numerics::{padded_dim, QkCodes, Quantized, VCodes, MEAN_BLOCK};
 use crate::recipe::{Groups, Recipe};
 use crate::spec::{DType, Plan};
 
@@ -62,7 +62,8 @@ pub struct Params {
     pub np: u32,
     pub off_vinv: u32,
     pub recipe: u32,
-    pub pad0: u32,
+    /// K-mean partial sums, one per 64-token block and channel (before the mean).
+    pub off_kpart: u32,
     /// N:M sparse softmax (nm_n = 0: dense), and its dense windows.
     pub nm_n: u32,
     pub nm_m: u32,
@@ -89,6 +90,7 @@ pub struct Workspace {
     pub vcodes: u32,
     pub vscales: u32,
     pub vinv: u32,
+    pub kpart: u32,
     pub words: u64,
 }
 
@@ -116,6 +118,7 @@ impl Workspace {
         if s.recipe.smooths_k() {
             w.kmean = take(b * hk * d);
             w.qdelta = take(b * hq * nq);
+            w.kpart = take(b * hk * nk.div_ceil(MEAN_BLOCK as u64) * d);
         }
         match s.recipe {
             Recipe::Int8QkF16Pv | Recipe::Int8QkFp8Pv { .. } => {
@@ -220,7 +223,7 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         np: padded_dim(s.seq_kv) as u32,
         off_vinv: ws.vinv,
         recipe: recipe_id(s.recipe),
-        pad0: 0,
+        off_kpart: ws.kpart,
         nm_n: s.nm_softmax.map_or(0, |n| n.n),
         nm_m: s.nm_softmax.map_or(4, |n| n.m),
         nm_sink: s
@@ -354,6 +357,8 @@ pub fn quant_steps(plan: &Plan) -> Vec<QuantStep> {
     };
     let mut steps = Vec::new();
     if s.recipe.smooths_k() {
+        let blocks = nk.div_ceil(MEAN_BLOCK as u32);
+        steps.push(t("k_block_sums", MODE_K, Source::K, b * hk * blocks * d));
         steps.push(t("k_mean", MODE_K, Source::K, b * hk * d));
         steps.push(t("q_delta", MODE_Q, Source::Q, b * hq * nq));
     }

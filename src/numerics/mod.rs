@@ -8,4 +8,4 @@ pub mod quant;
 pub use formats::{
     div_rn, e2m1_code_of_ratio, e2m1_to_f32, e4m3_from_f32, e4m3_to_f32, ftz, int8_round,
 };
-pub use quant::{padded_dim, quantize, QkCodes, Quantized, VCodes};
+pub use quant::{padded_dim, quantize, QkCodes, Quantized, VCodes, MEAN_BLOCK};

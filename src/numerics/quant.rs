@@ -138,8 +138,12 @@ pub enum VCodes {
     },
 }
 
-/// Per-channel mean over tokens, [B, H, D]: an f32 sum in token order, then RN(sum / N),
-/// subnormals flushed. The order is part of the definition (the GPU sums the same way).
+/// Tokens per partial sum of the K mean.
+pub const MEAN_BLOCK: usize = 64;
+
+/// Per-channel mean over tokens, [B, H, D]: f32 sums of blocks of [`MEAN_BLOCK`] tokens in
+/// token order, those block sums added in order, then RN(sum / N), subnormals flushed. The
+/// order is part of the definition (the GPUs sum the blocks in parallel, then the same way).
 pub fn token_mean(
     x: &[f32],
     st: &Strides,
@@ -152,9 +156,15 @@ pub fn token_mean(
     for b in 0..batch {
         for h in 0..heads {
             for c in 0..d {
+                // Blocks of MEAN_BLOCK tokens summed in order, then the block sums in order:
+                // the GPUs compute the block sums in parallel and get the same bits.
                 let mut sum = 0f32;
-                for t in 0..n {
-                    sum += x[st.row(b, h, t) + c];
+                for t0 in (0..n).step_by(MEAN_BLOCK) {
+                    let mut block = 0f32;
+                    for t in t0..(t0 + MEAN_BLOCK).min(n) {
+                        block += x[st.row(b, h, t) + c];
+                    }
+                    sum += block;
                 }
                 out[(b * heads + h) * d + c] = ftz(div_rn(sum, n as f32));
             }

@@ -58,9 +58,56 @@ pub fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
     })
 }
 
-/// Warps per block of the tensor-core kernel (16 query rows each: 128 rows, the block mask's
-/// query block).
-const MMA_WARPS: u32 = 8;
+/// The launch shape of the tensor-core kernel. Its blocks hold warps · 16 · m_tiles = 128 query
+/// rows, the block mask's query block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmaConfig {
+    /// Warps per block.
+    pub warps: u32,
+    /// 16-row m-tiles per warp (each K/V fragment feeds this many mma).
+    pub m_tiles: u32,
+    /// Q's fragments in shared memory (read by ldmatrix) rather than in registers.
+    pub q_in_shared: bool,
+    /// Blocks per SM the register allocation must allow (__launch_bounds__).
+    pub min_blocks: u32,
+}
+
+impl MmaConfig {
+    /// Hopper and Ampere A100 (≥ 163 KiB of shared memory per SM): Q in shared memory, so
+    /// registers fit two blocks per SM. Smaller parts (sm_86/89, 100 KiB): Q in registers.
+    pub fn for_arch(arch: &str) -> MmaConfig {
+        let big_smem = arch.starts_with("sm_90") || arch == "sm_80" || arch.starts_with("sm_100");
+        MmaConfig {
+            warps: 8,
+            m_tiles: 1,
+            q_in_shared: big_smem,
+            min_blocks: if big_smem { 2 } else { 1 },
+        }
+    }
+
+    /// "warps,m_tiles,q_in_shared,min_blocks", e.g. "4,2,1,1" (TESSERA_MMA_CONFIG, for tuning).
+    pub fn parse(s: &str) -> Option<MmaConfig> {
+        let v: Vec<u32> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        match v[..] {
+            [w, mt, q, b] if w * mt * 16 == 128 && b >= 1 => Some(MmaConfig {
+                warps: w,
+                m_tiles: mt,
+                q_in_shared: q != 0,
+                min_blocks: b,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Dynamic shared memory: [Q tile] then two stages of (K tile, V tile, K scales), rows
+    /// padded by 16 bytes (kernels/attention_mma.cu, Q_TILE and STAGE_BYTES).
+    fn shared_bytes(&self, recipe: u32, dp: u32) -> u32 {
+        let int8_qk = recipe == 1 || recipe == 2;
+        let qk_row = if int8_qk { dp } else { 2 * dp } + 16;
+        let q = if self.q_in_shared { 128 * qk_row } else { 0 };
+        q + 2 * (64 * qk_row + 64 * (2 * dp + 16) + 4 * 64)
+    }
+}
 
 /// One compiled module: the quantizers, or a specialization of an attention kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +123,7 @@ pub enum Module {
         recipe: u32,
         dp: u32,
         bf16: bool,
+        cfg: MmaConfig,
     },
 }
 
@@ -84,12 +132,19 @@ impl Module {
         match self {
             Module::Quant => "quant".into(),
             Module::Simt { recipe, dp } => format!("attention-r{recipe}-d{dp}"),
-            Module::Mma { recipe, dp, bf16 } => {
-                format!(
-                    "attention-mma-r{recipe}-d{dp}-{}",
-                    if *bf16 { "bf16" } else { "f16" }
-                )
-            }
+            Module::Mma {
+                recipe,
+                dp,
+                bf16,
+                cfg,
+            } => format!(
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}",
+                if *bf16 { "bf16" } else { "f16" },
+                cfg.warps,
+                cfg.m_tiles,
+                cfg.q_in_shared as u32,
+                cfg.min_blocks
+            ),
         }
     }
 }
@@ -107,12 +162,20 @@ pub fn module_source(m: Module) -> String {
             ],
             nvrtc::ATTENTION,
         ),
-        Module::Mma { recipe, dp, bf16 } => nvrtc::source(
+        Module::Mma {
+            recipe,
+            dp,
+            bf16,
+            cfg,
+        } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
                 ("DP", dp),
                 ("BF16", bf16 as u32),
-                ("WARPS", MMA_WARPS),
+                ("WARPS", cfg.warps),
+                ("MT", cfg.m_tiles),
+                ("QSMEM", cfg.q_in_shared as u32),
+                ("MINB", cfg.min_blocks),
             ],
             nvrtc::ATTENTION_MMA,
         ),
@@ -131,10 +194,18 @@ pub fn all_modules() -> Vec<(String, String)> {
             mods.push(Module::Simt { recipe, dp });
         }
     }
-    for recipe in MMA_RECIPES {
-        for dp in MMA_DIMS {
-            for bf16 in [false, true] {
-                mods.push(Module::Mma { recipe, dp, bf16 });
+    // Both default launch shapes (shared-memory Q, register Q) on every arch.
+    for cfg in [MmaConfig::for_arch("sm_90a"), MmaConfig::for_arch("sm_89")] {
+        for recipe in MMA_RECIPES {
+            for dp in MMA_DIMS {
+                for bf16 in [false, true] {
+                    mods.push(Module::Mma {
+                        recipe,
+                        dp,
+                        bf16,
+                        cfg,
+                    });
+                }
             }
         }
     }
@@ -144,7 +215,7 @@ pub fn all_modules() -> Vec<(String, String)> {
 }
 
 /// Can the tensor-core kernel run `plan`? `Err` says why not (the CUDA-core kernel runs it then).
-pub fn tensor_core_fit(plan: &Plan) -> std::result::Result<Module, String> {
+pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Module, String> {
     let s = &plan.spec;
     let dp = padded_dim(s.head_dim) as u32;
     let recipe = recipe_id(s.recipe);
@@ -181,15 +252,8 @@ pub fn tensor_core_fit(plan: &Plan) -> std::result::Result<Module, String> {
         recipe,
         dp,
         bf16: s.dtype == DType::BF16,
+        cfg,
     })
-}
-
-/// Dynamic shared memory of the tensor-core kernel: two stages of (K tile, V tile, K scales),
-/// rows padded by 16 bytes (kernels/attention_mma.cu, STAGE_BYTES).
-fn mma_shared_bytes(recipe: u32, dp: u32) -> u32 {
-    let int8_qk = recipe == 1 || recipe == 2;
-    let qk_bytes = if int8_qk { dp } else { 2 * dp };
-    2 * (64 * (qk_bytes + 16) + 64 * (2 * dp + 16) + 4 * 64)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -212,6 +276,7 @@ pub struct CudaAttention {
     description: String,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     tensor_cores: std::sync::atomic::AtomicBool,
+    mma: MmaConfig,
 }
 
 fn threads(n: u32) -> LaunchConfig {
@@ -242,6 +307,10 @@ impl CudaAttention {
             tensor_cores: std::sync::atomic::AtomicBool::new(
                 std::env::var("TESSERA_CUDA_TENSOR_CORES").map_or(true, |v| v != "0"),
             ),
+            mma: std::env::var("TESSERA_MMA_CONFIG")
+                .ok()
+                .and_then(|v| MmaConfig::parse(&v))
+                .unwrap_or_else(|| MmaConfig::for_arch(arch)),
         })
     }
 
@@ -256,6 +325,13 @@ impl CudaAttention {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Another launch shape for the tensor-core kernel (the default comes from the arch, or
+    /// TESSERA_MMA_CONFIG).
+    pub fn with_mma_config(mut self, cfg: MmaConfig) -> Self {
+        self.mma = cfg;
+        self
+    }
+
     /// The attention kernel a plan runs on this context.
     pub fn kernel_for(&self, plan: &Plan) -> Module {
         let simt = Module::Simt {
@@ -265,7 +341,7 @@ impl CudaAttention {
         if !self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
             return simt;
         }
-        match tensor_core_fit(plan) {
+        match tensor_core_fit(plan, self.mma) {
             Ok(m) => m,
             Err(why) => {
                 log::debug!("cuda: CUDA-core kernel for {why}");
@@ -528,7 +604,10 @@ impl CudaAttention {
         out: &mut CudaSlice<u16>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let Module::Mma { recipe, dp, .. } = kernel else {
+        let Module::Mma {
+            recipe, dp, cfg, ..
+        } = kernel
+        else {
             return Err(Error::Cuda(
                 "enqueue_mma called with a non-tensor-core module".into(),
             ));
@@ -552,7 +631,7 @@ impl CudaAttention {
             None
         };
         let f = self.function(kernel, "attention_mma")?;
-        let smem = mma_shared_bytes(recipe, dp);
+        let smem = cfg.shared_bytes(recipe, dp);
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
@@ -560,11 +639,11 @@ impl CudaAttention {
         .map_err(cuda_err("shared memory attribute"))?;
         let cfg = LaunchConfig {
             grid_dim: (
-                (s.seq_q as u32).div_ceil(16 * MMA_WARPS),
+                (s.seq_q as u32).div_ceil(16 * cfg.warps * cfg.m_tiles),
                 (s.batch * s.heads_q) as u32,
                 1,
             ),
-            block_dim: (32 * MMA_WARPS, 1, 1),
+            block_dim: (32 * cfg.warps, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
