@@ -16,7 +16,7 @@
 #define BK 64u
 #define BQT (16u * MT * WARPS)
 #define THREADS (32u * WARPS)
-#define MASKED (-3.0e38f)
+#define NEG_INF __int_as_float(0xff800000)
 // FP8 V runs through the f16 tensor cores (its codes' values are f16-exact); all else in the input dtype.
 #define PV_BF16 (BF16 && RECIPE != R_INT8_FP8)
 #define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
@@ -77,6 +77,13 @@ template <bool IS_BF16> __device__ __forceinline__ u32 pack16(float lo, float hi
     return r;
 }
 
+// 2^x on the SFU (flushes results below 2^-126 to zero; ex2(−inf) = 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -88,9 +95,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ---- the recipe's P ------------------------------------------------------------------------
 
-// p rounded to the input dtype (exact hardware RNE; subnormal p flushed as in round_to).
+// p rounded to the input dtype (hardware RNE; p comes from ex2.approx.ftz, so it is never
+// subnormal and round_to's flush has nothing to do).
 __device__ __forceinline__ float round_dtype(float p) {
-    p = ftz(p);
     unsigned short h;
     if (BF16) {
         asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(p));
@@ -118,10 +125,11 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float
 }
 
 // Nvfp4P on one m-tile: a group of 16 keys of a row is n-tiles 2i and 2i+1; a thread holds 4 of
-// its values, its quad the rest. The E2M1 thresholds (midpoints · scale) are computed once per
-// group; a value on a threshold goes to the even code.
+// its values, its quad the rest. E2M1 by binary search over the thresholds midpoint·scale (exact
+// in f32, so comparing with them compares x/scale with the midpoints exactly); a value on a
+// threshold goes to the even code: ≥ where the upper code is even (thresholds 1, 3, 5), > where
+// the lower one is. p ≥ 0, so the sign is always +; a zero scale gives 0, a NaN scale NaN.
 __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
-    const float mids[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
 #pragma unroll
     for (u32 blk = 0; blk < NT_S / 2u; blk++) {
 #pragma unroll
@@ -137,16 +145,17 @@ __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
             amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
             u32 sc = nvfp4_scale_code(amax);
             float s = sc != E4M3_NAN ? e4m3_to_f32(sc) : f32_nan();
-            float th[7];
-#pragma unroll
-            for (u32 j = 0; j < 7u; j++) th[j] = __fmul_rn(mids[j], s);
+            float th0 = 0.25f * s, th1 = 0.75f * s, th2 = 1.25f * s, th3 = 1.75f * s;
+            float th4 = 2.5f * s, th5 = 3.5f * s, th6 = 5.0f * s;
 #pragma unroll
             for (u32 i = 0; i < 4u; i++) {
-                float a = fabsf(x[i]);  // p ≥ 0: the sign is always +
-                u32 code = 0u;
-#pragma unroll
-                for (u32 j = 0; j < 7u; j++) code += (a > th[j] || (a == th[j] && (j & 1u))) ? 1u : 0u;
-                p[2u * blk + i / 2u][2u * half + i % 2u] = s > 0.0f ? e2m1_to_f32(code) * s : (s == 0.0f ? 0.0f : f32_nan());
+                float a = x[i];
+                bool b2 = a >= th3;
+                bool b1 = a >= (b2 ? th5 : th1);
+                bool b0 = a > (b2 ? (b1 ? th6 : th4) : (b1 ? th2 : th0));
+                u32 code = (b2 ? 4u : 0u) + (b1 ? 2u : 0u) + (b0 ? 1u : 0u);
+                float v = code < 4u ? 0.5f * (float)code : (code < 7u ? (float)code - 2.0f : 6.0f);
+                p[2u * blk + i / 2u][2u * half + i % 2u] = v * s;
             }
         }
     }
@@ -242,7 +251,8 @@ __device__ __forceinline__ void q_fragments(const u32 (&qreg)[MT][QREG_STEPS][4]
 }
 
 // S = Q·Kᵀ for the warp's MT m-tiles: each ldmatrix.x4 gives the B fragments of two key n-tiles,
-// used by all MT m-tiles. Int8 products are exact; the scales come after.
+// used by all MT m-tiles. Int8 products are exact; their scales come after, and make the
+// scaled score. 16-bit products stay unscaled: the softmax folds sm_scale·log2(e) into its FMA.
 __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
                                         const float* kscale, const float (&qscale)[MT][2], float (&s)[MT][NT_S][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
@@ -302,12 +312,6 @@ __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][Q
                 }
             }
         }
-#pragma unroll
-        for (u32 mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[mt][n][e] *= P.score_scale;
     }
 }
 
@@ -414,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         for (u32 n = 0; n < NT_O; n++)
 #pragma unroll
             for (u32 e = 0; e < 4u; e++) o[mt][n][e] = 0.0f;
-        m[mt][0] = m[mt][1] = MASKED;
+        m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
     }
 
@@ -441,7 +445,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         float s[MT][NT_S][4];
         qk_tile(P, qreg, qbase, kbase, (const float*)(st + K_TILE + V_TILE), qscale, s);
 
-        // Keys past the end and (causal) past the diagonal, on the tiles that hold such keys.
+        // Keys past the end and (causal) past the diagonal (−inf), on the tiles that hold such keys.
         u32 key0 = kb * BK;
         if (key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset)) {
 #pragma unroll
@@ -451,22 +455,26 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #pragma unroll
                     for (u32 e = 0; e < 4u; e++) {
                         u32 key = key0 + n * 8u + 2u * t + e % 2u;
-                        if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = MASKED;
+                        if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
                     }
         }
 
-        // Online softmax: row max over the quad, rescale, p = exp2(s − m); l sums unquantised p.
+        // Online softmax in base 2: m is the running max of the scaled scores (−inf before any
+        // visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with nothing
+        // visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0.
+        const float scale = INT8_QK ? 1.0f : P.score_scale;
         u32 pa[MT][BK / 16u][4];
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
-            float alpha[2];
+            float alpha[2], m_use[2];
 #pragma unroll
             for (u32 i = 0; i < 2u; i++) {
-                float mx = MASKED;
+                float mx = NEG_INF;
 #pragma unroll
                 for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
-                float m_new = fmaxf(m[mt][i], quad_max(mx));
-                alpha[i] = m[mt][i] != MASKED ? exp2f(m[mt][i] - m_new) : 0.0f;
+                float m_new = fmaxf(m[mt][i], quad_max(mx) * scale);
+                m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
+                alpha[i] = ex2(m[mt][i] - m_use[i]);
                 m[mt][i] = m_new;
             }
             float sum[2] = {0.0f, 0.0f};
@@ -474,8 +482,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
-                    float x = s[mt][n][e];
-                    float p = x != MASKED ? exp2f(x - m[mt][e / 2u]) : 0.0f;
+                    float p = ex2(fmaf(s[mt][n][e], scale, -m_use[e / 2u]));
                     sum[e / 2u] += p;
                     s[mt][n][e] = p;
                 }

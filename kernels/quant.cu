@@ -105,6 +105,31 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     }
 }
 
+// The CUDA path's FP8 V scale in two steps (max is order-free, so the bits are the same):
+// per (b·hk, 64-token block, channel) a partial amax, atomically maxed into vinv (zeroed by the
+// host); then fp8_v_scale_from_amax turns it into the scale and its inverse.
+extern "C" __global__ void fp8_v_amax(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 nb = (P.seq_kv + 63u) / 64u;
+    if (id >= P.batch * P.heads_kv * nb * P.head_dim) return;
+    u32 c = id % P.head_dim, blk = (id / P.head_dim) % nb, bh = id / P.head_dim / nb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    u32 amax = 0u, t_end = min(blk * 64u + 64u, P.seq_kv);
+    for (u32 t = blk * 64u; t < t_end; t++) amax = max(amax, abs_bits(load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype)));
+    atomicMax(ws + P.off_vinv + bh * P.dp + c, amax);
+}
+
+extern "C" __global__ void fp8_v_scale_from_amax(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    if (id >= P.batch * P.heads_kv * P.dp) return;
+    u32 amax = ws[P.off_vinv + id];
+    float inv = 0.0f, scale = 0.0f;
+    if (non_finite(amax)) scale = f32_nan();
+    else if (amax >= TINY_BITS) { inv = div_rn(448.0f, u2f(amax)); scale = div_rn(u2f(amax), 448.0f); }
+    ws[P.off_vscales + id] = f2u(scale);
+    ws[P.off_vinv + id] = f2u(inv);
+}
+
 extern "C" __global__ void fp8_v_scale(Params P, const void* src, u32* ws) {
     u32 id = linear_id();
     if (id >= P.batch * P.heads_kv * P.dp) return;

@@ -455,6 +455,14 @@ impl CudaAttention {
         let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
             .map_err(cuda_err("alloc workspace"))?;
         let base = params(plan, &layout);
+        if quant_steps(plan).iter().any(|st| st.entry == "fp8_v_scale") {
+            // fp8_v_amax maxes into the (zeroed) vinv words; see the loop below.
+            let s = &plan.spec;
+            let chans = s.batch * s.heads_kv * padded_dim(s.head_dim);
+            stream
+                .memset_zeros(&mut ws.slice_mut(layout.vinv as usize..layout.vinv as usize + chans))
+                .map_err(cuda_err("memset"))?;
+        }
         let mut launch =
             |name: &str, mode: u32, src: &CudaTensor, cfg: LaunchConfig| -> Result<()> {
                 let f = self.function(Module::Quant, name)?;
@@ -475,6 +483,16 @@ impl CudaAttention {
                 Source::K => k,
                 Source::V => v,
             };
+            if step.entry == "fp8_v_scale" {
+                // One thread per channel walking every token is latency-bound (~7 ms at
+                // N = 16384): amax per 64-token block in parallel instead, then the scales.
+                let s = &plan.spec;
+                let chans = (s.batch * s.heads_kv) as u32 * padded_dim(s.head_dim) as u32;
+                let blocks = (s.batch * s.heads_kv * s.seq_kv.div_ceil(64) * s.head_dim) as u32;
+                launch("fp8_v_amax", step.mode, src, threads(blocks))?;
+                launch("fp8_v_scale_from_amax", step.mode, src, threads(chans))?;
+                continue;
+            }
             let cfg = LaunchConfig {
                 grid_dim: (step.workgroups(), 1, 1),
                 block_dim: (64, 1, 1),
