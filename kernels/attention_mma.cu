@@ -18,7 +18,10 @@
 #define THREADS (32u * WARPS)
 #define NEG_INF __int_as_float(0xff800000)
 // FP8 V runs through the f16 tensor cores (its codes' values are f16-exact); all else in the input dtype.
-#define PV_BF16 (BF16 && RECIPE != R_INT8_FP8)
+// FP8 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
+// codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
+#define QK_BF16 (BF16 && RECIPE != R_NVFP4)
+#define PV_BF16 (BF16 && RECIPE != R_INT8_FP8 && RECIPE != R_NVFP4)
 #define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
 #define QK_BYTES (INT8_QK ? DP : 2u * DP)   // one Q/K row in shared memory and registers
 #define V_BYTES (2u * DP)
@@ -129,7 +132,9 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float
 // in f32, so comparing with them compares x/scale with the midpoints exactly); a value on a
 // threshold goes to the even code: ≥ where the upper code is even (thresholds 1, 3, 5), > where
 // the lower one is. p ≥ 0, so the sign is always +; a zero scale gives 0, a NaN scale NaN.
-__device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
+// mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
+// to the input dtype.
+__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2]) {
 #pragma unroll
     for (u32 blk = 0; blk < NT_S / 2u; blk++) {
 #pragma unroll
@@ -138,7 +143,8 @@ __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
             u32 amax = 0u;
 #pragma unroll
             for (u32 i = 0; i < 4u; i++) {
-                x[i] = __fmul_rn(round_dtype(p[2u * blk + i / 2u][2u * half + i % 2u]), P.inv_g);
+                float pv = p[2u * blk + i / 2u][2u * half + i % 2u];
+                x[i] = __fmul_rn(RECIPE == R_NVFP4P ? round_dtype(pv) : pv, mul[half]);
                 amax = max(amax, abs_bits(x[i]));
             }
             amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -163,8 +169,8 @@ __device__ __forceinline__ void p_nvfp4(const Params& P, float (&p)[NT_S][4]) {
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
 // in the recipe's format divided by the constant factor applied at the end.
-__device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4]) {
-    if (RECIPE == R_NVFP4P) p_nvfp4(P, p);
+__device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
+    if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) p_nvfp4(p, row_mul);
     float mul = RECIPE == R_INT8_FP8 ? 448.0f : P.inv_g;
 #pragma unroll
     for (u32 kk = 0; kk < BK / 16u; kk++)
@@ -175,7 +181,7 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
             if (RECIPE == R_INT8_FP8 || RECIPE == R_FP8P)
                 pa[kk][r] = e4m3_pair<PV_BF16>(__fmul_rn(lo, mul), __fmul_rn(hi, mul));
             else
-                pa[kk][r] = pack16<PV_BF16>(lo, hi);  // Exact, Int8QkF16Pv: RNE to 16 bits; Nvfp4P: exact
+                pa[kk][r] = pack16<PV_BF16>(lo, hi);  // Exact, Int8QkF16Pv: RNE to 16 bits; NVFP4: exact
         }
 }
 
@@ -252,7 +258,8 @@ __device__ __forceinline__ void q_fragments(const u32 (&qreg)[MT][QREG_STEPS][4]
 
 // S = Q·Kᵀ for the warp's MT m-tiles: each ldmatrix.x4 gives the B fragments of two key n-tiles,
 // used by all MT m-tiles. Int8 products are exact; their scales come after, and make the
-// scaled score. 16-bit products stay unscaled: the softmax folds sm_scale·log2(e) into its FMA.
+// scaled score. Other products stay as they are: for Exact, Nvfp4P and Fp8P the softmax folds
+// sm_scale·log2(e) into its FMA.
 __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
                                         const float* kscale, const float (&qscale)[MT][2], float (&s)[MT][NT_S][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
@@ -307,8 +314,8 @@ __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][Q
                 ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
 #pragma unroll
                 for (u32 mt = 0; mt < MT; mt++) {
-                    mma_16<BF16>(s[mt][2u * np], qa[mt], bfr[0], bfr[1]);
-                    mma_16<BF16>(s[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
+                    mma_16<QK_BF16>(s[mt][2u * np], qa[mt], bfr[0], bfr[1]);
+                    mma_16<QK_BF16>(s[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
                 }
             }
         }
@@ -335,9 +342,14 @@ __device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vb
 
 // ---- the kernel ----------------------------------------------------------------------------
 
+// Where the 16-bit operands live (elements): the caller's tensors, or f16 copies of codes.
+struct Strides16 {
+    u32 q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
+};
+
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
-                                                                    const u32* ws, const u32* mask, unsigned short* o_out,
-                                                                    float* lse_out, const void* v16, u32 v16_sb, u32 v16_sh, u32 v16_st) {
+                                                                    Strides16 S16, const u32* ws, const u32* mask,
+                                                                    unsigned short* o_out, float* lse_out) {
     extern __shared__ __align__(16) unsigned char smem[];
     u32 tid = threadIdx.x, warp = tid / 32u, lane = tid % 32u;
     u32 g = lane / 4u, t = lane % 4u;
@@ -354,16 +366,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         src.k = (const char*)(ws + P.off_kcodes) + (size_t)bkv * P.seq_kv * DP;
         src.k_row = DP;
     } else {
-        src.k = (const char*)k_in + 2ull * ((size_t)b * P.kv_sb + (size_t)hkv * P.kv_sh);
-        src.k_row = 2u * P.kv_st;
+        src.k = (const char*)k_in + 2ull * ((size_t)b * S16.k_sb + (size_t)hkv * S16.k_sh);
+        src.k_row = 2u * S16.k_st;
     }
-    if (RECIPE == R_INT8_FP8) {
-        src.v = (const char*)v16 + 2ull * ((size_t)b * v16_sb + (size_t)hkv * v16_sh);
-        src.v_row = 2u * v16_st;
-    } else {
-        src.v = (const char*)v_in + 2ull * ((size_t)b * P.kv_sb + (size_t)hkv * P.kv_sh);
-        src.v_row = 2u * P.kv_st;
-    }
+    src.v = (const char*)v_in + 2ull * ((size_t)b * S16.v_sb + (size_t)hkv * S16.v_sh);
+    src.v_row = 2u * S16.v_st;
 
     // This thread's rows (g and g+8 of each m-tile), and Q as A fragments from global memory
     // (or, QSMEM, the whole Q tile copied to shared memory with the first K/V tile).
@@ -378,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             u32 r = e / chunks, c = e % chunks, row = row0 + r;
             bool ok = row < P.seq_q && c < valid;
             const char* q = INT8_QK ? (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + row) * DP
-                                    : (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)row * P.q_st);
+                                    : (const char*)q_in + 2ull * ((size_t)b * S16.q_sb + (size_t)h * S16.q_sh + (size_t)row * S16.q_st);
             cp_async16(smem_addr(smem) + r * K_STRIDE + c * 16u, ok ? q + c * 16u : (const char*)ws, ok);
         }
     }
@@ -398,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 u32 ngq = group_count(P.seq_q, P.q_gblock, P.q_ginter);
                 qscale[mt][i] = in ? u2f(ws[P.off_qscales + bh * ngq + group_of(row, P.q_gblock, P.q_ginter)]) : 0.0f;
             } else {
-                qrow = (const char*)q_in + 2ull * ((size_t)b * P.q_sb + (size_t)h * P.q_sh + (size_t)(in ? row : 0u) * P.q_st);
+                qrow = (const char*)q_in + 2ull * ((size_t)b * S16.q_sb + (size_t)h * S16.q_sh + (size_t)(in ? row : 0u) * S16.q_st);
                 valid_bytes = 2u * P.head_dim;
             }
 #pragma unroll
@@ -412,6 +419,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 
     float o[MT][NT_O][4];
     float m[MT][2], l[MT][2];
+    float F[MT][2];  // Nvfp4: o holds O / F, F the P factor ρ/2688 of the last tile that added to it
 #pragma unroll
     for (u32 mt = 0; mt < MT; mt++) {
 #pragma unroll
@@ -420,6 +428,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             for (u32 e = 0; e < 4u; e++) o[mt][n][e] = 0.0f;
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
+        F[mt][0] = F[mt][1] = 1.0f;
     }
 
     unsigned char* stages = smem + Q_TILE;
@@ -462,7 +471,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // Online softmax in base 2: m is the running max of the scaled scores (−inf before any
         // visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with nothing
         // visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0.
-        const float scale = INT8_QK ? 1.0f : P.score_scale;
+        // (Int8 and NVFP4 scores are already scaled: Q was multiplied by it before quantizing.)
+        const float scale = (INT8_QK || RECIPE == R_NVFP4) ? 1.0f : P.score_scale;
         u32 pa[MT][BK / 16u][4];
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
@@ -488,11 +498,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 }
 #pragma unroll
             for (u32 i = 0; i < 2u; i++) l[mt][i] = l[mt][i] * alpha[i] + sum[i];
+            float oscale[2] = {alpha[0], alpha[1]}, row_mul[2] = {P.inv_g, P.inv_g};
+            if (RECIPE == R_NVFP4) {
+                // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here).
+                // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f.
+                // A tile whose f is below 2^-40·F adds under 2^-40 of O: dropped (P' = 0),
+                // which keeps F/f, hence o, finite.
+#pragma unroll
+                for (u32 i = 0; i < 2u; i++) {
+                    float rho = 0.0f;
+#pragma unroll
+                    for (u32 n = 0; n < NT_S; n++) rho = fmaxf(rho, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
+                    rho = quad_max(rho);
+                    float f = rho > 0.0f ? div_rn(rho, 2688.0f) : 0.0f;
+                    row_mul[i] = 0.0f;
+                    if (f > 0.0f && f >= F[mt][i] * 0x1p-40f) {
+                        row_mul[i] = div_rn(2688.0f, rho);
+                        oscale[i] = alpha[i] * __fdiv_rn(F[mt][i], f);
+                        F[mt][i] = f;
+                    }
+                }
+            }
 #pragma unroll
             for (u32 n = 0; n < NT_O; n++)
 #pragma unroll
-                for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= alpha[e / 2u];
-            p_fragments(P, s[mt], pa[mt]);
+                for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= oscale[e / 2u];
+            p_fragments(P, s[mt], pa[mt], row_mul);
         }
         pv_tile(pa, vbase, o);
         __syncthreads();  // this stage is refilled two tiles from now
@@ -518,7 +549,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 if (lsum != 0.0f) {
                     x0 = o[mt][n][2u * i] / lsum;
                     x1 = o[mt][n][2u * i + 1u] / lsum;
-                    if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) {
+                    if (RECIPE == R_NVFP4) {
+                        x0 *= F[mt][i];
+                        x1 *= F[mt][i];
+                    } else if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) {
                         x0 *= factor;
                         x1 *= factor;
                     }
@@ -547,4 +581,24 @@ extern "C" __global__ void v_fp8_to_f16(Params P, const u32* ws, unsigned short*
     u32 n = P.batch * P.heads_kv * P.seq_kv * DP;
     if (id >= n) return;
     v16[id] = (unsigned short)f32_to_f16_bits(e4m3_to_f32(byte_of(ws[P.off_vcodes + id / 4u], id)));
+}
+
+// NVFP4 Q or K codes → f16 rows of DP values (exact: every E2M1·E4M3 product is an f16).
+// `rows` rows of codes at `codes`, one E4M3 scale word per 16 values at `scales`.
+extern "C" __global__ void nvfp4_qk_to_f16(Params P, const u32* ws, unsigned short* out, u32 codes, u32 scales, u32 rows) {
+    u32 id = blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= rows * DP) return;
+    u32 row = id / DP, c = id % DP;
+    float x = e2m1_to_f32(byte_of(ws[codes + id / 4u], id)) * e4m3_to_f32(ws[scales + row * (DP / 16u) + c / 16u]);
+    out[id] = (unsigned short)f32_to_f16_bits(x);
+}
+
+// NVFP4 V (channel-major codes, 16-token groups per channel) → f16 rows [b·hk][seq_kv][DP].
+extern "C" __global__ void nvfp4_v_to_f16(Params P, const u32* ws, unsigned short* out) {
+    u32 id = blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= P.batch * P.heads_kv * P.seq_kv * DP) return;
+    u32 c = id % DP, j = (id / DP) % P.seq_kv, bkv = id / DP / P.seq_kv;
+    u32 chan = bkv * DP + c, e = chan * P.np + j;
+    float x = e2m1_to_f32(byte_of(ws[P.off_vcodes + e / 4u], e)) * e4m3_to_f32(ws[P.off_vscales + chan * (P.np / 16u) + j / 16u]);
+    out[id] = (unsigned short)f32_to_f16_bits(x);
 }

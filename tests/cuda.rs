@@ -161,6 +161,7 @@ fn tensor_cores_match_cuda_cores() {
         Recipe::Int8QkFp8Pv {
             granularity: QkGranularity::PerThread,
         },
+        Recipe::Nvfp4,
         Recipe::nvfp4p(),
         Recipe::fp8p(),
     ];

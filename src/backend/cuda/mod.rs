@@ -23,6 +23,19 @@ use std::sync::{Arc, Mutex};
 // SAFETY: Params is repr(C) plain data, the layout of `struct Params` in common.cuh.
 unsafe impl DeviceRepr for Params {}
 
+/// Where the tensor-core kernel reads its 16-bit Q, K, V (element strides: batch, head, token):
+/// `struct Strides16` in kernels/attention_mma.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Strides16 {
+    q: [u32; 3],
+    k: [u32; 3],
+    v: [u32; 3],
+}
+
+// SAFETY: repr(C), nine u32, the layout of `struct Strides16`.
+unsafe impl DeviceRepr for Strides16 {}
+
 /// Query rows per thread block of the CUDA-core kernel (a divisor of 128; the tiles fit the
 /// 48 KiB of static shared memory up to head_dim 256).
 const BQ: u32 = 16;
@@ -183,7 +196,7 @@ pub fn module_source(m: Module) -> String {
 }
 
 /// The recipes and padded head dims the tensor-core kernel is built for.
-const MMA_RECIPES: [u32; 5] = [0, 1, 2, 4, 5];
+const MMA_RECIPES: [u32; 6] = [0, 1, 2, 3, 4, 5];
 const MMA_DIMS: [u32; 4] = [32, 64, 96, 128];
 
 /// Every module specialization (for compile checks).
@@ -632,21 +645,67 @@ impl CudaAttention {
         };
         let s = &plan.spec;
         let p = params(plan, layout);
-        // FP8 V: its codes as f16 rows [batch·heads_kv][seq_kv][dp] (exact), so P·V runs on the
-        // 16-bit tensor cores; the per-channel scale is applied at the end.
-        let (hk, nk) = (s.heads_kv as u32, s.seq_kv as u32);
-        let v16 = if recipe == 2 {
-            let n = s.batch as u32 * hk * nk * dp;
-            // SAFETY: v_fp8_to_f16 writes all n elements before the attention reads them.
-            let mut v16 = unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))?;
-            let f = self.function(kernel, "v_fp8_to_f16")?;
+        let (b, hq, hk, nq, nk) = (
+            s.batch as u32,
+            s.heads_q as u32,
+            s.heads_kv as u32,
+            s.seq_q as u32,
+            s.seq_kv as u32,
+        );
+        // Operands whose codes the tensor cores cannot take directly (FP8 V; the Nvfp4 recipe's
+        // Q, K, V) go through f16 copies of their values, rows [b·h][n][dp]: exact.
+        let scratch = |n: u32| {
+            // SAFETY: the conversion kernel below writes all n elements before any read.
+            unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))
+        };
+        let convert = |name: &str, out: &mut CudaSlice<u16>, n: u32, extra: Option<[u32; 3]>| {
+            let f = self.function(kernel, name)?;
             let mut l = stream.launch_builder(&f);
-            l.arg(&p).arg(ws).arg(&mut v16);
-            // SAFETY: (Params, const u32*, unsigned short*).
-            unsafe { l.launch(threads(n)) }.map_err(cuda_err("v_fp8_to_f16"))?;
-            Some(v16)
-        } else {
-            None
+            l.arg(&p).arg(ws).arg(out);
+            if let Some(e) = &extra {
+                l.arg(&e[0]).arg(&e[1]).arg(&e[2]);
+            }
+            // SAFETY: (Params, const u32*, unsigned short*[, u32 codes, u32 scales, u32 rows]).
+            unsafe { l.launch(threads(n)) }.map_err(cuda_err("convert"))
+        };
+        let q_rows = (hq * nq * dp, nq * dp, dp);
+        let kv_rows = (hk * nk * dp, nk * dp, dp);
+        let (mut q16, mut k16, mut v16) = (None, None, None);
+        if recipe == 2 {
+            let mut v = scratch(b * hk * nk * dp)?;
+            convert("v_fp8_to_f16", &mut v, b * hk * nk * dp, None)?;
+            v16 = Some(v);
+        }
+        if recipe == 3 {
+            let (mut q, mut k, mut v) = (
+                scratch(b * hq * nq * dp)?,
+                scratch(b * hk * nk * dp)?,
+                scratch(b * hk * nk * dp)?,
+            );
+            let qa = [layout.qcodes, layout.qscales, b * hq * nq];
+            let ka = [layout.kcodes, layout.kscales, b * hk * nk];
+            convert("nvfp4_qk_to_f16", &mut q, b * hq * nq * dp, Some(qa))?;
+            convert("nvfp4_qk_to_f16", &mut k, b * hk * nk * dp, Some(ka))?;
+            convert("nvfp4_v_to_f16", &mut v, b * hk * nk * dp, None)?;
+            (q16, k16, v16) = (Some(q), Some(k), Some(v));
+        }
+        let user_q = (plan.q.batch as u32, plan.q.head as u32, plan.q.token as u32);
+        let user_kv = (
+            plan.kv.batch as u32,
+            plan.kv.head as u32,
+            plan.kv.token as u32,
+        );
+        let pick =
+            |scr: &Option<CudaSlice<u16>>, rows, user| if scr.is_some() { rows } else { user };
+        let (qs, ks, vs) = (
+            pick(&q16, q_rows, user_q),
+            pick(&k16, kv_rows, user_kv),
+            pick(&v16, kv_rows, user_kv),
+        );
+        let strides = Strides16 {
+            q: [qs.0, qs.1, qs.2],
+            k: [ks.0, ks.1, ks.2],
+            v: [vs.0, vs.1, vs.2],
         };
         let f = self.function(kernel, "attention_mma")?;
         let smem = cfg.shared_bytes(recipe, dp);
@@ -666,19 +725,14 @@ impl CudaAttention {
         };
         let mut l = stream.launch_builder(&f);
         l.arg(&p);
-        for t in qkv {
-            match t {
-                CudaTensor::Bits16(x) => l.arg(*x),
-                CudaTensor::F32(x) => l.arg(*x),
+        for (t, scr) in qkv.iter().zip([&q16, &k16, &v16]) {
+            match (scr, t) {
+                (Some(x), _) => l.arg(x),
+                (None, CudaTensor::Bits16(x)) => l.arg(*x),
+                (None, CudaTensor::F32(x)) => l.arg(*x),
             };
         }
-        l.arg(ws).arg(mask).arg(out).arg(lse);
-        let (v16_sb, v16_sh, v16_st) = (hk * nk * dp, nk * dp, dp);
-        match &v16 {
-            Some(v) => l.arg(v),
-            None => l.arg(ws),
-        };
-        l.arg(&v16_sb).arg(&v16_sh).arg(&v16_st);
+        l.arg(&strides).arg(ws).arg(mask).arg(out).arg(lse);
         log::debug!("cuda: tensor-core kernel {}", kernel.label());
         // SAFETY: the arguments match attention_mma()'s signature.
         unsafe { l.launch(cfg) }.map_err(cuda_err("attention_mma"))?;
