@@ -60,24 +60,25 @@ for h, n, d in shapes:
                     return (ok & (kj <= qi)) if causal else ok
 
                 try:
-                    bm = create_block_mask(mod, 1, h, n, n, device="cuda", BLOCK_SIZE=128)
+                    bm = create_block_mask(mod, 1, h, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
                     ms = bench(lambda: flex(q, k, v, block_mask=bm))
                     peers[("flex", h, n, d, causal, 1.0 - keep)] = ms
                 except Exception as e:  # noqa: BLE001
                     print(f"flex failed: {e}", file=sys.stderr)
 
+RECIPES = ("exact", "int8qk-f16pv", "int8qk-fp8pv", "nvfp4", "nvfp4-p", "fp8-p")
 ours = []
 if len(sys.argv) > 1 and not sys.argv[1].startswith("--"):
     out = subprocess.run([sys.argv[1], "--json"] + (["--quick"] if quick else []), capture_output=True, text=True)
     print(out.stdout)
     ours = [json.loads(l) for l in out.stderr.splitlines() if l.startswith("{")]
 
-print("| shape H,N,D | causal | mask sparsity | peer | peer TOPS | " + " | ".join(f"{r} ratio" for r in ("exact", "int8qk-f16pv", "int8qk-fp8pv", "nvfp4", "nvfp4-p")) + " |")
-print("|---|---|---|---|---|" + "---|" * 5)
+print("| shape H,N,D | causal | mask sparsity | peer | peer TOPS | " + " | ".join(f"{r} ratio" for r in RECIPES) + " |")
+print("|---|---|---|---|---|" + "---|" * len(RECIPES))
 for (name, h, n, d, causal, sp), ms in sorted(peers.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][4], kv[0][5], kv[0][0])):
     t = tops(h, n, d, causal, ms)
     cells = []
-    for r in ("exact", "int8qk-f16pv", "int8qk-fp8pv", "nvfp4", "nvfp4-p"):
+    for r in RECIPES:
         m = [o for o in ours if o["backend"] == "cuda" and o["recipe"] == r and (o["h"], o["n"], o["d"], o["causal"]) == (h, n, d, causal) and abs(o["sparsity"] - sp) < 0.05]
         cells.append(f"{m[0]['tops'] / t:.2f}x" if m else "-")
     print(f"| {h},{n},{d} | {causal} | {sp:.0%} | {name} | {t:.0f} | " + " | ".join(cells) + " |")

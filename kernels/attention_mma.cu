@@ -519,10 +519,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                     }
                 }
             }
+            // Once the row maxima settle, alpha is 1 on most tiles: skip the rescale then
+            // (the test is warp-uniform, so no divergence).
+            if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
 #pragma unroll
-            for (u32 n = 0; n < NT_O; n++)
+                for (u32 n = 0; n < NT_O; n++)
 #pragma unroll
-                for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= oscale[e / 2u];
+                    for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= oscale[e / 2u];
+            }
             p_fragments(P, s[mt], pa[mt], row_mul);
         }
         pv_tile(pa, vbase, o);
