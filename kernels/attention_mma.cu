@@ -261,7 +261,7 @@ __device__ __forceinline__ void q_fragments(const u32 (&qreg)[MT][QREG_STEPS][4]
 // scaled score. Other products stay as they are: for Exact, Nvfp4P and Fp8P the softmax folds
 // sm_scale·log2(e) into its FMA.
 __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
-                                        const float* kscale, const float (&qscale)[MT][2], float (&s)[MT][NT_S][4]) {
+                                        const float* kscale, float (&s)[MT][NT_S][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
     u32 key_lane = lane % 8u + (lane / 16u) * 8u, byte_lane = ((lane / 8u) & 1u) * 16u;
     // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
@@ -289,13 +289,16 @@ __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][Q
                 }
             }
         }
+        // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
+        // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
 #pragma unroll
         for (u32 n = 0; n < NT_S; n++) {
-            float k0 = kscale[n * 8u + 2u * t], k1 = kscale[n * 8u + 2u * t + 1u];
+            float2 k01 = *(const float2*)(kscale + n * 8u + 2u * t);
 #pragma unroll
             for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[mt][n][e] = (float)acc[mt][n][e] * qscale[mt][e / 2u] * (e % 2u ? k1 : k0);
+                for (u32 e = 0; e < 4u; e++)
+                    s[mt][n][e] = (__int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f) * (e % 2u ? k01.y : k01.x);
         }
     } else {
 #pragma unroll
@@ -417,6 +420,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 }
         }
 
+    // What the softmax multiplies a tile's scores by: sm_scale·log2(e) (Exact, Nvfp4P, Fp8P), σq of
+    // the row (Int8: sm_scale·log2(e) is in Q's codes; a zero σq means a zero row, whose scores
+    // are all 0 anyway), 1 (Nvfp4: in Q's codes too).
+    float row_scale[MT][2];
+#pragma unroll
+    for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++)
+            row_scale[mt][i] = INT8_QK ? (qscale[mt][i] > 0.0f ? qscale[mt][i] : 1.0f) : (RECIPE == R_NVFP4 ? 1.0f : P.score_scale);
+
     float o[MT][NT_O][4];
     float m[MT][2], l[MT][2];
     float F[MT][2];  // Nvfp4: o holds O / F, F the P factor ρ/2688 of the last tile that added to it
@@ -452,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         u32 kbase = smem_addr(st), vbase = kbase + K_TILE;
 
         float s[MT][NT_S][4];
-        qk_tile(P, qreg, qbase, kbase, (const float*)(st + K_TILE + V_TILE), qscale, s);
+        qk_tile(P, qreg, qbase, kbase, (const float*)(st + K_TILE + V_TILE), s);
 
         // Keys past the end and (causal) past the diagonal (−inf), on the tiles that hold such keys.
         u32 key0 = kb * BK;
@@ -471,18 +484,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // Online softmax in base 2: m is the running max of the scaled scores (−inf before any
         // visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with nothing
         // visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0.
-        // (Int8 and NVFP4 scores are already scaled: Q was multiplied by it before quantizing.)
-        const float scale = (INT8_QK || RECIPE == R_NVFP4) ? 1.0f : P.score_scale;
         u32 pa[MT][BK / 16u][4];
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
             float alpha[2], m_use[2];
+            float scale[2] = {row_scale[mt][0], row_scale[mt][1]};
 #pragma unroll
             for (u32 i = 0; i < 2u; i++) {
                 float mx = NEG_INF;
 #pragma unroll
                 for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
-                float m_new = fmaxf(m[mt][i], quad_max(mx) * scale);
+                float m_new = fmaxf(m[mt][i], quad_max(mx) * scale[i]);
                 m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
                 alpha[i] = ex2(m[mt][i] - m_use[i]);
                 m[mt][i] = m_new;
@@ -492,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
-                    float p = ex2(fmaf(s[mt][n][e], scale, -m_use[e / 2u]));
+                    float p = ex2(fmaf(s[mt][n][e], scale[e / 2u], -m_use[e / 2u]));
                     sum[e / 2u] += p;
                     s[mt][n][e] = p;
                 }

@@ -50,16 +50,19 @@ extern "C" __global__ void q_delta(Params P, const void* src, u32* ws) {
     if (id >= P.batch * P.heads_q * P.seq_q) return;
     u32 bh = id / P.seq_q, i = id % P.seq_q;
     u32 bkv = (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group;
+    u32 row = (bh / P.heads_q) * P.q_sb + (bh % P.heads_q) * P.q_sh + i * P.q_st;
+    const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
     float d = 0.0f;
-    for (u32 c = 0; c < P.head_dim; c++) d += qk_value(P, src, ws, bh, i, c) * u2f(ws[P.off_kmean + bkv * P.head_dim + c]);
+    for (u32 c = 0; c < P.head_dim; c++) d += ftz(__fmul_rn(load_elem(src, row + c, P.dtype), P.fold)) * u2f(mean[c]);
     ws[P.off_qdelta + id] = f2u(d);
 }
 
-// INT8 Q or K: one block of 64 threads per token group; amax is a max over bit patterns.
+// INT8 Q or K: one block per token group (any multiple of 32 threads; the host launches 256);
+// amax is a max over bit patterns, so the reduction order does not matter.
 extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
-    __shared__ u32 red[64];
+    __shared__ u32 red[32];
     __shared__ float gs_inv, gs_scale;
-    u32 lid = threadIdx.x;
+    u32 lid = threadIdx.x, nthreads = blockDim.x;
     bool is_q = P.mode == MODE_Q;
     u32 n = is_q ? P.seq_q : P.seq_kv;
     u32 block = is_q ? P.q_gblock : P.k_gblock, inter = is_q ? P.q_ginter : P.k_ginter;
@@ -69,19 +72,28 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     u32 bh = wg / ng, gi = wg % ng;
     u32 t0 = (gi / inter) * block + gi % inter;
     u32 per = block / inter, dw = P.dp / 4u;
+    // qk_value, with the index arithmetic hoisted out of the loops.
+    u32 heads = heads_of_mode(P), b = bh / heads, h = bh % heads;
+    u32 base = is_q ? b * P.q_sb + h * P.q_sh : b * P.kv_sb + h * P.kv_sh;
+    u32 tstride = is_q ? P.q_st : P.kv_st;
+    bool smooth = !is_q && (P.flags & FLAG_SMOOTH);
+    const u32* mean = ws + P.off_kmean + bh * P.head_dim;
+    auto value = [&](u32 t, u32 c) -> float {
+        float x = load_elem(src, base + t * tstride + c, P.dtype);
+        if (is_q) return ftz(__fmul_rn(x, P.fold));
+        return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
+    };
     u32 amax = 0u;
-    for (u32 e = lid; e < per * P.head_dim; e += 64u) {
+    for (u32 e = lid; e < per * P.head_dim; e += nthreads) {
         u32 t = t0 + (e / P.head_dim) * inter;
-        if (t < n) amax = max(amax, abs_bits(qk_value(P, src, ws, bh, t, e % P.head_dim)));
+        if (t < n) amax = max(amax, abs_bits(value(t, e % P.head_dim)));
     }
-    red[lid] = amax;
+    for (u32 o = 16u; o > 0u; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lid % 32u == 0u) red[lid / 32u] = amax;
     __syncthreads();
-    for (u32 s = 32u; s > 0u; s >>= 1) {
-        if (lid < s) red[lid] = max(red[lid], red[lid + s]);
-        __syncthreads();
-    }
     if (lid == 0u) {
-        u32 a = red[0];
+        u32 a = 0u;
+        for (u32 w = 0; w < nthreads / 32u; w++) a = max(a, red[w]);
         float inv = 0.0f, scale = 0.0f;
         if (non_finite(a)) scale = f32_nan();
         else if (a >= TINY_BITS) { inv = div_rn(127.0f, u2f(a)); scale = div_rn(u2f(a), 127.0f); }
@@ -93,13 +105,13 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     float inv = gs_inv;
     bool finite = gs_scale > 0.0f;
     u32 off = is_q ? P.off_qcodes : P.off_kcodes;
-    for (u32 e = lid; e < per * dw; e += 64u) {
+    for (u32 e = lid; e < per * dw; e += nthreads) {
         u32 t = t0 + (e / dw) * inter;
         if (t >= n) continue;
         u32 w = e % dw, word = 0u;
         for (u32 k = 0; k < 4u; k++) {
             u32 c = w * 4u + k;
-            if (c < P.head_dim && finite) word |= ((u32)int8_round(__fmul_rn(qk_value(P, src, ws, bh, t, c), inv)) & 0xffu) << (8u * k);
+            if (c < P.head_dim && finite) word |= ((u32)int8_round(__fmul_rn(value(t, c), inv)) & 0xffu) << (8u * k);
         }
         ws[off + (bh * n + t) * dw + w] = word;
     }

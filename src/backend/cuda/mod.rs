@@ -506,9 +506,11 @@ impl CudaAttention {
                 launch("fp8_v_scale_from_amax", step.mode, src, threads(chans))?;
                 continue;
             }
+            // int8_qk takes any multiple of 32 threads per group: 256 keep the SMs busy.
+            let width = if step.entry == "int8_qk" { 256 } else { 64 };
             let cfg = LaunchConfig {
                 grid_dim: (step.workgroups(), 1, 1),
-                block_dim: (64, 1, 1),
+                block_dim: (width, 1, 1),
                 shared_mem_bytes: 0,
             };
             launch(step.entry, step.mode, src, cfg)?;
