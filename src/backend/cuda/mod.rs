@@ -539,11 +539,16 @@ impl CudaAttention {
         let (ws, layout) = self.quantize(stream, plan, &q, &k, &v)?;
         let p = params(plan, &layout);
         let dp = padded_dim(s.head_dim) as u32;
-        let mask: Vec<u32> = match &s.sparsity {
-            crate::Sparsity::BlockMask(m) => m.data().iter().map(|&x| x as u32).collect(),
-            _ => vec![0],
+        // A block mask is uploaded per call (a host copy: not capturable in a CUDA graph). With no
+        // mask nothing is copied: the kernels never read the mask then, so the workspace stands in.
+        let uploaded = match &s.sparsity {
+            crate::Sparsity::BlockMask(m) => {
+                let words: Vec<u32> = m.data().iter().map(|&x| x as u32).collect();
+                Some(stream.clone_htod(&words).map_err(cuda_err("upload mask"))?)
+            }
+            _ => None,
         };
-        let mask = stream.clone_htod(&mask).map_err(cuda_err("upload mask"))?;
+        let mask: &CudaSlice<u32> = uploaded.as_ref().unwrap_or(&ws);
         let mut lse_dummy = None;
         let lse: &mut CudaSlice<f32> = match lse {
             Some(l) => l,
@@ -559,7 +564,7 @@ impl CudaAttention {
                     [&q, &k, &v],
                     &ws,
                     &layout,
-                    &mask,
+                    mask,
                     out,
                     lse,
                 )
@@ -592,7 +597,7 @@ impl CudaAttention {
                     CudaTensor::F32(x) => l.arg(*x),
                 };
             }
-            l.arg(&ws).arg(&mask);
+            l.arg(&ws).arg(mask);
             match &o {
                 CudaTensorMut::F32(x) => {
                     l.arg(&**x);
