@@ -59,11 +59,41 @@ fn block_mask(spec: &AttentionSpec, keep: f64, seed: u64) -> Sparsity {
     Sparsity::BlockMask(BlockMask::new(m))
 }
 
+/// Locally structured tokens (HND, B = 1): clusters of 64 consecutive tokens share a direction,
+/// so a query's scores are high inside its own cluster and low elsewhere (skip-softmax's case).
+fn clustered_f16(n: usize, d: usize, heads: usize, seed: u64) -> Vec<f16> {
+    let noise = random_f16(heads * n * d, seed);
+    let dirs = random_f16(n.div_ceil(64) * d * heads, 99);
+    (0..heads * n * d)
+        .map(|e| {
+            let (h, t, c) = (e / (n * d), (e / d) % n, e % d);
+            let u = dirs[(h * n.div_ceil(64) + t / 64) * d + c].to_f64();
+            f16::from_f64(1.2 * u / 1.7 + 0.3 * noise[e].to_f64() / 1.7)
+        })
+        .collect()
+}
+
 #[cfg(feature = "cuda")]
 fn time_cuda(
     c: &tessera::backend::cuda::CudaBackend,
     spec: &AttentionSpec,
     reps: usize,
+) -> Option<f64> {
+    let plan = spec.plan().ok()?;
+    let inputs = (
+        random_f16(plan.q_len, 1),
+        random_f16(plan.kv_len, 2),
+        random_f16(plan.kv_len, 3),
+    );
+    time_cuda_on(c, spec, reps, inputs)
+}
+
+#[cfg(feature = "cuda")]
+fn time_cuda_on(
+    c: &tessera::backend::cuda::CudaBackend,
+    spec: &AttentionSpec,
+    reps: usize,
+    (q, k, v): (Vec<f16>, Vec<f16>, Vec<f16>),
 ) -> Option<f64> {
     use tessera::backend::cuda::{CudaTensor, CudaTensorMut};
     use tessera::Backend;
@@ -74,9 +104,9 @@ fn time_cuda(
         return None;
     }
     let bits = |v: Vec<f16>| -> Vec<u16> { v.into_iter().map(|x| x.to_bits()).collect() };
-    let q = st.clone_htod(&bits(random_f16(plan.q_len, 1))).ok()?;
-    let k = st.clone_htod(&bits(random_f16(plan.kv_len, 2))).ok()?;
-    let v = st.clone_htod(&bits(random_f16(plan.kv_len, 3))).ok()?;
+    let q = st.clone_htod(&bits(q)).ok()?;
+    let k = st.clone_htod(&bits(k)).ok()?;
+    let v = st.clone_htod(&bits(v)).ok()?;
     let mut o = st.clone_htod(&vec![0u16; plan.q_len]).ok()?;
     let mut run = || {
         c.attention()
@@ -187,6 +217,55 @@ fn main() {
     let no_wgpu = args.iter().any(|a| a == "--no-wgpu");
     let dense_only = args.iter().any(|a| a == "--dense");
     let mut rows = Vec::new();
+    // Skip-softmax on clustered tokens: dense, λ so small nothing is skipped (the test's own
+    // cost), and λ = 0.1; the fraction of tiles skipped comes from one host-API run.
+    #[cfg(feature = "cuda")]
+    if let (Some(c), true) = (&cuda, args.iter().any(|a| a == "--skip")) {
+        use tessera::{Backend, SkipSoftmax, Tensor};
+        for &(h, n, d) in &shapes {
+            for recipe in [Recipe::Exact, Recipe::Int8QkF16Pv, Recipe::nvfp4p()] {
+                let dense = AttentionSpec::new(1, h, n, d).with_recipe(recipe);
+                let inputs = (
+                    clustered_f16(n, d, h, 1),
+                    clustered_f16(n, d, h, 2),
+                    random_f16(h * n * d, 3),
+                );
+                for (label, spec) in [
+                    ("dense", dense.clone()),
+                    (
+                        "λ=1e-30",
+                        dense.clone().with_skip_softmax(SkipSoftmax::Lambda(1e-30)),
+                    ),
+                    (
+                        "λ=0.1",
+                        dense.clone().with_skip_softmax(SkipSoftmax::Lambda(0.1)),
+                    ),
+                ] {
+                    let ms = time_cuda_on(c, &spec, 5, inputs.clone());
+                    let plan = spec.plan().unwrap();
+                    let frac = c
+                        .run(
+                            &plan,
+                            Tensor::F16(&inputs.0),
+                            Tensor::F16(&inputs.1),
+                            Tensor::F16(&inputs.2),
+                        )
+                        .ok()
+                        .and_then(|o| o.tiles)
+                        .map_or(0.0, |t| t.skipped_fraction());
+                    if let Some(ms) = ms {
+                        println!(
+                            "| skip-softmax | {} | 1,{h},{n},{d} | {label} | {:.1}% skipped | {ms:.3} | {:.1} |",
+                            recipe.name(),
+                            100.0 * frac,
+                            work(1, h, n, d, false) / (ms * 1e-3) / 1e12
+                        );
+                    }
+                }
+            }
+        }
+        return;
+    }
     for &(h, n, d) in &shapes {
         for causal in [false, true] {
             for (recipe, masks) in Recipe::ALL

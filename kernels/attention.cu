@@ -100,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
     __shared__ u32 q_sh[BQ * DP];
     __shared__ float s_sh[BQ * BK];
     __shared__ float m_sh[BQ], l_sh[BQ], alpha_sh[BQ], factor_sh[BQ], qscale_sh[BQ];
-    __shared__ u32 skip_sh;
+    __shared__ u32 skip_sh, need_sh[BQ];
     u32 lid = threadIdx.x;
     u32 bh = blockIdx.y;
     u32 b = bh / P.heads_q, h = bh % P.heads_q;
@@ -136,6 +136,7 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
     for (u32 i = 0; i < BQ * NCH; i++) acc[i] = 0.0f;
     u32 last_row = min(row0 + BQ, P.seq_q) - 1u;
     u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
+    u32 tiles_visited = 0u, tiles_skipped = 0u;  // skip-softmax counters (thread 0's)
     __syncthreads();
 
     for (u32 kb = 0; kb < P.k_blocks; kb++) {
@@ -188,6 +189,30 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
         }
         __syncthreads();
 
+        // Skip-softmax (BQ = 16 rows: one block is one skip tile): drop the tile when every row
+        // that sees a key of it has 2^(tile max − running max) < λ.
+        if (P.skip_on) {
+            if (lid < BQ) {
+                float tmax = MASKED;
+                for (u32 jj = 0; jj < BK; jj++) tmax = nan_max(tmax, s_sh[lid * BK + jj]);
+                u32 f = 0u;
+                if (tmax != MASKED) f = (m_sh[lid] != MASKED && tmax - m_sh[lid] < P.skip_log2) ? 2u : 3u;
+                need_sh[lid] = f;
+            }
+            __syncthreads();
+            if (lid == 0u) {
+                u32 f = 0u;
+                for (u32 r = 0; r < BQ; r++) f |= need_sh[r];
+                tiles_visited += f == 3u;
+                tiles_skipped += f == 2u;
+                skip_sh = f == 2u;
+            }
+            __syncthreads();
+            u32 drop = skip_sh;
+            __syncthreads();
+            if (drop) continue;
+        }
+
         if (lid < BQ) {
             u32 r = lid;
             float* srow = s_sh + r * BK;
@@ -239,6 +264,11 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
         __syncthreads();
     }
 
+    if (P.skip_on && lid == 0u) {
+        u32 slot = P.off_tiles + 2u * (bh * ((P.seq_q + 15u) / 16u) + blockIdx.x);
+        ((u32*)ws)[slot] = tiles_visited;  // the workspace is writable; the kernel reads it as const elsewhere
+        ((u32*)ws)[slot + 1u] = tiles_skipped;
+    }
 #pragma unroll
     for (u32 r = 0; r < BQ; r++) {
         u32 row = row0 + r;

@@ -1,6 +1,7 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
-// the 16-bit operands are bf16) and the launch shape: WARPS, MT, QSMEM, MINB. Each warp owns MT
+// the 16-bit operands are bf16), SKIP (skip-softmax compiled in) and the launch shape: WARPS, MT,
+// QSMEM, MINB. Each warp owns MT
 // m-tiles of 16 query rows (so every K/V fragment read from shared memory feeds MT mma); the
 // block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that cp.async stages in shared
 // memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
@@ -433,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     float o[MT][NT_O][4];
     float m[MT][2], l[MT][2];
     float F[MT][2];  // Nvfp4: o holds O / F, F the P factor ρ/2688 of the last tile that added to it
+    u32 tiles_visited[MT], tiles_skipped[MT];  // skip-softmax counters per m-tile (= skip tile)
 #pragma unroll
     for (u32 mt = 0; mt < MT; mt++) {
 #pragma unroll
@@ -442,6 +444,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
         F[mt][0] = F[mt][1] = 1.0f;
+        tiles_visited[mt] = tiles_skipped[mt] = 0u;
     }
 
     unsigned char* stages = smem + Q_TILE;
@@ -485,16 +488,44 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with nothing
         // visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0.
         u32 pa[MT][BK / 16u][4];
+        u32 skipped_mtiles = 0u;  // skip-softmax: warp-uniform
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
-            float alpha[2], m_use[2];
+            float alpha[2], m_use[2], tmax[2];
             float scale[2] = {row_scale[mt][0], row_scale[mt][1]};
 #pragma unroll
             for (u32 i = 0; i < 2u; i++) {
                 float mx = NEG_INF;
 #pragma unroll
                 for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
-                float m_new = fmaxf(m[mt][i], quad_max(mx) * scale[i]);
+                tmax[i] = quad_max(mx) * scale[i];
+            }
+            if (SKIP) {
+                // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
+                // that sees a key of it has 2^(tile max − running max) < λ (−∞ running max: needed).
+                bool sees = false, needs = false;
+#pragma unroll
+                for (u32 i = 0; i < 2u; i++) {
+                    bool s_i = rows[mt][i] < P.seq_q && tmax[i] != NEG_INF;
+                    sees |= s_i;
+                    needs |= s_i && !(tmax[i] - m[mt][i] < P.skip_log2);
+                }
+                sees = __any_sync(0xffffffffu, sees);
+                needs = __any_sync(0xffffffffu, needs);
+                tiles_visited[mt] += sees && needs;
+                tiles_skipped[mt] += sees && !needs;
+                if (sees && !needs) {
+#pragma unroll
+                    for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+                        for (u32 r = 0; r < 4u; r++) pa[mt][kk][r] = 0u;
+                    skipped_mtiles++;
+                    continue;
+                }
+            }
+#pragma unroll
+            for (u32 i = 0; i < 2u; i++) {
+                float m_new = fmaxf(m[mt][i], tmax[i]);
                 m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
                 alpha[i] = ex2(m[mt][i] - m_use[i]);
                 m[mt][i] = m_new;
@@ -541,10 +572,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             }
             p_fragments(P, s[mt], pa[mt], row_mul);
         }
-        pv_tile(pa, vbase, o);
+        if (!SKIP || skipped_mtiles < MT) pv_tile(pa, vbase, o);
         __syncthreads();  // this stage is refilled two tiles from now
         kb = kn;
         stage ^= 1u;
+    }
+
+    if (SKIP && lane == 0u) {
+        u32 q_tiles = (P.seq_q + 15u) / 16u;
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++) {
+            u32 qt = (row0 + 16u * (warp * MT + mt)) / 16u;
+            if (qt < q_tiles) {
+                u32* slot = (u32*)ws + P.off_tiles + 2u * (bh * q_tiles + qt);  // the workspace is writable
+                slot[0] = tiles_visited[mt];
+                slot[1] = tiles_skipped[mt];
+            }
+        }
     }
 
     // Normalise and write this thread's rows.

@@ -19,6 +19,7 @@ struct Params {
     u32 q_gblock, q_ginter, k_gblock, k_ginter;
     u32 np, off_vinv, recipe, off_kpart;
     u32 nm_n, nm_m, nm_sink, nm_recent;
+    float skip_log2; u32 off_tiles, skip_on, pad1;
 };
 
 #define DT_F16 0u

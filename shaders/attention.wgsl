@@ -12,13 +12,14 @@
 //            and quantizes p into the P·V operand the recipe defines (in place)
 //   P·V      thread t owns channels t, t+64, ...: partial = Σ_j P[r][j]·V[j][c] in f32, then
 //            acc = acc·alpha + partial·factor (two-level accumulation)
-// Skipped tiles (block mask 0, or wholly above the causal diagonal) load nothing.
+// Skipped tiles (block mask 0, or wholly above the causal diagonal) load nothing. Skip-softmax
+// (BQ = 16: one workgroup is one skip tile) drops a tile after its scores when no row needs it.
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> q_in: array<u32>;
 @group(0) @binding(2) var<storage, read> k_in: array<u32>;
 @group(0) @binding(3) var<storage, read> v_in: array<u32>;
-@group(0) @binding(4) var<storage, read> ws: array<u32>;
+@group(0) @binding(4) var<storage, read_write> ws: array<u32>;
 @group(0) @binding(5) var<storage, read> mask: array<u32>;
 @group(0) @binding(6) var<storage, read_write> o_out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> lse_out: array<f32>;
@@ -34,6 +35,7 @@ var<workgroup> alpha_sh: array<f32, BQ>;
 var<workgroup> factor_sh: array<f32, BQ>;
 var<workgroup> qscale_sh: array<f32, BQ>;
 var<workgroup> skip_sh: u32;
+var<workgroup> need_sh: array<u32, BQ>;   // skip-softmax: 2 = row sees a key, | 1 = and needs the tile
 
 fn is_int8() -> bool { return RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8; }
 fn reads_raw_qk() -> bool { return RECIPE == R_EXACT || RECIPE == R_NVFP4P || RECIPE == R_FP8P; }
@@ -196,6 +198,8 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     for (var i = 0u; i < BQ * NCH; i++) { acc[i] = 0.0; }
     let last_row = min(row0 + BQ, P.seq_q) - 1u;
     let ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
+    var tiles_visited = 0u;   // skip-softmax counters (thread 0's)
+    var tiles_skipped = 0u;
     workgroupBarrier();
 
     for (var kb = 0u; kb < P.k_blocks; kb++) {
@@ -250,6 +254,35 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         }
         workgroupBarrier();
 
+        // Skip-softmax: drop the tile when every row that sees a key of it has
+        // 2^(tile max − running max) < λ (a row with no running max yet always needs it).
+        if (P.skip_on != 0u) {
+            if (lid < BQ) {
+                let r = lid;
+                var tmax = MASKED;
+                for (var jj = 0u; jj < BK; jj++) { tmax = nan_max(tmax, s_sh[r * BK + jj]); }
+                var f = 0u;
+                if (tmax != MASKED) {
+                    f = 3u;
+                    let m_old = m_sh[r];
+                    if (m_old != MASKED && tmax - m_old < P.skip_log2) { f = 2u; }
+                }
+                need_sh[r] = f;
+            }
+            workgroupBarrier();
+            if (lid == 0u) {
+                var f = 0u;
+                for (var r = 0u; r < BQ; r++) { f |= need_sh[r]; }
+                if (f == 3u) { tiles_visited++; }
+                if (f == 2u) { tiles_skipped++; }
+                skip_sh = select(0u, 1u, f == 2u);
+            }
+            if (workgroupUniformLoad(&skip_sh) != 0u) {
+                workgroupBarrier();   // nobody rewrites skip_sh before everyone has read it
+                continue;
+            }
+        }
+
         // Online softmax: thread r owns row r.
         if (lid < BQ) {
             let r = lid;
@@ -301,6 +334,12 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
             }
         }
         workgroupBarrier();
+    }
+
+    if (P.skip_on != 0u && lid == 0u) {
+        let slot = P.off_tiles + 2u * (bh * ((P.seq_q + 15u) / 16u) + wid.x);
+        ws[slot] = tiles_visited;
+        ws[slot + 1u] = tiles_skipped;
     }
 
     // Normalise and store.

@@ -29,6 +29,6 @@ pub use backend::{Backend, BackendKind, CpuBackend, Output};
 pub use dispatch::{attention, Choice, CrossCheck, Dispatcher};
 pub use error::{Error, Result};
 pub use recipe::{QkGranularity, Recipe};
-pub use sparsity::{BlockMask, NmSoftmax, Sparsity};
+pub use sparsity::{BlockMask, NmSoftmax, SkipSoftmax, Sparsity, TileCounts};
 pub use spec::{AttentionSpec, DType, Layout, Plan};
 pub use tensor::{Tensor, TensorBuf};

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::recipe::{Recipe, KV_BLOCK, Q_BLOCK};
-use crate::sparsity::{NmSoftmax, Sparsity};
+use crate::sparsity::{NmSoftmax, SkipSoftmax, Sparsity};
 
 /// Element type of q, k, v and o.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +55,8 @@ pub struct AttentionSpec {
     pub return_lse: bool,
     /// N:M sparse softmax (None: dense).
     pub nm_softmax: Option<NmSoftmax>,
+    /// Skip-softmax tile pruning (BLASST), off by default.
+    pub skip_softmax: Option<SkipSoftmax>,
 }
 
 impl AttentionSpec {
@@ -75,6 +77,7 @@ impl AttentionSpec {
             sparsity: Sparsity::None,
             return_lse: false,
             nm_softmax: None,
+            skip_softmax: None,
         }
     }
     pub fn with_kv(mut self, heads_kv: usize, seq_kv: usize) -> Self {
@@ -106,6 +109,12 @@ impl AttentionSpec {
         self.return_lse = return_lse;
         self
     }
+    /// Skip-softmax: skip a KV tile for 16 query rows when it cannot matter (see [`SkipSoftmax`]).
+    pub fn with_skip_softmax(mut self, skip: SkipSoftmax) -> Self {
+        self.skip_softmax = Some(skip);
+        self
+    }
+
     pub fn with_nm_softmax(mut self, nm: NmSoftmax) -> Self {
         self.nm_softmax = Some(nm);
         self
@@ -150,6 +159,9 @@ impl AttentionSpec {
         self.recipe.validate()?;
         if let Some(nm) = &self.nm_softmax {
             nm.validate()?;
+        }
+        if let Some(skip) = &self.skip_softmax {
+            skip.validate(self.seq_kv)?;
         }
         let q_blocks = self.seq_q.div_ceil(Q_BLOCK);
         let k_blocks = self.seq_kv.div_ceil(KV_BLOCK);

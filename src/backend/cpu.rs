@@ -5,6 +5,7 @@ use crate::numerics::formats::{e2m1_to_f32, e4m3_to_f32, E4M3_NAN};
 use crate::numerics::p::quantize_p_row;
 use crate::numerics::quant::{padded_dim, quantize, QkCodes, Quantized, VCodes};
 use crate::recipe::{FP4_BLOCK, KV_BLOCK, Q_BLOCK};
+use crate::sparsity::{skip_decision, TileCounts, SKIP_ROWS};
 use crate::spec::Plan;
 
 /// Output of the reference: o in the caller's layout (f32), the LSE [B, Hq, Nq] and the
@@ -14,6 +15,8 @@ pub struct Reference {
     pub o: Vec<f32>,
     pub lse: Vec<f32>,
     pub quantized: Quantized,
+    /// Skip-softmax's tile counts, when the spec asks for it.
+    pub tiles: Option<TileCounts>,
 }
 
 /// One (batch, head)'s operand of a product, as f64: `rows` [N, Dp] holds INT8 codes or
@@ -53,41 +56,120 @@ pub fn reference(
         .map_or(1, |n| n.get())
         .min(jobs.len());
     type RowOut = (usize, usize, usize, Vec<f64>, f64);
-    let results: Vec<RowOut> = std::thread::scope(|scope| {
+    let results: Vec<(Vec<RowOut>, TileCounts)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let (jobs, quantized) = (&jobs, &quantized);
                 scope.spawn(move || {
                     let mut out = Vec::new();
+                    let mut counts = TileCounts::default();
                     for &(b, h) in jobs.iter().skip(t).step_by(threads) {
                         let hkv = h / plan.group();
                         let qo = q_operand(plan, quantized, q, b, h);
                         let ko = k_operand(plan, quantized, k, b, hkv);
                         let vo = v_operand(plan, quantized, v, b, hkv);
+                        let skip = skip_table(plan, &qo, &ko, b, h, &mut counts);
                         for &i in rows {
-                            let (o, lse) = attend_row(plan, &qo, &ko, &vo, quantized, b, h, i);
+                            let tile = &skip[(i / SKIP_ROWS) * plan.k_blocks..][..plan.k_blocks];
+                            let (o, lse) =
+                                attend_row(plan, &qo, &ko, &vo, quantized, b, h, i, tile);
                             out.push((b, h, i, o, lse));
                         }
                     }
-                    out
+                    (out, counts)
                 })
             })
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
+            .map(|w| w.join().unwrap_or_default())
             .collect()
     });
     let mut o = vec![f32::NAN; plan.q_len];
     let mut lse = vec![f32::NAN; plan.lse_len()];
-    for (b, h, i, row, l) in results {
+    let mut tiles = TileCounts::default();
+    for (b, h, i, row, l) in results.into_iter().flat_map(|(rows, counts)| {
+        tiles += counts;
+        rows
+    }) {
         let at = plan.q.row(b, h, i);
         for (dst, x) in o[at..at + s.head_dim].iter_mut().zip(&row) {
             *dst = *x as f32;
         }
         lse[(b * s.heads_q + h) * s.seq_q + i] = l as f32;
     }
-    Reference { o, lse, quantized }
+    Reference {
+        o,
+        lse,
+        quantized,
+        tiles: s.skip_softmax.map(|_| tiles),
+    }
+}
+
+/// A query row's factor on its dot products: σq (INT8) times sm_scale·log2(e) where the recipe
+/// reads raw inputs (the quantized ones folded it into Q before quantizing).
+fn q_factor(plan: &Plan, qo: &Operand, i: usize) -> f64 {
+    let post = if qo.folded { 1.0 } else { plan.q_fold() as f64 };
+    qo.scale.get(i).copied().unwrap_or(1.0) * post
+}
+
+/// The base-2 score of query i and key j.
+fn score(qo: &Operand, ko: &Operand, i: usize, j: usize, q_factor: f64) -> f64 {
+    let dot: f64 = qo.row(i).iter().zip(ko.row(j)).map(|(a, c)| a * c).sum();
+    dot * q_factor * ko.scale.get(j).copied().unwrap_or(1.0)
+}
+
+/// Skip-softmax's decisions for one (batch, head): `true` at [query tile · k_blocks + kb] when
+/// KV tile kb is skipped for that tile of SKIP_ROWS rows (all false without skip-softmax).
+/// Walks each query tile's KV tiles in order with the running maxima of the visited ones.
+fn skip_table(
+    plan: &Plan,
+    qo: &Operand,
+    ko: &Operand,
+    b: usize,
+    h: usize,
+    counts: &mut TileCounts,
+) -> Vec<bool> {
+    let s = &plan.spec;
+    let q_tiles = s.seq_q.div_ceil(SKIP_ROWS);
+    let mut skip = vec![false; q_tiles * plan.k_blocks];
+    let Some(rule) = s.skip_softmax else {
+        return skip;
+    };
+    let log2_lambda = rule.log2_lambda(s.seq_kv);
+    for qt in 0..q_tiles {
+        let rows = qt * SKIP_ROWS..((qt + 1) * SKIP_ROWS).min(s.seq_q);
+        let factors: Vec<f64> = rows.clone().map(|i| q_factor(plan, qo, i)).collect();
+        let mut running = vec![f64::NEG_INFINITY; rows.len()];
+        let mut tile_max = vec![f64::NEG_INFINITY; rows.len()];
+        for kb in 0..plan.k_blocks {
+            if !s.sparsity.keeps(plan, b, h, rows.start / Q_BLOCK, kb) {
+                continue;
+            }
+            for (r, i) in rows.clone().enumerate() {
+                // The max survives N:M selection (it ranks first), so it is taken over all
+                // visible keys.
+                tile_max[r] = (kb * KV_BLOCK..((kb + 1) * KV_BLOCK).min(s.seq_kv))
+                    .filter(|&j| plan.causal_visible(i, j))
+                    .map(|j| score(qo, ko, i, j, factors[r]))
+                    .fold(f64::NEG_INFINITY, nan_max);
+            }
+            match skip_decision(&tile_max, &running, log2_lambda) {
+                None => {}
+                Some(true) => {
+                    skip[qt * plan.k_blocks + kb] = true;
+                    counts.skipped += 1;
+                }
+                Some(false) => {
+                    counts.visited += 1;
+                    for (m, &t) in running.iter_mut().zip(&tile_max) {
+                        *m = nan_max(*m, t);
+                    }
+                }
+            }
+        }
+    }
+    skip
 }
 
 /// The online softmax over KV tiles of 64 keys for one query row, in f64.
@@ -102,14 +184,13 @@ fn attend_row(
     b: usize,
     h: usize,
     i: usize,
+    skipped: &[bool],
 ) -> (Vec<f64>, f64) {
     let s = &plan.spec;
     let (nk, d) = (s.seq_kv, s.head_dim);
     // Exact-input recipes scale the dot product by sm_scale·log2(e), the f32 every backend uses
     // (base-2 scores); the quantized ones folded it into Q before quantizing.
-    let post = if qo.folded { 1.0 } else { plan.q_fold() as f64 };
-    let qrow = qo.row(i);
-    let qs = qo.scale.get(i).copied().unwrap_or(1.0) * post;
+    let qs = q_factor(plan, qo, i);
     let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
     let mut acc = vec![0f64; d];
     let mut sc = [0f64; KV_BLOCK];
@@ -117,7 +198,7 @@ fn attend_row(
     let mut p32 = [0f32; KV_BLOCK];
     let mut pq = [0f64; KV_BLOCK];
     for kb in 0..plan.k_blocks {
-        if !s.sparsity.keeps(plan, b, h, i / Q_BLOCK, kb) {
+        if !s.sparsity.keeps(plan, b, h, i / Q_BLOCK, kb) || skipped[kb] {
             continue;
         }
         let mut tile_max = f64::NEG_INFINITY;
@@ -128,8 +209,7 @@ fn attend_row(
             if !valid[jj] {
                 continue;
             }
-            let dot: f64 = qrow.iter().zip(ko.row(j)).map(|(a, c)| a * c).sum();
-            sc[jj] = dot * qs * ko.scale.get(j).copied().unwrap_or(1.0);
+            sc[jj] = score(qo, ko, i, j, qs);
             tile_max = nan_max(tile_max, sc[jj]);
             any = true;
         }

@@ -69,6 +69,11 @@ pub struct Params {
     pub nm_m: u32,
     pub nm_sink: u32,
     pub nm_recent: u32,
+    /// Skip-softmax (skip_on = 1): log2 λ, and the per-query-tile (visited, skipped) counters.
+    pub skip_log2: f32,
+    pub off_tiles: u32,
+    pub skip_on: u32,
+    pub pad1: u32,
 }
 
 pub const FLAG_CAUSAL: u32 = 1;
@@ -91,6 +96,8 @@ pub struct Workspace {
     pub vscales: u32,
     pub vinv: u32,
     pub kpart: u32,
+    /// Skip-softmax counters: (visited, skipped) per (batch·head, 16-row query tile).
+    pub tiles: u32,
     pub words: u64,
 }
 
@@ -147,6 +154,9 @@ impl Workspace {
                 w.vscales = take(b * hk * dp * np / 16);
             }
             _ => {}
+        }
+        if s.skip_softmax.is_some() {
+            w.tiles = take(2 * b * hq * nq.div_ceil(crate::sparsity::SKIP_ROWS as u64));
         }
         w.words = at.max(1);
         w
@@ -232,7 +242,32 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         nm_recent: s
             .nm_softmax
             .map_or(0, |n| n.dense_recent_tokens.min(i32::MAX as usize) as u32),
+        skip_log2: s
+            .skip_softmax
+            .map_or(0.0, |k| k.log2_lambda(s.seq_kv) as f32),
+        off_tiles: ws.tiles,
+        skip_on: s.skip_softmax.is_some() as u32,
+        pad1: 0,
     }
+}
+
+/// Sum the per-query-tile skip-softmax counters (the `tiles` words of a workspace).
+pub fn sum_tile_counts(words: &[u32]) -> crate::sparsity::TileCounts {
+    let mut t = crate::sparsity::TileCounts::default();
+    for pair in words.chunks_exact(2) {
+        t.visited += pair[0] as u64;
+        t.skipped += pair[1] as u64;
+    }
+    t
+}
+
+/// How many counter words the workspace holds (2 per (batch·head, query tile)).
+pub fn tile_count_words(plan: &Plan) -> usize {
+    let s = &plan.spec;
+    if s.skip_softmax.is_none() {
+        return 0;
+    }
+    2 * s.batch * s.heads_q * s.seq_q.div_ceil(crate::sparsity::SKIP_ROWS)
 }
 
 /// Read a workspace (downloaded from either GPU backend) into the host [`Quantized`].

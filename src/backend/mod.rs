@@ -43,6 +43,8 @@ pub struct Output {
     pub lse: Option<Vec<f32>>,
     /// Which backend ran, with its device (e.g. "wgpu: llvmpipe (Vulkan)").
     pub backend: String,
+    /// Skip-softmax's tile counts, when the spec asks for skip-softmax.
+    pub tiles: Option<crate::sparsity::TileCounts>,
 }
 
 /// One implementation of the attention.
@@ -108,6 +110,7 @@ impl Backend for CpuBackend {
             o: TensorBuf::from_f32(plan.spec.dtype, &r.o),
             lse: plan.spec.return_lse.then_some(r.lse),
             backend: self.describe(),
+            tiles: r.tiles,
         })
     }
     fn quantize(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Quantized> {

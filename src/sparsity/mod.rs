@@ -4,7 +4,9 @@ use crate::error::{Error, Result};
 use std::sync::Arc;
 
 mod nm;
+mod skip;
 pub use nm::NmSoftmax;
+pub use skip::{decide as skip_decision, SkipSoftmax, TileCounts, SKIP_ROWS};
 
 /// How much of the attention matrix is computed. More modes (predicted sparsity) will join;
 /// the enum is non-exhaustive so adding them breaks no caller.

@@ -137,6 +137,8 @@ pub enum Module {
         dp: u32,
         bf16: bool,
         cfg: MmaConfig,
+        /// Skip-softmax compiled in (its test would cost the dense kernel registers).
+        skip: bool,
     },
 }
 
@@ -150,13 +152,15 @@ impl Module {
                 dp,
                 bf16,
                 cfg,
+                skip,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
                 cfg.q_in_shared as u32,
-                cfg.min_blocks
+                cfg.min_blocks,
+                if *skip { "-skip" } else { "" }
             ),
         }
     }
@@ -180,11 +184,13 @@ pub fn module_source(m: Module) -> String {
             dp,
             bf16,
             cfg,
+            skip,
         } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
                 ("DP", dp),
                 ("BF16", bf16 as u32),
+                ("SKIP", skip as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
                 ("QSMEM", cfg.q_in_shared as u32),
@@ -208,7 +214,13 @@ pub fn all_modules() -> Vec<(String, String)> {
         }
     }
     // Both default launch shapes (shared-memory Q, register Q) on every arch.
-    for cfg in [MmaConfig::for_arch("sm_90a"), MmaConfig::for_arch("sm_89")] {
+    // (skip-softmax variants with Hopper's shape only: the code path is the same.)
+    let sm90 = MmaConfig::for_arch("sm_90a");
+    for (cfg, skip) in [
+        (sm90, false),
+        (MmaConfig::for_arch("sm_89"), false),
+        (sm90, true),
+    ] {
         for recipe in MMA_RECIPES {
             for dp in MMA_DIMS {
                 for bf16 in [false, true] {
@@ -217,6 +229,7 @@ pub fn all_modules() -> Vec<(String, String)> {
                         dp,
                         bf16,
                         cfg,
+                        skip,
                     });
                 }
             }
@@ -266,6 +279,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         dp,
         bf16: s.dtype == DType::BF16,
         cfg,
+        skip: s.skip_softmax.is_some(),
     })
 }
 
@@ -528,7 +542,7 @@ impl CudaAttention {
         v: CudaTensor,
         o: CudaTensorMut,
         lse: Option<&mut CudaSlice<f32>>,
-    ) -> Result<()> {
+    ) -> Result<Option<CudaSlice<u32>>> {
         let s = &plan.spec;
         if s.batch * s.heads_q > 65535 {
             return Err(Error::TooLarge(format!(
@@ -557,7 +571,7 @@ impl CudaAttention {
         let kernel = self.kernel_for(plan);
         let o = match (kernel, o) {
             (Module::Mma { .. }, CudaTensorMut::Bits16(out)) => {
-                return self.enqueue_mma(
+                self.enqueue_mma(
                     stream,
                     plan,
                     kernel,
@@ -567,7 +581,8 @@ impl CudaAttention {
                     mask,
                     out,
                     lse,
-                )
+                )?;
+                return tile_counters(stream, plan, &ws, &layout);
             }
             (_, o) => o,
         };
@@ -625,7 +640,7 @@ impl CudaAttention {
             // SAFETY: (Params, const float*, unsigned short*).
             unsafe { l.launch(threads(plan.q_len as u32)) }.map_err(cuda_err("pack_out"))?;
         }
-        Ok(())
+        tile_counters(stream, plan, &ws, &layout)
     }
 
     /// The tensor-core kernel: writes the 16-bit output directly (no f32 scratch, no pack).
@@ -747,6 +762,25 @@ impl CudaAttention {
     }
 }
 
+/// With skip-softmax, a copy of the workspace's tile counters (the workspace is freed with the
+/// call); None otherwise.
+fn tile_counters(
+    stream: &Arc<CudaStream>,
+    plan: &Plan,
+    ws: &CudaSlice<u32>,
+    layout: &Workspace,
+) -> Result<Option<CudaSlice<u32>>> {
+    let words = tile_count_words(plan);
+    if words == 0 {
+        return Ok(None);
+    }
+    let at = layout.tiles as usize;
+    stream
+        .clone_dtod(&ws.slice(at..at + words))
+        .map(Some)
+        .map_err(cuda_err("copy tile counters"))
+}
+
 /// The host API on its own context and stream.
 pub struct CudaBackend {
     attn: CudaAttention,
@@ -829,9 +863,10 @@ impl Backend for CudaBackend {
         } else {
             None
         };
+        let counters;
         let o = if plan.spec.dtype == DType::F32 {
             let mut o = unsafe { st.alloc::<f32>(plan.q_len) }.map_err(cuda_err("alloc"))?;
-            self.attn.enqueue(
+            counters = self.attn.enqueue(
                 st,
                 plan,
                 view(&qd),
@@ -843,7 +878,7 @@ impl Backend for CudaBackend {
             TensorBuf::F32(st.clone_dtoh(&o).map_err(cuda_err("download"))?)
         } else {
             let mut o = unsafe { st.alloc::<u16>(plan.q_len) }.map_err(cuda_err("alloc"))?;
-            self.attn.enqueue(
+            counters = self.attn.enqueue(
                 st,
                 plan,
                 view(&qd),
@@ -859,11 +894,18 @@ impl Backend for CudaBackend {
             Some(l) => Some(st.clone_dtoh(&l).map_err(cuda_err("download"))?),
             None => None,
         };
+        let tiles = match counters {
+            Some(c) => Some(sum_tile_counts(
+                &st.clone_dtoh(&c).map_err(cuda_err("download"))?,
+            )),
+            None => None,
+        };
         st.synchronize().map_err(cuda_err("synchronize"))?;
         Ok(Output {
             o,
             lse,
             backend: self.describe(),
+            tiles,
         })
     }
 

@@ -127,7 +127,7 @@ impl Kernels {
                 storage(1, true),
                 storage(2, true),
                 storage(3, true),
-                storage(4, true),
+                storage(4, false), // the workspace: skip-softmax writes its tile counters there
                 storage(5, true),
                 storage(6, false),
                 storage(7, false),

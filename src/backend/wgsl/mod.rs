@@ -236,12 +236,14 @@ impl WgslAttention {
         Ok((ws, layout))
     }
 
+    /// Record the whole call. With skip-softmax, returns where its tile counters are: the
+    /// workspace buffer and the byte range (valid until the next call on this device).
     fn encode_plan(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         plan: &Plan,
         bufs: &Buffers,
-    ) -> Result<()> {
+    ) -> Result<Option<(Arc<wgpu::Buffer>, u64, u64)>> {
         let s = &plan.spec;
         if s.batch * s.heads_q > 65535 {
             return Err(Error::TooLarge(format!(
@@ -263,6 +265,13 @@ impl WgslAttention {
             missing: "enough workgroup memory".into(),
             fix: format!("head_dim {} needs at least {} bytes of workgroup memory; use a smaller head_dim or another adapter", s.head_dim, 4 * dp * 4 + 4 * 64 * 4 + 36),
         })?;
+        if s.skip_softmax.is_some() && bq != crate::sparsity::SKIP_ROWS as u32 {
+            return Err(Error::MissingFeature {
+                adapter: self.description.clone(),
+                missing: "workgroup memory for 16 query rows (skip-softmax decides per 16 rows)".into(),
+                fix: format!("head_dim {} needs more workgroup memory than this adapter has with skip-softmax; use a smaller head_dim, f16 inputs, or another backend", s.head_dim),
+            });
+        }
         let esize = s.dtype.size() as u64;
         let q_bytes = plan.q_len as u64 * esize;
         let kv_bytes = plan.kv_len as u64 * esize;
@@ -397,7 +406,8 @@ impl WgslAttention {
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(x, y, 1);
         }
-        Ok(())
+        let words = tile_count_words(plan) as u64;
+        Ok((words > 0).then(|| (ws.clone(), layout.tiles as u64 * 4, words * 4)))
     }
 }
 
@@ -606,16 +616,31 @@ impl Backend for WgslBackend {
             let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("tessera"),
             });
-            self.attn.encode_plan(&mut enc, plan, &bufs)?;
+            let counters = self.attn.encode_plan(&mut enc, plan, &bufs)?;
+            // Skip-softmax's counters: copied out of the workspace into a buffer of their own.
+            let tiles = counters.map(|(ws, offset, bytes)| {
+                let t = dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tile counters"),
+                    size: bytes,
+                    usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                enc.copy_buffer_to_buffer(&ws, offset, &t, 0, bytes);
+                (t, bytes)
+            });
             let mut reads = vec![(&o, o_bytes)];
             if let Some(l) = &lse {
                 reads.push((l, plan.lse_len() as u64 * 4));
+            }
+            if let Some((t, bytes)) = &tiles {
+                reads.push((t, *bytes));
             }
             let data = self.download(enc, &reads)?;
             Ok(Output {
                 o: TensorBuf::from_bytes(plan.spec.dtype, &data[0], plan.q_len),
                 lse: lse.as_ref().map(|_| bytemuck::pod_collect_to_vec(&data[1])),
                 backend: self.describe(),
+                tiles: tiles.map(|_| sum_tile_counts(bytemuck::cast_slice(&data[data.len() - 1]))),
             })
         })
     }
