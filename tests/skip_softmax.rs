@@ -118,8 +118,12 @@ fn backends_skip_the_same_tiles() {
         let tiles = want.tiles.unwrap();
         let frac = tiles.skipped_fraction();
         assert_eq!(tiles.visited + tiles.skipped, considered_tiles(&spec));
+        // Non-causal, a query meets its own cluster mid-sequence and skips most tiles after it;
+        // causal, its own cluster is its last visible tile, so only tiles after an early
+        // high-scoring one can go (the H100 run saw 25% on the bf16 case, locally less).
+        let least = if causal { 0.02 } else { 0.3 };
         assert!(
-            (0.2..0.95).contains(&frac),
+            (least..0.95).contains(&frac),
             "{}: skipped {frac} of the tiles",
             recipe.name()
         );
@@ -132,6 +136,10 @@ fn backends_skip_the_same_tiles() {
         let (tol_l1, _) = tolerance(recipe, dtype);
         for b in gpu_backends() {
             let ctx = format!("{} causal={causal} {}", b.describe(), recipe.name());
+            if let Err(e) = b.supports(&plan) {
+                eprintln!("{ctx}: not run: {e}");
+                continue;
+            }
             let out = b.run(&plan, q.view(), k.view(), v.view()).unwrap();
             let got = out.tiles.unwrap();
             // f32 scores against the reference's f64 can put a tile on the other side of the

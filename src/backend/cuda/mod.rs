@@ -359,6 +359,19 @@ impl CudaAttention {
         self
     }
 
+    /// Can this context run `plan`? Skip-softmax runs on the tensor-core kernel only for now: the
+    /// CUDA-core kernel has the code (the twin of the WGSL one) but it has not run on a GPU yet.
+    pub fn supports(&self, plan: &Plan) -> Result<()> {
+        if plan.spec.skip_softmax.is_some() && !matches!(self.kernel_for(plan), Module::Mma { .. })
+        {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: "skip-softmax runs on CUDA's tensor-core kernel only (f16/bf16, head_dim a multiple of 8 up to 128, no N:M softmax): use those inputs or the wgpu/CPU backends".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The attention kernel a plan runs on this context.
     pub fn kernel_for(&self, plan: &Plan) -> Module {
         let simt = Module::Simt {
@@ -423,6 +436,7 @@ impl CudaAttention {
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         let plan = spec.plan()?;
+        self.supports(&plan)?;
         let s = &plan.spec;
         let check = |name: &'static str, len: usize, is_f32: bool, need: usize| -> Result<()> {
             if is_f32 != (s.dtype == DType::F32) {
@@ -849,12 +863,16 @@ impl Backend for CudaBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Cuda
     }
+    fn supports(&self, plan: &Plan) -> Result<()> {
+        self.attn.supports(plan)
+    }
     fn describe(&self) -> String {
         format!("cuda: {}", self.attn.description)
     }
 
     fn run(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Output> {
         check_inputs(plan, &q, &k, &v)?;
+        self.attn.supports(plan)?;
         let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let st = &self.stream;
         let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
