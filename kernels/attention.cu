@@ -20,7 +20,7 @@ __device__ __forceinline__ float load_v(const Params& P, const void* v, const u3
         u32 e = (bkv * P.seq_kv + j) * DP + c;
         return e4m3_to_f32(byte_of(ws[P.off_vcodes + e / 4u], e));
     }
-    if (RECIPE == R_NVFP4) {
+    if (RECIPE == R_NVFP4 || (P.flags & FLAG_VNVFP4)) {
         u32 chan = bkv * DP + c;
         u32 e = chan * P.np + j;
         u32 sc = ws[P.off_vscales + chan * (P.np / 16u) + j / 16u];
@@ -282,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(64) attention(Params P, const void*
                 if (l != 0.0f) {
                     o = acc[r * NCH + u] / l;
                     if (RECIPE == R_INT8_FP8) o *= u2f(ws[P.off_vscales + bkv * DP + c]);
+                    if (P.flags & FLAG_VNVFP4) o *= P.v_g;
                 }
                 o_out[b * P.q_sb + h * P.q_sh + row * P.q_st + c] = o;
             }

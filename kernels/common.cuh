@@ -20,6 +20,7 @@ struct Params {
     u32 np, off_vinv, recipe, off_kpart;
     u32 nm_n, nm_m, nm_sink, nm_recent;
     float skip_log2; u32 off_tiles, skip_on, pad1;
+    float v_inv_g, v_g; u32 pad2, pad3;
 };
 
 #define DT_F16 0u
@@ -35,6 +36,7 @@ struct Params {
 #define FLAG_LSE 2u
 #define FLAG_MASK 4u
 #define FLAG_SMOOTH 8u
+#define FLAG_VNVFP4 16u
 #define TINY_BITS 0x0f800000u
 #define E4M3_NAN 0x7fu
 #define E4M3_MAX_CODE 0x7eu

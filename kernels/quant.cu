@@ -217,7 +217,8 @@ extern "C" __global__ void nvfp4_v(Params P, const void* src, u32* ws) {
     float xs[16];
     for (u32 i = 0; i < 16u; i++) {
         u32 t = tb * 16u + i;
-        xs[i] = (t < P.seq_kv && c < P.head_dim) ? load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype) : 0.0f;
+        // V → NVFP4 quantizes v / g as RN(v · (1/g)) (v_inv_g = 1 for the Nvfp4 recipe).
+        xs[i] = (t < P.seq_kv && c < P.head_dim) ? ftz(__fmul_rn(load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype), P.v_inv_g)) : 0.0f;
     }
     nvfp4_store(xs, ws, P.off_vcodes + chan * (P.np / 4u) + tb * 4u, P.off_vscales + id);
 }

@@ -62,7 +62,7 @@ fn load_v(b: u32, h: u32, bkv: u32, j: u32, c: u32) -> f32 {
         let e = (bkv * P.seq_kv + j) * DP + c;
         return e4m3_to_f32(byte_of(ws[P.off_vcodes + e / 4u], e));
     }
-    if (RECIPE == R_NVFP4) {
+    if (RECIPE == R_NVFP4 || (P.flags & FLAG_VNVFP4) != 0u) {
         let chan = bkv * DP + c;
         let e = chan * P.np + j;
         let sc = ws[P.off_vscales + chan * (P.np / 16u) + j / 16u];
@@ -354,6 +354,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                 if (l != 0.0) {
                     o = acc[r * NCH + u] / l;
                     if (RECIPE == R_INT8_FP8) { o *= bitcast<f32>(ws[P.off_vscales + bkv * DP + c]); }
+                    if ((P.flags & FLAG_VNVFP4) != 0u) { o *= P.v_g; }
                 }
                 o_out[b * P.q_sb + h * P.q_sh + row * P.q_st + c] = o;
             }

@@ -17,6 +17,7 @@ struct Params {
     np: u32, off_vinv: u32, recipe: u32, off_kpart: u32,
     nm_n: u32, nm_m: u32, nm_sink: u32, nm_recent: u32,
     skip_log2: f32, off_tiles: u32, skip_on: u32, pad1: u32,
+    v_inv_g: f32, v_g: f32, pad2: u32, pad3: u32,
 }
 
 const DT_F16: u32 = 0u;
@@ -34,6 +35,7 @@ const FLAG_CAUSAL: u32 = 1u;
 const FLAG_LSE: u32 = 2u;
 const FLAG_MASK: u32 = 4u;
 const FLAG_SMOOTH: u32 = 8u;
+const FLAG_VNVFP4: u32 = 16u;
 
 const TINY_BITS: u32 = 0x0f800000u;   // 2^-96: smaller groups quantize to zero
 const E4M3_NAN: u32 = 0x7fu;

@@ -260,7 +260,8 @@ fn nvfp4_v(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     for (var i = 0u; i < 16u; i++) {
         let t = tb * 16u + i;
         xs[i] = 0.0;
-        if (t < P.seq_kv && c < P.head_dim) { xs[i] = src_val(b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c); }
+        // V → NVFP4 quantizes v / g as RN(v · (1/g)) (v_inv_g = 1 for the Nvfp4 recipe).
+        if (t < P.seq_kv && c < P.head_dim) { xs[i] = ftz(src_val(b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c) * P.v_inv_g); }
     }
     nvfp4_store(&xs, P.off_vcodes + chan * (P.np / 4u) + tb * 4u, P.off_vscales + id);
 }

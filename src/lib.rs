@@ -28,7 +28,7 @@ pub mod tensor;
 pub use backend::{Backend, BackendKind, CpuBackend, Output};
 pub use dispatch::{attention, Choice, CrossCheck, Dispatcher};
 pub use error::{Error, Result};
-pub use recipe::{QkGranularity, Recipe};
+pub use recipe::{QkGranularity, Recipe, VNvfp4};
 pub use sparsity::{BlockMask, NmSoftmax, SkipSoftmax, Sparsity, TileCounts};
 pub use spec::{AttentionSpec, DType, Layout, Plan};
 pub use tensor::{Tensor, TensorBuf};

@@ -159,6 +159,46 @@ impl Recipe {
     }
 }
 
+/// V → NVFP4 (ModelOpt's `v_qdq="nvfp4"`), an option of the recipes that read V as given
+/// (Exact, Int8QkF16Pv, Nvfp4P, Fp8P): signed E2M1 values, one E4M3 scale per 16 consecutive keys
+/// of a channel, a global scale g = amax_v / (6·448) (1 when amax_v is None). As for Nvfp4P's P,
+/// the quantizer sees x = RN(v · RN(2688 / amax_v)) and g multiplies the output.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct VNvfp4 {
+    pub amax_v: Option<f32>,
+}
+
+impl VNvfp4 {
+    /// (1/g, g) as f32 (both 1 without amax_v).
+    pub fn global_scale(&self) -> (f32, f32) {
+        use crate::numerics::{formats::div_rn, p::NVFP4_RANGE};
+        match self.amax_v {
+            None => (1.0, 1.0),
+            Some(a) => (div_rn(NVFP4_RANGE, a), div_rn(a, NVFP4_RANGE)),
+        }
+    }
+
+    pub(crate) fn validate(&self, recipe: Recipe) -> Result<()> {
+        if let Some(a) = self.amax_v {
+            if !(a.is_finite() && (1e-6..=1e6).contains(&a)) {
+                return Err(Error::BadRecipeParam {
+                    name: "amax_v",
+                    value: a,
+                    fix: "use the largest |v| expected, in [1e-6, 1e6], or None for a global scale of 1",
+                });
+            }
+        }
+        if matches!(recipe, Recipe::Int8QkFp8Pv { .. } | Recipe::Nvfp4) {
+            return Err(Error::BadRecipeParam {
+                name: "v_nvfp4",
+                value: 1.0,
+                fix: "this recipe quantizes V itself: use V → NVFP4 with Exact, Int8QkF16Pv, Nvfp4P or Fp8P",
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Token grouping of INT8 scales: tokens of one `block` that are equal modulo `interleave`
 /// share a scale (interleave 1: the whole block shares one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! Every shape error is found here, once; no backend re-validates.
 
 use crate::error::{Error, Result};
-use crate::recipe::{Recipe, KV_BLOCK, Q_BLOCK};
+use crate::recipe::{Recipe, VNvfp4, KV_BLOCK, Q_BLOCK};
 use crate::sparsity::{NmSoftmax, SkipSoftmax, Sparsity};
 
 /// Element type of q, k, v and o.
@@ -57,6 +57,8 @@ pub struct AttentionSpec {
     pub nm_softmax: Option<NmSoftmax>,
     /// Skip-softmax tile pruning (BLASST), off by default.
     pub skip_softmax: Option<SkipSoftmax>,
+    /// V → NVFP4 before P·V (ModelOpt's `v_qdq`), off by default.
+    pub v_nvfp4: Option<VNvfp4>,
 }
 
 impl AttentionSpec {
@@ -78,6 +80,7 @@ impl AttentionSpec {
             return_lse: false,
             nm_softmax: None,
             skip_softmax: None,
+            v_nvfp4: None,
         }
     }
     pub fn with_kv(mut self, heads_kv: usize, seq_kv: usize) -> Self {
@@ -112,6 +115,17 @@ impl AttentionSpec {
     /// Skip-softmax: skip a KV tile for 16 query rows when it cannot matter (see [`SkipSoftmax`]).
     pub fn with_skip_softmax(mut self, skip: SkipSoftmax) -> Self {
         self.skip_softmax = Some(skip);
+        self
+    }
+
+    /// Whether V is stored as NVFP4 codes (the Nvfp4 recipe, or V → NVFP4).
+    pub(crate) fn v_nvfp4_codes(&self) -> bool {
+        self.recipe == Recipe::Nvfp4 || self.v_nvfp4.is_some()
+    }
+
+    /// V → NVFP4 (see [`VNvfp4`]); `amax_v` sets the global scale (None: 1).
+    pub fn with_v_nvfp4(mut self, amax_v: Option<f32>) -> Self {
+        self.v_nvfp4 = Some(VNvfp4 { amax_v });
         self
     }
 
@@ -159,6 +173,9 @@ impl AttentionSpec {
         self.recipe.validate()?;
         if let Some(nm) = &self.nm_softmax {
             nm.validate()?;
+        }
+        if let Some(vq) = &self.v_nvfp4 {
+            vq.validate(self.recipe)?;
         }
         if let Some(skip) = &self.skip_softmax {
             skip.validate(self.seq_kv)?;

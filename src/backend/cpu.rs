@@ -394,6 +394,8 @@ fn v_operand(plan: &Plan, qz: &Quantized, v: &[f32], b: usize, h: usize) -> Oper
         VCodes::Nvfp4 { codes, scales } => {
             let np = padded_dim(n);
             let nb = np / FP4_BLOCK;
+            // V → NVFP4's global scale (1 for the Nvfp4 recipe).
+            let g = s.v_nvfp4.map_or(1.0, |vq| vq.global_scale().1 as f64);
             for c in 0..d {
                 for t in 0..n {
                     let sc = scales[(bh * dp + c) * nb + t / FP4_BLOCK];
@@ -402,7 +404,7 @@ fn v_operand(plan: &Plan, qz: &Quantized, v: &[f32], b: usize, h: usize) -> Oper
                     } else {
                         e4m3_to_f32(sc) as f64
                     };
-                    rows[t * d + c] = e2m1_to_f32(codes[(bh * dp + c) * np + t]) as f64 * sv;
+                    rows[t * d + c] = e2m1_to_f32(codes[(bh * dp + c) * np + t]) as f64 * sv * g;
                 }
             }
         }

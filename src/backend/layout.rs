@@ -74,12 +74,18 @@ pub struct Params {
     pub off_tiles: u32,
     pub skip_on: u32,
     pub pad1: u32,
+    /// V → NVFP4 (FLAG_VNVFP4): the quantizer's multiplier 1/g and the output's g.
+    pub v_inv_g: f32,
+    pub v_g: f32,
+    pub pad2: u32,
+    pub pad3: u32,
 }
 
 pub const FLAG_CAUSAL: u32 = 1;
 pub const FLAG_LSE: u32 = 2;
 pub const FLAG_MASK: u32 = 4;
 pub const FLAG_SMOOTH: u32 = 8;
+pub const FLAG_VNVFP4: u32 = 16;
 pub const MODE_Q: u32 = 0;
 pub const MODE_K: u32 = 1;
 
@@ -149,7 +155,7 @@ impl Workspace {
                 w.vscales = take(b * hk * dp);
                 w.vinv = take(b * hk * dp);
             }
-            Recipe::Nvfp4 => {
+            _ if s.v_nvfp4_codes() => {
                 w.vcodes = take(b * hk * dp * np / 4);
                 w.vscales = take(b * hk * dp * np / 16);
             }
@@ -182,6 +188,10 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
     if s.recipe.smooths_k() {
         flags |= FLAG_SMOOTH;
     }
+    if s.v_nvfp4.is_some() {
+        flags |= FLAG_VNVFP4;
+    }
+    let (v_inv_g, v_g) = s.v_nvfp4.map_or((1.0, 1.0), |vq| vq.global_scale());
     // P's global scale: g = amax_p / (6·448) for NVFP4, s = amax_p / 448 for FP8; the kernels
     // multiply p by inv_g and fold g out of the product.
     let (amax_p, range) = match s.recipe {
@@ -248,6 +258,10 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         off_tiles: ws.tiles,
         skip_on: s.skip_softmax.is_some() as u32,
         pad1: 0,
+        v_inv_g,
+        v_g,
+        pad2: 0,
+        pad3: 0,
     }
 }
 
@@ -327,7 +341,7 @@ pub fn unpack_workspace(plan: &Plan, l: &Workspace, ws: &[u32]) -> Quantized {
                 scales: f32s(l.vscales, b * hk * dp),
             }
         }
-        Recipe::Nvfp4 => {
+        _ if s.v_nvfp4_codes() => {
             out.v = VCodes::Nvfp4 {
                 codes: bytes(l.vcodes, b * hk * dp * np),
                 scales: low_bytes(l.vscales, b * hk * dp * np / 16),
@@ -435,7 +449,9 @@ pub fn quant_steps(plan: &Plan) -> Vec<QuantStep> {
             steps.push(t("fp8_v_scale", MODE_K, Source::V, b * hk * dp));
             steps.push(t("fp8_v_codes", MODE_K, Source::V, b * hk * nk * dp / 4));
         }
-        Recipe::Nvfp4 => steps.push(t("nvfp4_v", MODE_K, Source::V, b * hk * dp * np / 16)),
+        _ if s.v_nvfp4_codes() => {
+            steps.push(t("nvfp4_v", MODE_K, Source::V, b * hk * dp * np / 16))
+        }
         _ => {}
     }
     steps

@@ -234,9 +234,15 @@ pub fn quantize(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Quantized {
         _ => {}
     }
     let v_val = |b: usize, h: usize, t: usize, c: usize| v[plan.kv.row(b, h, t) + c];
-    match s.recipe {
-        Recipe::Int8QkFp8Pv { .. } => out.v = fp8_channels(bn, hk, nk, d, dp, &v_val),
-        Recipe::Nvfp4 => out.v = nvfp4_channels(bn, hk, nk, d, dp, &v_val),
+    match (s.recipe, s.v_nvfp4) {
+        (Recipe::Int8QkFp8Pv { .. }, _) => out.v = fp8_channels(bn, hk, nk, d, dp, &v_val),
+        (Recipe::Nvfp4, _) => out.v = nvfp4_channels(bn, hk, nk, d, dp, &v_val),
+        (_, Some(vq)) => {
+            // The quantizer sees v / g as RN(v · (1/g)); g multiplies the output.
+            let (inv_g, _) = vq.global_scale();
+            let scaled = |b: usize, h: usize, t: usize, c: usize| ftz(v_val(b, h, t, c) * inv_g);
+            out.v = nvfp4_channels(bn, hk, nk, d, dp, &scaled);
+        }
         _ => {}
     }
     out

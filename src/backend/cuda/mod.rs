@@ -362,6 +362,13 @@ impl CudaAttention {
     /// Can this context run `plan`? Skip-softmax runs on the tensor-core kernel only for now: the
     /// CUDA-core kernel has the code (the twin of the WGSL one) but it has not run on a GPU yet.
     pub fn supports(&self, plan: &Plan) -> Result<()> {
+        if plan.spec.v_nvfp4.is_some() {
+            // The CUDA-core kernel reads NVFP4 V like the WGSL one, but has not run on a GPU yet.
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: "V → NVFP4 is not on CUDA yet: the wgpu and CPU backends run it".into(),
+            });
+        }
         if plan.spec.skip_softmax.is_some() && !matches!(self.kernel_for(plan), Module::Mma { .. })
         {
             return Err(Error::BackendUnavailable {
