@@ -261,35 +261,46 @@ __device__ __forceinline__ void q_fragments(const u32 (&qreg)[MT][QREG_STEPS][4]
 // used by all MT m-tiles. Int8 products are exact; their scales come after, and make the
 // scaled score. Other products stay as they are: for Exact, Nvfp4P and Fp8P the softmax folds
 // sm_scale·log2(e) into its FMA.
+// One QK mma: INT8 into s32 accumulators, 16-bit into f32 (the overload picks by accumulator).
+__device__ __forceinline__ void mma_qk(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_s8(d, a, b0, b1); }
+__device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_16<QK_BF16>(d, a, b0, b1); }
+
+// acc = Q·Kᵀ for the warp's MT m-tiles (products only, no scales).
+template <typename Acc>
+__device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4], u32 qlane, u32 kbase, Acc (&acc)[MT][NT_S][4]) {
+    u32 lane = threadIdx.x % 32u;
+    u32 key_lane = lane % 8u + (lane / 16u) * 8u, byte_lane = ((lane / 8u) & 1u) * 16u;
+#pragma unroll
+    for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) acc[mt][n][e] = 0;
+#pragma unroll
+    for (u32 ks = 0; ks < KSTEPS; ks++) {
+        u32 qa[MT][4];
+        q_fragments(qreg, qlane, ks, qa);
+#pragma unroll
+        for (u32 np = 0; np < NT_S / 2u; np++) {
+            u32 bfr[4];
+            ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
+#pragma unroll
+            for (u32 mt = 0; mt < MT; mt++) {
+                mma_qk(acc[mt][2u * np], qa[mt], bfr[0], bfr[1]);
+                mma_qk(acc[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
+            }
+        }
+    }
+}
+
 __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
                                         const float* kscale, float (&s)[MT][NT_S][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
-    u32 key_lane = lane % 8u + (lane / 16u) * 8u, byte_lane = ((lane / 8u) & 1u) * 16u;
     // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
     u32 qlane = qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
     if (INT8_QK) {
         i32 acc[MT][NT_S][4];
-#pragma unroll
-        for (u32 mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) acc[mt][n][e] = 0;
-#pragma unroll
-        for (u32 ks = 0; ks < KSTEPS; ks++) {
-            u32 qa[MT][4];
-            q_fragments(qreg, qlane, ks, qa);
-#pragma unroll
-            for (u32 np = 0; np < NT_S / 2u; np++) {
-                u32 bfr[4];
-                ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
-#pragma unroll
-                for (u32 mt = 0; mt < MT; mt++) {
-                    mma_s8(acc[mt][2u * np], qa[mt], bfr[0], bfr[1]);
-                    mma_s8(acc[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
-                }
-            }
-        }
+        qk_products(qreg, qlane, kbase, acc);
         // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
         // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
 #pragma unroll
@@ -302,27 +313,7 @@ __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][Q
                     s[mt][n][e] = (__int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f) * (e % 2u ? k01.y : k01.x);
         }
     } else {
-#pragma unroll
-        for (u32 mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) s[mt][n][e] = 0.0f;
-#pragma unroll
-        for (u32 ks = 0; ks < KSTEPS; ks++) {
-            u32 qa[MT][4];
-            q_fragments(qreg, qlane, ks, qa);
-#pragma unroll
-            for (u32 np = 0; np < NT_S / 2u; np++) {
-                u32 bfr[4];
-                ldmatrix_x4(bfr, kbase + (np * 16u + key_lane) * K_STRIDE + ks * 32u + byte_lane);
-#pragma unroll
-                for (u32 mt = 0; mt < MT; mt++) {
-                    mma_16<QK_BF16>(s[mt][2u * np], qa[mt], bfr[0], bfr[1]);
-                    mma_16<QK_BF16>(s[mt][2u * np + 1u], qa[mt], bfr[2], bfr[3]);
-                }
-            }
-        }
+        qk_products(qreg, qlane, kbase, s);
     }
 }
 
