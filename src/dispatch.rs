@@ -248,6 +248,7 @@ impl Dispatcher {
             lse_max_abs,
             bits_equal,
             bits_total,
+            tiles: oa.tiles.zip(ob.tiles),
             passed,
         })
     }
@@ -369,6 +370,8 @@ pub struct CrossCheck {
     /// Quantized-operand bytes (codes and scales) equal between the two, of all compared.
     pub bits_equal: usize,
     pub bits_total: usize,
+    /// Skip-softmax's tile counts on a and on b (None without skip-softmax).
+    pub tiles: Option<(crate::TileCounts, crate::TileCounts)>,
     /// Within the recipe's tolerance, quantized operands bit-identical.
     pub passed: bool,
 }
@@ -377,7 +380,7 @@ impl std::fmt::Display for CrossCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} vs {} [{}]: {}; LSE max-abs {:.2e}; quantized bytes equal {}/{}; {}",
+            "{} vs {} [{}]: {}; LSE max-abs {:.2e}; quantized bytes equal {}/{}{}; {}",
             self.a,
             self.b,
             self.recipe.name(),
@@ -385,6 +388,13 @@ impl std::fmt::Display for CrossCheck {
             self.lse_max_abs,
             self.bits_equal,
             self.bits_total,
+            self.tiles.map_or(String::new(), |(a, b)| format!(
+                "; tiles skipped {}/{} vs {}/{}",
+                a.skipped,
+                a.visited + a.skipped,
+                b.skipped,
+                b.visited + b.skipped
+            )),
             if self.passed { "PASS" } else { "FAIL" }
         )
     }
