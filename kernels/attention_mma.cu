@@ -1,24 +1,22 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
 // the 16-bit operands are bf16), SKIP (skip-softmax compiled in) and the launch shape: WARPS, MT,
-// QSMEM, MINB. Each warp owns MT
-// m-tiles of 16 query rows (so every K/V fragment read from shared memory feeds MT mma); the
-// block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that cp.async stages in shared
-// memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
+// QSMEM, MINB. Each warp owns MT m-tiles of 16 query rows (so every K/V fragment read from shared
+// memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that
+// cp.async stages in shared memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
 // with ldmatrix at each step, which frees registers; MINB is __launch_bounds__' blocks per SM.
 //
-// One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 or f16/bf16 m16n8k16, f32 accumulators)
+// One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 into s32, or f16/bf16 m16n8k16 into f32)
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
 //                      → P in the recipe's format, packed straight into the A fragments of
 //                        m16n8k16 → O += P·V.
 // P's constant factor (1/448 for FP8 P, the global scale g for Fp8P/Nvfp4P) and the per-channel
-// V scale are applied once at the end. Register arrays are indexed by unrolled constants only.
+// V scale are applied once at the end (the Nvfp4 recipe's per-row factor is carried, see below). Register arrays are indexed by unrolled constants only.
 
 #define BK 64u
 #define BQT (16u * MT * WARPS)
 #define THREADS (32u * WARPS)
 #define NEG_INF __int_as_float(0xff800000)
-// FP8 V runs through the f16 tensor cores (its codes' values are f16-exact); all else in the input dtype.
 // FP8 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
 #define QK_BF16 (BF16 && RECIPE != R_NVFP4)

@@ -172,6 +172,10 @@ fn tensor_cores_match_cuda_cores() {
             (1000, 777, 64, false, MaskKind::Random),
             (300, 300, 96, true, MaskKind::AllMaskedRows),
             (5, 130, 128, false, MaskKind::None),
+            // Head dims below their padding (56 → 64, 120 → 128: zero-filled columns) and 32.
+            (100, 129, 56, true, MaskKind::None),
+            (64, 200, 120, false, MaskKind::Random),
+            (33, 65, 32, true, MaskKind::None),
         ]
         .into_iter()
         .enumerate()
