@@ -236,21 +236,11 @@ impl WgslAttention {
         Ok((ws, layout))
     }
 
-    /// Record the whole call. With skip-softmax, returns where its tile counters are: the
-    /// workspace buffer and the byte range (valid until the next call on this device).
-    fn encode_plan(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        plan: &Plan,
-        bufs: &Buffers,
-    ) -> Result<Option<(Arc<wgpu::Buffer>, u64, u64)>> {
+    /// Query rows per workgroup for `plan` on this device, and whether the Q tile is kept in f16;
+    /// a typed error when the workgroup memory is too small (or, with skip-softmax, too small
+    /// for 16 rows).
+    fn tile_rows(&self, plan: &Plan) -> Result<(u32, bool)> {
         let s = &plan.spec;
-        if s.batch * s.heads_q > 65535 {
-            return Err(Error::TooLarge(format!(
-                "batch * heads_q = {} exceeds 65535 workgroups: split the batch into several calls",
-                s.batch * s.heads_q
-            )));
-        }
         let dp = padded_dim(s.head_dim) as u32;
         // Q as given and in f16: keep the tile in f16 where the device can (exact; half the memory).
         let f16_tile = self.kernels.f16
@@ -272,6 +262,26 @@ impl WgslAttention {
                 fix: format!("head_dim {} needs more workgroup memory than this adapter has with skip-softmax; use a smaller head_dim, f16 inputs, or another backend", s.head_dim),
             });
         }
+        Ok((bq, f16_tile))
+    }
+
+    /// Record the whole call. With skip-softmax, returns where its tile counters are: the
+    /// workspace buffer and the byte range (valid until the next call on this device).
+    fn encode_plan(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        bufs: &Buffers,
+    ) -> Result<Option<(Arc<wgpu::Buffer>, u64, u64)>> {
+        let s = &plan.spec;
+        if s.batch * s.heads_q > 65535 {
+            return Err(Error::TooLarge(format!(
+                "batch * heads_q = {} exceeds 65535 workgroups: split the batch into several calls",
+                s.batch * s.heads_q
+            )));
+        }
+        let dp = padded_dim(s.head_dim) as u32;
+        let (bq, f16_tile) = self.tile_rows(plan)?;
         let esize = s.dtype.size() as u64;
         let q_bytes = plan.q_len as u64 * esize;
         let kv_bytes = plan.kv_len as u64 * esize;
@@ -576,6 +586,9 @@ pub fn probe_scalars(
 impl Backend for WgslBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Wgpu
+    }
+    fn supports(&self, plan: &Plan) -> Result<()> {
+        self.attn.tile_rows(plan).map(|_| ())
     }
     fn describe(&self) -> String {
         format!("wgpu: {}", self.attn.description)
