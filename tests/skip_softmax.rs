@@ -189,3 +189,84 @@ fn bad_thresholds_are_typed_errors() {
     assert!(spec.plan().is_ok());
     assert!((SkipSoftmax::PerKey(6.4).lambda(64) - 0.1).abs() < 1e-12);
 }
+
+/// The zero-copy wgpu API hands the per-tile counters to the caller's buffer; their sum is the
+/// host API's count, and the per-tile pairs match the layout (every considered pair counted once).
+#[test]
+fn zero_copy_wgpu_reports_tile_counters() {
+    use tessera::backend::wgsl::{Buffers, WgslAttention};
+    use wgpu::util::DeviceExt;
+    let Some(w) = wgpu() else { return };
+    let mut rng = Rng::new(fresh_seed("skip zero-copy"));
+    let spec = AttentionSpec::new(1, 2, 300, 64)
+        .with_kv(2, 450)
+        .with_skip_softmax(SkipSoftmax::Lambda(0.1));
+    let plan = spec.plan().unwrap();
+    let (q, k, v) = clustered(&spec, &mut rng);
+    let host = w
+        .run(&plan, q.view(), k.view(), v.view())
+        .unwrap()
+        .tiles
+        .unwrap();
+    let attn = w.attention();
+    let (dev, queue) = (attn.device(), attn.queue());
+    let st = wgpu::BufferUsages::STORAGE;
+    let upload = |t: &TensorBuf| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: t.view().bytes(),
+            usage: st,
+        })
+    };
+    let (qb, kb, vb) = (upload(&q), upload(&k), upload(&v));
+    let ob = upload(&tensor(spec.dtype, plan.q_len, |_| f64::NAN));
+    let bytes = WgslAttention::tile_counter_bytes(&spec).unwrap();
+    assert_eq!(bytes, 8 * 2 * 300u64.div_ceil(16));
+    let tiles = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let readback = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        mapped_at_creation: false,
+    });
+    let bufs = Buffers {
+        q: &qb,
+        k: &kb,
+        v: &vb,
+        o: &ob,
+        lse: None,
+    };
+    let mut enc = dev.create_command_encoder(&Default::default());
+    attn.encode_with_tiles(&mut enc, &spec, &bufs, &tiles)
+        .unwrap();
+    enc.copy_buffer_to_buffer(&tiles, 0, &readback, 0, bytes);
+    queue.submit([enc.finish()]);
+    readback
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let words: Vec<u32> =
+        bytemuck::pod_collect_to_vec(&readback.slice(..).get_mapped_range().unwrap());
+    let (visited, skipped) = words
+        .chunks(2)
+        .fold((0u64, 0u64), |(a, b), p| (a + p[0] as u64, b + p[1] as u64));
+    // Non-causal, no mask: each query tile considers every KV tile exactly once.
+    let k_blocks = 450u32.div_ceil(64);
+    assert!(
+        words.chunks(2).all(|p| p[0] + p[1] == k_blocks),
+        "{words:?}"
+    );
+    assert_eq!((visited, skipped), (host.visited, host.skipped));
+    // Without skip-softmax there is nothing to report: a typed error.
+    let dense = AttentionSpec::new(1, 2, 300, 64).with_kv(2, 450);
+    let mut enc = dev.create_command_encoder(&Default::default());
+    assert!(matches!(
+        attn.encode_with_tiles(&mut enc, &dense, &bufs, &tiles),
+        Err(Error::BadBuffer { .. })
+    ));
+}

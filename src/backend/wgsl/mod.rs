@@ -95,6 +95,47 @@ impl WgslAttention {
         Ok(())
     }
 
+    /// As [`encode`](Self::encode), and with skip-softmax also copy its counters into `tiles`
+    /// (COPY_DST, at least [`tile_counter_bytes`](Self::tile_counter_bytes)): one
+    /// (visited, skipped) u32 pair per (batch·head, 16-row query tile), batch·head outermost.
+    pub fn encode_with_tiles(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        spec: &AttentionSpec,
+        bufs: &Buffers,
+        tiles: &wgpu::Buffer,
+    ) -> Result<()> {
+        let plan = spec.plan()?;
+        self.check_buffers(&plan, bufs)?;
+        let need = Self::tile_counter_bytes(spec)?;
+        if need == 0 {
+            return Err(Error::BadBuffer {
+                buffer: "tiles",
+                problem: "the spec has no skip-softmax, so there are no tile counters: use encode"
+                    .into(),
+            });
+        }
+        if tiles.size() < need || !tiles.usage().contains(wgpu::BufferUsages::COPY_DST) {
+            return Err(Error::BadBuffer {
+                buffer: "tiles",
+                problem: format!(
+                    "needs COPY_DST usage and {need} bytes; it has {} bytes, usage {:?}",
+                    tiles.size(),
+                    tiles.usage()
+                ),
+            });
+        }
+        if let Some((ws, offset, bytes)) = self.encode_plan(encoder, &plan, bufs)? {
+            encoder.copy_buffer_to_buffer(&ws, offset, tiles, 0, bytes);
+        }
+        Ok(())
+    }
+
+    /// Bytes of skip-softmax's tile counters for `spec` (0 without skip-softmax).
+    pub fn tile_counter_bytes(spec: &AttentionSpec) -> Result<u64> {
+        Ok(tile_count_words(&spec.plan()?) as u64 * 4)
+    }
+
     fn check_buffers(&self, plan: &Plan, bufs: &Buffers) -> Result<()> {
         let esize = plan.spec.dtype.size() as u64;
         let need_q = bytes4(plan.q_len as u64 * esize);
