@@ -1,6 +1,7 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
-// the 16-bit operands are bf16), SKIP (skip-softmax compiled in) and the launch shape: WARPS, MT,
+// the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM (N:M sparse softmax compiled
+// in) and the launch shape: WARPS, MT,
 // QSMEM, MINB. Each warp owns MT m-tiles of 16 query rows (so every K/V fragment read from shared
 // memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that
 // cp.async stages in shared memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
@@ -238,6 +239,49 @@ __device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 b
     return kb;
 }
 
+// ---- N:M sparse softmax -------------------------------------------------------------------------
+
+// In each group of nm_m consecutive keys of a row only the nm_n largest scores survive (an equal
+// score at a lower key outranks; −inf keys neither count nor survive); sink and recent keys stay
+// dense. A row's 8 keys of an n-tile sit in its quad, 2 per thread: M = 4 groups are thread pairs
+// (t, t^1), M = 8 groups the quad. Scores are compared unscaled: the scale is positive.
+__device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset) {
+    u32 t = threadIdx.x % 4u;
+#pragma unroll
+    for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            float own[2] = {s[n][2u * i], s[n][2u * i + 1u]};
+            float peer[3][2];  // the values of threads t^1, t^2, t^3
+#pragma unroll
+            for (u32 m = 1; m < 4u; m++)
+#pragma unroll
+                for (u32 e = 0; e < 2u; e++) peer[m - 1u][e] = __shfl_xor_sync(0xffffffffu, own[e], m);
+#pragma unroll
+            for (u32 e = 0; e < 2u; e++) {
+                float x = own[e];
+                u32 kx = 2u * t + e;  // key within the n-tile
+                u32 rank = 0u;
+                float y = own[1u - e];
+                if (y != NEG_INF && (y > x || (y == x && 1u - e < e))) rank++;
+#pragma unroll
+                for (u32 m = 1; m < 4u; m++) {
+                    if (P.nm_m == 4u && m != 1u) continue;  // M = 4: only the pair partner shares the group
+#pragma unroll
+                    for (u32 f = 0; f < 2u; f++) {
+                        float z = peer[m - 1u][f];
+                        u32 kz = 2u * (t ^ m) + f;
+                        if (z != NEG_INF && (z > x || (z == x && kz < kx))) rank++;
+                    }
+                }
+                u32 key = key0 + n * 8u + kx;
+                i32 dist = (i32)rows[i] + offset - (i32)key;
+                bool dense = key < P.nm_sink || (dist >= 0 && dist < (i32)P.nm_recent);
+                if (x != NEG_INF && !dense && rank >= P.nm_n) s[n][2u * i + e] = NEG_INF;
+            }
+        }
+}
+
 // ---- one tile --------------------------------------------------------------------------------
 
 #define QREG_STEPS (QSMEM ? 1u : KSTEPS)
@@ -471,6 +515,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                         u32 key = key0 + n * 8u + 2u * t + e % 2u;
                         if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
                     }
+        }
+        if (NM) {
+#pragma unroll
+            for (u32 mt = 0; mt < MT; mt++) nm_select(P, s[mt], rows[mt], key0, offset);
         }
 
         // Online softmax in base 2: m is the running max of the scaled scores (−inf before any

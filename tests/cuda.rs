@@ -307,3 +307,70 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
         assert!(direct.iter().all(|&x| x != 0xffff), "unwritten outputs");
     }
 }
+
+/// N:M sparse softmax on the tensor-core kernel (experimental: off by default until this test has
+/// passed on a GPU) against the CUDA-core kernel, which runs N:M by default.
+#[test]
+fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
+    use common::matrix::tolerance;
+    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
+    use tessera::metrics::Accuracy;
+    let Some(c) = cuda() else { return };
+    let simt = CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    let cfg = MmaConfig {
+        nm: true,
+        ..MmaConfig::for_arch("sm_90a")
+    };
+    let mma = CudaAttention::new(c.attention().context())
+        .unwrap()
+        .with_mma_config(cfg);
+    let mut rng = Rng::new(fresh_seed("nm on tensor cores"));
+    for (i, (recipe, nm, causal)) in [
+        (Recipe::Exact, NmSoftmax::new(2, 4), false),
+        (Recipe::nvfp4p(), NmSoftmax::new(2, 4), true),
+        (
+            Recipe::fp8p(),
+            NmSoftmax {
+                n: 4,
+                m: 8,
+                dense_sink_tokens: 5,
+                dense_recent_tokens: 16,
+            },
+            false,
+        ),
+        (Recipe::Int8QkF16Pv, NmSoftmax::new(1, 4), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+        let spec = AttentionSpec::new(1, 4, 333, 64)
+            .with_kv(2, 500)
+            .with_dtype(dtype)
+            .with_causal(causal)
+            .with_recipe(recipe)
+            .with_nm_softmax(nm)
+            .with_lse(true);
+        let plan = spec.plan().unwrap();
+        assert!(matches!(
+            mma.kernel_for(&plan),
+            Module::Mma { nm: true, .. }
+        ));
+        let (q, k, v) = qkv(&spec, &mut rng, 1.0);
+        let (o_mma, _) = run_poisoned_with(&mma, &spec, &q, &k, &v);
+        let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+        let acc = Accuracy::of(&o_mma, &o_simt);
+        // The same selection up to scores that tie only after scaling (rare): the recipe's
+        // tolerance.
+        let (tol_l1, _) = tolerance(recipe, dtype);
+        let ctx = format!(
+            "{} {}:{} causal={causal} {dtype:?}",
+            recipe.name(),
+            nm.n,
+            nm.m
+        );
+        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+    }
+}

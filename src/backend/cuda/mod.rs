@@ -83,6 +83,9 @@ pub struct MmaConfig {
     pub q_in_shared: bool,
     /// Blocks per SM the register allocation must allow (__launch_bounds__).
     pub min_blocks: u32,
+    /// Run N:M sparse softmax on tensor cores (written, compiled for every arch, not yet
+    /// checked on a GPU: off unless TESSERA_CUDA_EXPERIMENTAL contains "nm").
+    pub nm: bool,
 }
 
 impl MmaConfig {
@@ -95,6 +98,7 @@ impl MmaConfig {
             m_tiles: 1,
             q_in_shared: big_smem,
             min_blocks: if big_smem { 2 } else { 1 },
+            nm: experimental("nm"),
         }
     }
 
@@ -107,6 +111,7 @@ impl MmaConfig {
                 m_tiles: mt,
                 q_in_shared: q != 0,
                 min_blocks: b,
+                nm: experimental("nm"),
             }),
             _ => None,
         }
@@ -139,6 +144,8 @@ pub enum Module {
         cfg: MmaConfig,
         /// Skip-softmax compiled in (its test would cost the dense kernel registers).
         skip: bool,
+        /// N:M sparse softmax compiled in.
+        nm: bool,
     },
 }
 
@@ -153,14 +160,16 @@ impl Module {
                 bf16,
                 cfg,
                 skip,
+                nm,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
                 cfg.q_in_shared as u32,
                 cfg.min_blocks,
-                if *skip { "-skip" } else { "" }
+                if *skip { "-skip" } else { "" },
+                if *nm { "-nm" } else { "" }
             ),
         }
     }
@@ -185,12 +194,14 @@ pub fn module_source(m: Module) -> String {
             bf16,
             cfg,
             skip,
+            nm,
         } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
                 ("DP", dp),
                 ("BF16", bf16 as u32),
                 ("SKIP", skip as u32),
+                ("NM", nm as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
                 ("QSMEM", cfg.q_in_shared as u32),
@@ -230,14 +241,38 @@ pub fn all_modules() -> Vec<(String, String)> {
                         bf16,
                         cfg,
                         skip,
+                        nm: false,
                     });
                 }
+            }
+        }
+    }
+    // N:M (experimental on tensor cores) with ModelOpt's P modes.
+    for recipe in [0, 4, 5] {
+        for dp in MMA_DIMS {
+            for bf16 in [false, true] {
+                mods.push(Module::Mma {
+                    recipe,
+                    dp,
+                    bf16,
+                    cfg: sm90,
+                    skip: false,
+                    nm: true,
+                });
             }
         }
     }
     mods.into_iter()
         .map(|m| (m.label(), module_source(m)))
         .collect()
+}
+
+/// TESSERA_CUDA_EXPERIMENTAL (comma-separated) names tensor-core paths that are written and
+/// compile for every arch but have not yet been checked on a GPU: "nm" (N:M sparse softmax).
+fn experimental(feature: &str) -> bool {
+    std::env::var("TESSERA_CUDA_EXPERIMENTAL")
+        .map(|v| v.split(',').any(|f| f.trim() == feature))
+        .unwrap_or(false)
 }
 
 /// Can the tensor-core kernel run `plan`? `Err` says why not (the CUDA-core kernel runs it then).
@@ -254,8 +289,8 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
             s.recipe.name()
         ));
     }
-    if s.nm_softmax.is_some() {
-        return Err("N:M sparse softmax (not on tensor cores yet)".into());
+    if s.nm_softmax.is_some() && !cfg.nm {
+        return Err("N:M sparse softmax (on tensor cores only with TESSERA_CUDA_EXPERIMENTAL=nm until it has run on a GPU)".into());
     }
     if !MMA_DIMS.contains(&dp) || s.head_dim % 8 != 0 {
         return Err(format!(
@@ -280,6 +315,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         bf16: s.dtype == DType::BF16,
         cfg,
         skip: s.skip_softmax.is_some(),
+        nm: s.nm_softmax.is_some(),
     })
 }
 
