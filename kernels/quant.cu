@@ -117,7 +117,8 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     }
 }
 
-// The CUDA path's FP8 V scale in two steps (max is order-free, so the bits are the same):
+// FP8 V scale per channel (the step quant_steps calls fp8_v_scale; WGSL walks each channel's
+// tokens in one thread), here in two steps since max is order-free and the bits the same:
 // per (b·hk, 64-token block, channel) a partial amax, atomically maxed into vinv (zeroed by the
 // host); then fp8_v_scale_from_amax turns it into the scale and its inverse.
 extern "C" __global__ void fp8_v_amax(Params P, const void* src, u32* ws) {
@@ -135,21 +136,6 @@ extern "C" __global__ void fp8_v_scale_from_amax(Params P, const void* src, u32*
     u32 id = linear_id();
     if (id >= P.batch * P.heads_kv * P.dp) return;
     u32 amax = ws[P.off_vinv + id];
-    float inv = 0.0f, scale = 0.0f;
-    if (non_finite(amax)) scale = f32_nan();
-    else if (amax >= TINY_BITS) { inv = div_rn(448.0f, u2f(amax)); scale = div_rn(u2f(amax), 448.0f); }
-    ws[P.off_vscales + id] = f2u(scale);
-    ws[P.off_vinv + id] = f2u(inv);
-}
-
-extern "C" __global__ void fp8_v_scale(Params P, const void* src, u32* ws) {
-    u32 id = linear_id();
-    if (id >= P.batch * P.heads_kv * P.dp) return;
-    u32 bh = id / P.dp, c = id % P.dp;
-    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
-    u32 amax = 0u;
-    if (c < P.head_dim)
-        for (u32 t = 0; t < P.seq_kv; t++) amax = max(amax, abs_bits(load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype)));
     float inv = 0.0f, scale = 0.0f;
     if (non_finite(amax)) scale = f32_nan();
     else if (amax >= TINY_BITS) { inv = div_rn(448.0f, u2f(amax)); scale = div_rn(u2f(amax), 448.0f); }

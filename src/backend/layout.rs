@@ -384,7 +384,8 @@ impl QuantStep {
 }
 
 /// The quantization kernels a recipe runs before the attention, in order (the same on every
-/// GPU backend; the entry points exist in shaders/quant.wgsl and kernels/quant.cu).
+/// GPU backend; the entry points exist in shaders/quant.wgsl and kernels/quant.cu, except that
+/// CUDA runs `fp8_v_scale` as two parallel kernels, fp8_v_amax and fp8_v_scale_from_amax).
 pub fn quant_steps(plan: &Plan) -> Vec<QuantStep> {
     let s = &plan.spec;
     let (b, hq, hk, nq, nk, d) = (

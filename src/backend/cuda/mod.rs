@@ -539,7 +539,8 @@ impl CudaAttention {
         let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
             .map_err(cuda_err("alloc workspace"))?;
         let base = params(plan, &layout);
-        if quant_steps(plan).iter().any(|st| st.entry == "fp8_v_scale") {
+        let steps = quant_steps(plan);
+        if steps.iter().any(|st| st.entry == "fp8_v_scale") {
             // fp8_v_amax maxes into the (zeroed) vinv words; see the loop below.
             let s = &plan.spec;
             let chans = s.batch * s.heads_kv * padded_dim(s.head_dim);
@@ -561,7 +562,7 @@ impl CudaAttention {
                 // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
                 unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
             };
-        for step in quant_steps(plan) {
+        for step in steps {
             let src = match step.src {
                 Source::Q => q,
                 Source::K => k,
