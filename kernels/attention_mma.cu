@@ -1,7 +1,8 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
 // the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM (N:M sparse softmax compiled
-// in) and the launch shape: WARPS, MT,
+// in), VNV (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g)
+// and the launch shape: WARPS, MT,
 // QSMEM, MINB. Each warp owns MT m-tiles of 16 query rows (so every K/V fragment read from shared
 // memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that
 // cp.async stages in shared memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
@@ -18,10 +19,10 @@
 #define BQT (16u * MT * WARPS)
 #define THREADS (32u * WARPS)
 #define NEG_INF __int_as_float(0xff800000)
-// FP8 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
+// FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
 #define QK_BF16 (BF16 && RECIPE != R_NVFP4)
-#define PV_BF16 (BF16 && RECIPE != R_INT8_FP8 && RECIPE != R_NVFP4)
+#define PV_BF16 (BF16 && RECIPE != R_INT8_FP8 && RECIPE != R_NVFP4 && !VNV)
 #define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
 #define QK_BYTES (INT8_QK ? DP : 2u * DP)   // one Q/K row in shared memory and registers
 #define V_BYTES (2u * DP)
@@ -656,6 +657,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                     if (RECIPE == R_INT8_FP8) {
                         x0 *= u2f(ws[P.off_vscales + bkv * DP + c]);
                         x1 *= u2f(ws[P.off_vscales + bkv * DP + c + 1u]);
+                    }
+                    if (VNV) {
+                        x0 *= P.v_g;
+                        x1 *= P.v_g;
                     }
                 }
                 *(u32*)(orow + c) = pack16<BF16>(x0, x1);

@@ -308,8 +308,7 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
     }
 }
 
-/// N:M sparse softmax on the tensor-core kernel (experimental: off by default until this test has
-/// passed on a GPU) against the CUDA-core kernel, which runs N:M by default.
+/// N:M sparse softmax on the tensor-core kernel against the CUDA-core kernel.
 #[test]
 fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
     use common::matrix::tolerance;

@@ -83,8 +83,7 @@ pub struct MmaConfig {
     pub q_in_shared: bool,
     /// Blocks per SM the register allocation must allow (__launch_bounds__).
     pub min_blocks: u32,
-    /// Run N:M sparse softmax on tensor cores (written, compiled for every arch, not yet
-    /// checked on a GPU: off unless TESSERA_CUDA_EXPERIMENTAL contains "nm").
+    /// Run N:M sparse softmax on tensor cores (false: the CUDA-core kernel runs it).
     pub nm: bool,
 }
 
@@ -98,7 +97,7 @@ impl MmaConfig {
             m_tiles: 1,
             q_in_shared: big_smem,
             min_blocks: if big_smem { 2 } else { 1 },
-            nm: experimental("nm"),
+            nm: true,
         }
     }
 
@@ -111,7 +110,7 @@ impl MmaConfig {
                 m_tiles: mt,
                 q_in_shared: q != 0,
                 min_blocks: b,
-                nm: experimental("nm"),
+                nm: true,
             }),
             _ => None,
         }
@@ -146,6 +145,8 @@ pub enum Module {
         skip: bool,
         /// N:M sparse softmax compiled in.
         nm: bool,
+        /// V → NVFP4: V read from f16 copies of its codes' values, the output times v_g.
+        vnv: bool,
     },
 }
 
@@ -161,15 +162,17 @@ impl Module {
                 cfg,
                 skip,
                 nm,
+                vnv,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
                 cfg.q_in_shared as u32,
                 cfg.min_blocks,
                 if *skip { "-skip" } else { "" },
-                if *nm { "-nm" } else { "" }
+                if *nm { "-nm" } else { "" },
+                if *vnv { "-vnv" } else { "" }
             ),
         }
     }
@@ -195,6 +198,7 @@ pub fn module_source(m: Module) -> String {
             cfg,
             skip,
             nm,
+            vnv,
         } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
@@ -202,6 +206,7 @@ pub fn module_source(m: Module) -> String {
                 ("BF16", bf16 as u32),
                 ("SKIP", skip as u32),
                 ("NM", nm as u32),
+                ("VNV", vnv as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
                 ("QSMEM", cfg.q_in_shared as u32),
@@ -242,12 +247,13 @@ pub fn all_modules() -> Vec<(String, String)> {
                         cfg,
                         skip,
                         nm: false,
+                        vnv: false,
                     });
                 }
             }
         }
     }
-    // N:M (experimental on tensor cores) with ModelOpt's P modes.
+    // N:M with ModelOpt's P modes.
     for recipe in [0, 4, 5] {
         for dp in MMA_DIMS {
             for bf16 in [false, true] {
@@ -258,6 +264,23 @@ pub fn all_modules() -> Vec<(String, String)> {
                     cfg: sm90,
                     skip: false,
                     nm: true,
+                    vnv: false,
+                });
+            }
+        }
+    }
+    // V → NVFP4 with the recipes that allow it.
+    for recipe in [0, 1, 4, 5] {
+        for dp in MMA_DIMS {
+            for bf16 in [false, true] {
+                mods.push(Module::Mma {
+                    recipe,
+                    dp,
+                    bf16,
+                    cfg: sm90,
+                    skip: false,
+                    nm: false,
+                    vnv: true,
                 });
             }
         }
@@ -265,14 +288,6 @@ pub fn all_modules() -> Vec<(String, String)> {
     mods.into_iter()
         .map(|m| (m.label(), module_source(m)))
         .collect()
-}
-
-/// TESSERA_CUDA_EXPERIMENTAL (comma-separated) names tensor-core paths that are written and
-/// compile for every arch but have not yet been checked on a GPU: "nm" (N:M sparse softmax).
-fn experimental(feature: &str) -> bool {
-    std::env::var("TESSERA_CUDA_EXPERIMENTAL")
-        .map(|v| v.split(',').any(|f| f.trim() == feature))
-        .unwrap_or(false)
 }
 
 /// Can the tensor-core kernel run `plan`? `Err` says why not (the CUDA-core kernel runs it then).
@@ -290,7 +305,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         ));
     }
     if s.nm_softmax.is_some() && !cfg.nm {
-        return Err("N:M sparse softmax (on tensor cores only with TESSERA_CUDA_EXPERIMENTAL=nm until it has run on a GPU)".into());
+        return Err("N:M sparse softmax (this MmaConfig turns it off on tensor cores)".into());
     }
     if !MMA_DIMS.contains(&dp) || s.head_dim % 8 != 0 {
         return Err(format!(
@@ -316,6 +331,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         cfg,
         skip: s.skip_softmax.is_some(),
         nm: s.nm_softmax.is_some(),
+        vnv: s.v_nvfp4.is_some(),
     })
 }
 
@@ -395,23 +411,9 @@ impl CudaAttention {
         self
     }
 
-    /// Can this context run `plan`? Skip-softmax runs on the tensor-core kernel only for now: the
-    /// CUDA-core kernel has the code (the twin of the WGSL one) but it has not run on a GPU yet.
-    pub fn supports(&self, plan: &Plan) -> Result<()> {
-        if plan.spec.v_nvfp4.is_some() {
-            // The CUDA-core kernel reads NVFP4 V like the WGSL one, but has not run on a GPU yet.
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                why: "V → NVFP4 is not on CUDA yet: the wgpu and CPU backends run it".into(),
-            });
-        }
-        if plan.spec.skip_softmax.is_some() && !matches!(self.kernel_for(plan), Module::Mma { .. })
-        {
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                why: "skip-softmax runs on CUDA's tensor-core kernel only (f16/bf16, head_dim a multiple of 8 up to 128, no N:M softmax): use those inputs or the wgpu/CPU backends".into(),
-            });
-        }
+    /// Can this context run `plan`? Every valid plan: each option runs on the CUDA-core kernel,
+    /// and on the tensor-core kernel whenever `tensor_core_fit` accepts it.
+    pub fn supports(&self, _plan: &Plan) -> Result<()> {
         Ok(())
     }
 
@@ -716,7 +718,11 @@ impl CudaAttention {
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let Module::Mma {
-            recipe, dp, cfg, ..
+            recipe,
+            dp,
+            cfg,
+            vnv,
+            ..
         } = kernel
         else {
             return Err(Error::Cuda(
@@ -768,6 +774,11 @@ impl CudaAttention {
             convert("nvfp4_qk_to_f16", &mut k, b * hk * nk * dp, Some(ka))?;
             convert("nvfp4_v_to_f16", &mut v, b * hk * nk * dp, None)?;
             (q16, k16, v16) = (Some(q), Some(k), Some(v));
+        }
+        if vnv {
+            let mut v = scratch(b * hk * nk * dp)?;
+            convert("nvfp4_v_to_f16", &mut v, b * hk * nk * dp, None)?;
+            v16 = Some(v);
         }
         let user_q = (plan.q.batch as u32, plan.q.head as u32, plan.q.token as u32);
         let user_kv = (
