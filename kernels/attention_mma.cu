@@ -1,7 +1,7 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
 // The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
-// the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM (N:M sparse softmax compiled
-// in), VNV (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g)
+// the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM (N:M sparse softmax's M;
+// 0: off), VNV (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g)
 // and the launch shape: WARPS, MT,
 // QSMEM, MINB. Each warp owns MT m-tiles of 16 query rows (so every K/V fragment read from shared
 // memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that
@@ -128,42 +128,104 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float
 #endif
 }
 
-// Nvfp4P on one m-tile: a group of 16 keys of a row is n-tiles 2i and 2i+1; a thread holds 4 of
-// its values, its quad the rest. E2M1 by binary search over the thresholds midpoint·scale (exact
-// in f32, so comparing with them compares x/scale with the midpoints exactly); a value on a
-// threshold goes to the even code: ≥ where the upper code is even (thresholds 1, 3, 5), > where
-// the lower one is. p ≥ 0, so the sign is always +; a zero scale gives 0, a NaN scale NaN.
+// Two block maxima → their NVFP4 scale codes, E4M3(max / 6) (lo in bits 0-7, hi in 8-15); NaN
+// or ∞ → the NaN code, below TINY → 0 (nvfp4_scale_code). sm_89+ rounds in hardware.
+__device__ __forceinline__ u32 scale_code_pair(u32 amax_lo, u32 amax_hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short e;
+    // amax ≥ TINY here, so div_rn's flushes have nothing to do; satfinite clamps at 448 like min().
+    float lo = __fdiv_rn(u2f(max(amax_lo, TINY_BITS)), 6.0f), hi = __fdiv_rn(u2f(max(amax_hi, TINY_BITS)), 6.0f);
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
+    u32 c = e;
+    if (amax_lo < TINY_BITS) c &= 0xff00u;
+    if (amax_hi < TINY_BITS) c &= 0x00ffu;
+    if (non_finite(amax_lo)) c = (c & 0xff00u) | E4M3_NAN;
+    if (non_finite(amax_hi)) c = (c & 0x00ffu) | (E4M3_NAN << 8);
+    return c;
+#else
+    return nvfp4_scale_code(amax_lo) | (nvfp4_scale_code(amax_hi) << 8);
+#endif
+}
+
+// Four E4M3 codes (one per byte) → their values.
+__device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
+#if __CUDA_ARCH__ >= 890
+#pragma unroll
+    for (u32 h = 0; h < 2u; h++) {
+        u32 h2;
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"((unsigned short)(codes >> (16u * h))));
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(out[2u * h]) : "h"((unsigned short)(h2 & 0xffffu)));
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(out[2u * h + 1u]) : "h"((unsigned short)(h2 >> 16)));
+    }
+#else
+#pragma unroll
+    for (u32 i = 0; i < 4u; i++) out[i] = e4m3_to_f32(byte_of(codes, i));
+#endif
+}
+
+// Nvfp4P on one m-tile. A group of 16 keys of a row is n-tiles 2i and 2i+1: a thread holds 4 of
+// its values, its quad the rest, so the quad shares 8 blocks (4 per row). The block maxima are
+// reduce-scattered over the quad (each thread ends with 2 blocks' maxima, computes their scale
+// codes) and the codes all-gathered as bytes: a quarter of the scale work per thread.
+// E2M1 by binary search over the thresholds midpoint·scale (exact in f32, so comparing with
+// them compares x/scale with the midpoints exactly); a value on a threshold goes to the even
+// code: ≥ where the upper code is even (thresholds 1, 3, 5), > where the lower one is. p ≥ 0,
+// so the sign is always +; a zero scale gives 0, a NaN scale NaN.
 // mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
 // to the input dtype.
 __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2]) {
+    // Block j = 2·blk + half: keys 16·blk.., row g + 8·half; element i of it is p[2blk + i/2][2half + i%2].
+    u32 amax[8];
 #pragma unroll
-    for (u32 blk = 0; blk < NT_S / 2u; blk++) {
+    for (u32 j = 0; j < 8u; j++) {
+        u32 blk = j / 2u, half = j % 2u;
+        amax[j] = 0u;
 #pragma unroll
-        for (u32 half = 0; half < 2u; half++) {
-            float x[4];
-            u32 amax = 0u;
+        for (u32 i = 0; i < 4u; i++) {
+            float& pv = p[2u * blk + i / 2u][2u * half + i % 2u];
+            pv = __fmul_rn(RECIPE == R_NVFP4P ? round_dtype(pv) : pv, mul[half]);
+            amax[j] = max(amax[j], abs_bits(pv));
+        }
+    }
+    // Reduce-scatter: after the xor-1 step a thread holds 4 blocks (odd lanes 4-7), after xor-2 2.
+    u32 t = threadIdx.x % 4u;
+    bool odd = t & 1u, upper = t & 2u;
+    u32 r1[4], r2[2];
 #pragma unroll
-            for (u32 i = 0; i < 4u; i++) {
-                float pv = p[2u * blk + i / 2u][2u * half + i % 2u];
-                x[i] = __fmul_rn(RECIPE == R_NVFP4P ? round_dtype(pv) : pv, mul[half]);
-                amax = max(amax, abs_bits(x[i]));
-            }
-            amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            u32 sc = nvfp4_scale_code(amax);
-            float s = sc != E4M3_NAN ? e4m3_to_f32(sc) : f32_nan();
-            float th0 = 0.25f * s, th1 = 0.75f * s, th2 = 1.25f * s, th3 = 1.75f * s;
-            float th4 = 2.5f * s, th5 = 3.5f * s, th6 = 5.0f * s;
+    for (u32 i = 0; i < 4u; i++) {
+        u32 give = odd ? amax[i] : amax[4u + i], keep = odd ? amax[4u + i] : amax[i];
+        r1[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 1));
+    }
 #pragma unroll
-            for (u32 i = 0; i < 4u; i++) {
-                float a = x[i];
-                bool b2 = a >= th3;
-                bool b1 = a >= (b2 ? th5 : th1);
-                bool b0 = a > (b2 ? (b1 ? th6 : th4) : (b1 ? th2 : th0));
-                u32 code = (b2 ? 4u : 0u) + (b1 ? 2u : 0u) + (b0 ? 1u : 0u);
-                float v = code < 4u ? 0.5f * (float)code : (code < 7u ? (float)code - 2.0f : 6.0f);
-                p[2u * blk + i / 2u][2u * half + i % 2u] = v * s;
-            }
+    for (u32 i = 0; i < 2u; i++) {
+        u32 give = upper ? r1[i] : r1[2u + i], keep = upper ? r1[2u + i] : r1[i];
+        r2[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 2));
+    }
+    // This thread's codes: blocks 4·odd + 2·upper + {0, 1}. All-gather them as bytes.
+    u32 c2 = scale_code_pair(r2[0], r2[1]);
+    u32 other = __shfl_xor_sync(0xffffffffu, c2, 2);
+    u32 c4 = upper ? (other | (c2 << 16)) : (c2 | (other << 16));  // blocks 4·odd + 0..3
+    other = __shfl_xor_sync(0xffffffffu, c4, 1);
+    float scale[8];
+    e4m3x4_values(odd ? other : c4, *(float(*)[4])&scale[0]);
+    e4m3x4_values(odd ? c4 : other, *(float(*)[4])&scale[4]);
+#pragma unroll
+    for (u32 j = 0; j < 8u; j++) {
+        float s = scale[j];
+        float th0 = 0.25f * s, th1 = 0.75f * s, th2 = 1.25f * s, th3 = 1.75f * s;
+        float th4 = 2.5f * s, th5 = 3.5f * s, th6 = 5.0f * s;
+        // The E2M1 values times s; 0·s keeps a NaN scale NaN.
+        float v0 = 0.0f * s, v05 = 0.5f * s, v15 = 1.5f * s, v2 = 2.0f * s, v3 = 3.0f * s, v4 = 4.0f * s, v6 = 6.0f * s;
+        u32 blk = j / 2u, half = j % 2u;
+#pragma unroll
+        for (u32 i = 0; i < 4u; i++) {
+            float& a = p[2u * blk + i / 2u][2u * half + i % 2u];
+            bool b2 = a >= th3;
+            bool b1 = a >= (b2 ? th5 : th1);
+            bool b0 = a > (b2 ? (b1 ? th6 : th4) : (b1 ? th2 : th0));
+            float lo = b2 ? (b1 ? v4 : v2) : (b1 ? s : v0);
+            float hi = b2 ? (b1 ? v6 : v3) : (b1 ? v15 : v05);
+            a = b0 ? hi : lo;
         }
     }
 }
@@ -242,43 +304,47 @@ __device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 b
 
 // ---- N:M sparse softmax -------------------------------------------------------------------------
 
-// In each group of nm_m consecutive keys of a row only the nm_n largest scores survive (an equal
-// score at a lower key outranks; −inf keys neither count nor survive); sink and recent keys stay
-// dense. A row's 8 keys of an n-tile sit in its quad, 2 per thread: M = 4 groups are thread pairs
+// In each group of NM (4 or 8, compiled in) consecutive keys of a row only the nm_n largest
+// scores survive (an equal score at a lower key outranks); sink and recent keys stay dense. A
+// row's 8 keys of an n-tile sit in its quad, 2 per thread: M = 4 groups are thread pairs
 // (t, t^1), M = 8 groups the quad. Scores are compared unscaled: the scale is positive.
-__device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset) {
+// A −inf score needs no test: it outranks nothing and is −inf whether it survives or not.
+// `dense_near`: some key of this tile may be a sink or recent key for one of these rows (a
+// warp-uniform test, so the per-key window test runs only on the few tiles near them).
+__device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
     u32 t = threadIdx.x % 4u;
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
             float own[2] = {s[n][2u * i], s[n][2u * i + 1u]};
-            float peer[3][2];  // the values of threads t^1, t^2, t^3
+            float peer[3][2];  // the values of threads t^1, t^2, t^3 (only t^1 when M = 4)
 #pragma unroll
-            for (u32 m = 1; m < 4u; m++)
+            for (u32 m = 1; m < (NM == 4u ? 2u : 4u); m++)
 #pragma unroll
                 for (u32 e = 0; e < 2u; e++) peer[m - 1u][e] = __shfl_xor_sync(0xffffffffu, own[e], m);
 #pragma unroll
             for (u32 e = 0; e < 2u; e++) {
                 float x = own[e];
-                u32 kx = 2u * t + e;  // key within the n-tile
-                u32 rank = 0u;
-                float y = own[1u - e];
-                if (y != NEG_INF && (y > x || (y == x && 1u - e < e))) rank++;
+                // The other key of this thread: higher for e = 0 (outranks only when greater).
+                u32 rank = (e == 0u ? own[1] > x : own[0] >= x) ? 1u : 0u;
 #pragma unroll
-                for (u32 m = 1; m < 4u; m++) {
-                    if (P.nm_m == 4u && m != 1u) continue;  // M = 4: only the pair partner shares the group
+                for (u32 m = 1; m < (NM == 4u ? 2u : 4u); m++) {
+                    // Thread t^m's keys are lower than this thread's when t has m's top bit.
+                    bool lower = (t & (m >= 2u ? 2u : 1u)) != 0u;
 #pragma unroll
                     for (u32 f = 0; f < 2u; f++) {
                         float z = peer[m - 1u][f];
-                        u32 kz = 2u * (t ^ m) + f;
-                        if (z != NEG_INF && (z > x || (z == x && kz < kx))) rank++;
+                        rank += (lower ? z >= x : z > x) ? 1u : 0u;
                     }
                 }
-                u32 key = key0 + n * 8u + kx;
-                i32 dist = (i32)rows[i] + offset - (i32)key;
-                bool dense = key < P.nm_sink || (dist >= 0 && dist < (i32)P.nm_recent);
-                if (x != NEG_INF && !dense && rank >= P.nm_n) s[n][2u * i + e] = NEG_INF;
+                bool drop = rank >= P.nm_n;
+                if (dense_near) {
+                    u32 key = key0 + n * 8u + 2u * t + e;
+                    i32 dist = (i32)rows[i] + offset - (i32)key;
+                    drop = drop && !(key < P.nm_sink || (dist >= 0 && dist < (i32)P.nm_recent));
+                }
+                if (drop) s[n][2u * i + e] = NEG_INF;
             }
         }
 }
@@ -519,7 +585,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         }
         if (NM) {
 #pragma unroll
-            for (u32 mt = 0; mt < MT; mt++) nm_select(P, s[mt], rows[mt], key0, offset);
+            for (u32 mt = 0; mt < MT; mt++) {
+                // Rows r0..r0+15 see keys key0..key0+63 at distances r0 + offset − key0 − 63 up
+                // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
+                i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
+                bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
+                nm_select(P, s[mt], rows[mt], key0, offset, near);
+            }
         }
 
         // Online softmax in base 2: m is the running max of the scaled scores (−inf before any

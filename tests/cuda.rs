@@ -339,6 +339,17 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
             false,
         ),
         (Recipe::Int8QkF16Pv, NmSoftmax::new(1, 4), true),
+        // Windows wider than a 64-key tile (the kernel tests them per tile first).
+        (
+            Recipe::Exact,
+            NmSoftmax {
+                n: 1,
+                m: 8,
+                dense_sink_tokens: 70,
+                dense_recent_tokens: 130,
+            },
+            false,
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -354,7 +365,7 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
         let plan = spec.plan().unwrap();
         assert!(matches!(
             mma.kernel_for(&plan),
-            Module::Mma { nm: true, .. }
+            Module::Mma { nm: 4 | 8, .. }
         ));
         let (q, k, v) = qkv(&spec, &mut rng, 1.0);
         let (o_mma, _) = run_poisoned_with(&mma, &spec, &q, &k, &v);

@@ -143,8 +143,8 @@ pub enum Module {
         cfg: MmaConfig,
         /// Skip-softmax compiled in (its test would cost the dense kernel registers).
         skip: bool,
-        /// N:M sparse softmax compiled in.
-        nm: bool,
+        /// N:M sparse softmax's M compiled in (0: none).
+        nm: u32,
         /// V → NVFP4: V read from f16 copies of its codes' values, the output times v_g.
         vnv: bool,
     },
@@ -171,7 +171,7 @@ impl Module {
                 cfg.q_in_shared as u32,
                 cfg.min_blocks,
                 if *skip { "-skip" } else { "" },
-                if *nm { "-nm" } else { "" },
+                if *nm > 0 { format!("-nm{nm}") } else { String::new() },
                 if *vnv { "-vnv" } else { "" }
             ),
         }
@@ -205,7 +205,7 @@ pub fn module_source(m: Module) -> String {
                 ("DP", dp),
                 ("BF16", bf16 as u32),
                 ("SKIP", skip as u32),
-                ("NM", nm as u32),
+                ("NM", nm),
                 ("VNV", vnv as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
@@ -246,7 +246,7 @@ pub fn all_modules() -> Vec<(String, String)> {
                         bf16,
                         cfg,
                         skip,
-                        nm: false,
+                        nm: 0,
                         vnv: false,
                     });
                 }
@@ -254,7 +254,7 @@ pub fn all_modules() -> Vec<(String, String)> {
         }
     }
     // N:M with ModelOpt's P modes.
-    for recipe in [0, 4, 5] {
+    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
         for dp in MMA_DIMS {
             for bf16 in [false, true] {
                 mods.push(Module::Mma {
@@ -263,7 +263,7 @@ pub fn all_modules() -> Vec<(String, String)> {
                     bf16,
                     cfg: sm90,
                     skip: false,
-                    nm: true,
+                    nm,
                     vnv: false,
                 });
             }
@@ -279,7 +279,7 @@ pub fn all_modules() -> Vec<(String, String)> {
                     bf16,
                     cfg: sm90,
                     skip: false,
-                    nm: false,
+                    nm: 0,
                     vnv: true,
                 });
             }
@@ -330,7 +330,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         bf16: s.dtype == DType::BF16,
         cfg,
         skip: s.skip_softmax.is_some(),
-        nm: s.nm_softmax.is_some(),
+        nm: s.nm_softmax.map_or(0, |n| n.m as u32),
         vnv: s.v_nvfp4.is_some(),
     })
 }
