@@ -15,7 +15,7 @@ or not: error against an fp32 reference for ModelOpt and for tessera (CUDA, and 
 GPU) side by side, the fraction of tiles skipped by each, and the speed ratio at
 B=1 H=24 N=16384 D=128. Its output is in docs/benchmarks.md.
 """
-import glob, importlib, json, os, subprocess, sys, tempfile, types
+import json, os, subprocess, sys, tempfile
 
 import torch
 import triton
@@ -25,15 +25,10 @@ binary = args[0]
 wheels = args[args.index("--wheels") + 1] if "--wheels" in args else ".gpu/wheels"
 quick = "--quick" in args
 
-# ---- ModelOpt's kernel, imported without its package __init__ files -------------------------
-target = os.path.join(tempfile.gettempdir(), "modelopt-wheel")
-if not os.path.isdir(os.path.join(target, "modelopt")):
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", target] + glob.glob(os.path.join(wheels, "nvidia_modelopt-*.whl")), check=True)
-for pkg in ["modelopt", "modelopt.torch", "modelopt.torch.kernels", "modelopt.torch.kernels.common", "modelopt.torch.kernels.common.attention", "modelopt.torch.kernels.sparsity", "modelopt.torch.kernels.sparsity.attention", "modelopt.torch.kernels.quantization", "modelopt.torch.kernels.quantization.attention", "modelopt.torch.kernels.quantization.common"]:
-    m = types.ModuleType(pkg)
-    m.__path__ = [os.path.join(target, *pkg.split("."))]
-    sys.modules[pkg] = m
-mo = importlib.import_module("modelopt.torch.kernels.common.attention.triton_fa")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wheels import modelopt_attention  # noqa: E402
+
+mo = modelopt_attention(wheels)
 
 MODES = {
     "dense": {},

@@ -45,23 +45,49 @@ extern "C" __global__ void k_mean(Params P, const void* src, u32* ws) {
     ws[P.off_kmean + id] = f2u(ftz(div_rn(sum, (float)P.seq_kv)));
 }
 
+// One warp per query row (the host launches 256 threads = 8 rows per block): lanes take every
+// 32nd channel, coalesced, then a fixed shuffle tree. The shift only enters the LSE, so its
+// summation order is free (the CPU sums in f64; the error is f32 rounding either way).
 extern "C" __global__ void q_delta(Params P, const void* src, u32* ws) {
-    u32 id = linear_id();
-    if (id >= P.batch * P.heads_q * P.seq_q) return;
+    u32 id = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u, lane = threadIdx.x % 32u;
+    if (id >= P.batch * P.heads_q * P.seq_q) return;  // uniform across the warp
     u32 bh = id / P.seq_q, i = id % P.seq_q;
     u32 bkv = (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group;
     u32 row = (bh / P.heads_q) * P.q_sb + (bh % P.heads_q) * P.q_sh + i * P.q_st;
     const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
     float d = 0.0f;
-    for (u32 c = 0; c < P.head_dim; c++) d += ftz(__fmul_rn(load_elem(src, row + c, P.dtype), P.fold)) * u2f(mean[c]);
-    ws[P.off_qdelta + id] = f2u(d);
+    for (u32 c = lane; c < P.head_dim; c += 32u) d += ftz(__fmul_rn(load_elem(src, row + c, P.dtype), P.fold)) * u2f(mean[c]);
+    for (u32 o = 16u; o > 0u; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    if (lane == 0u) ws[P.off_qdelta + id] = f2u(d);
+}
+
+#define QK_CHUNKS 8u
+
+// The block's amax (over bit patterns: order-free) → the group's scale, written to the
+// workspace; returns 127/amax (0 for a zero, tiny or non-finite group, whose codes are all 0).
+__device__ __forceinline__ float group_scale(const Params& P, u32* ws, u32* red, u32 amax, bool is_q, u32 slot) {
+    __shared__ float gs_inv;
+    u32 lid = threadIdx.x;
+    for (u32 o = 16u; o > 0u; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lid % 32u == 0u) red[lid / 32u] = amax;
+    __syncthreads();
+    if (lid == 0u) {
+        u32 a = 0u;
+        for (u32 w = 0; w < blockDim.x / 32u; w++) a = max(a, red[w]);
+        float inv = 0.0f, scale = 0.0f;
+        if (non_finite(a)) scale = f32_nan();
+        else if (a >= TINY_BITS) { inv = div_rn(127.0f, u2f(a)); scale = div_rn(u2f(a), 127.0f); }
+        gs_inv = inv;
+        ws[(is_q ? P.off_qscales : P.off_kscales) + slot] = f2u(scale);
+    }
+    __syncthreads();
+    return gs_inv;
 }
 
 // INT8 Q or K: one block per token group (any multiple of 32 threads; the host launches 256);
 // amax is a max over bit patterns, so the reduction order does not matter.
 extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     __shared__ u32 red[32];
-    __shared__ float gs_inv, gs_scale;
     u32 lid = threadIdx.x, nthreads = blockDim.x;
     bool is_q = P.mode == MODE_Q;
     u32 n = is_q ? P.seq_q : P.seq_kv;
@@ -83,27 +109,65 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
         if (is_q) return ftz(__fmul_rn(x, P.fold));
         return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
     };
+    // Fast path: 16-bit inputs whose rows are whole 16-byte chunks (8 channels), and a group
+    // that fits QK_CHUNKS chunks per thread: each chunk is loaded once, coalesced, and kept in
+    // registers for both passes. The same values and codes as the general path below.
+    u32 cpr = P.head_dim / 8u, nchunks = per * cpr;
+    bool fast = P.dtype != DT_F32 && P.head_dim % 8u == 0u && base % 8u == 0u && tstride % 8u == 0u &&
+                ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * nthreads;
+    if (fast) {
+        auto value16 = [&](u32 bits, u32 c) -> float {
+            float x;
+            if (P.dtype == DT_F16) asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));  // exact
+            else x = ftz(u2f(bits << 16));
+            if (is_q) return ftz(__fmul_rn(x, P.fold));
+            return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
+        };
+        uint4 buf[QK_CHUNKS];
+        u32 amax = 0u;
+#pragma unroll
+        for (u32 i = 0; i < QK_CHUNKS; i++) {
+            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter, c0 = (e % cpr) * 8u;
+            buf[i] = make_uint4(0u, 0u, 0u, 0u);
+            if (e < nchunks && t < n) {
+                buf[i] = *(const uint4*)((const unsigned short*)src + base + t * tstride + c0);
+                const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+#pragma unroll
+                for (u32 k = 0; k < 8u; k++) amax = max(amax, abs_bits(value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, c0 + k)));
+            }
+        }
+        float inv = group_scale(P, ws, red, amax, is_q, bh * ng + gi);
+        bool finite = inv > 0.0f;
+        u32 off = is_q ? P.off_qcodes : P.off_kcodes;
+#pragma unroll
+        for (u32 i = 0; i < QK_CHUNKS; i++) {
+            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter, c0 = (e % cpr) * 8u;
+            if (e < nchunks && t < n) {
+                const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+                u32 codes[2] = {0u, 0u};
+#pragma unroll
+                for (u32 k = 0; k < 8u; k++) {
+                    float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, c0 + k);
+                    if (finite) codes[k / 4u] |= ((u32)int8_round(__fmul_rn(x, inv)) & 0xffu) << (8u * (k % 4u));
+                }
+                *(uint2*)(ws + off + (bh * n + t) * dw + c0 / 4u) = make_uint2(codes[0], codes[1]);
+            }
+        }
+        // Codes of the padded channels (head_dim..dp) are zero.
+        u32 padw = dw - P.head_dim / 4u;
+        for (u32 e = lid; e < per * padw; e += nthreads) {
+            u32 t = t0 + (e / padw) * inter;
+            if (t < n) ws[off + (bh * n + t) * dw + P.head_dim / 4u + e % padw] = 0u;
+        }
+        return;
+    }
     u32 amax = 0u;
     for (u32 e = lid; e < per * P.head_dim; e += nthreads) {
         u32 t = t0 + (e / P.head_dim) * inter;
         if (t < n) amax = max(amax, abs_bits(value(t, e % P.head_dim)));
     }
-    for (u32 o = 16u; o > 0u; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lid % 32u == 0u) red[lid / 32u] = amax;
-    __syncthreads();
-    if (lid == 0u) {
-        u32 a = 0u;
-        for (u32 w = 0; w < nthreads / 32u; w++) a = max(a, red[w]);
-        float inv = 0.0f, scale = 0.0f;
-        if (non_finite(a)) scale = f32_nan();
-        else if (a >= TINY_BITS) { inv = div_rn(127.0f, u2f(a)); scale = div_rn(u2f(a), 127.0f); }
-        gs_inv = inv;
-        gs_scale = scale;
-        ws[(is_q ? P.off_qscales : P.off_kscales) + bh * ng + gi] = f2u(scale);
-    }
-    __syncthreads();
-    float inv = gs_inv;
-    bool finite = gs_scale > 0.0f;
+    float inv = group_scale(P, ws, red, amax, is_q, bh * ng + gi);
+    bool finite = inv > 0.0f;
     u32 off = is_q ? P.off_qcodes : P.off_kcodes;
     for (u32 e = lid; e < per * dw; e += nthreads) {
         u32 t = t0 + (e / dw) * inter;

@@ -580,6 +580,18 @@ impl CudaAttention {
                 launch("fp8_v_scale_from_amax", step.mode, src, threads(chans))?;
                 continue;
             }
+            if step.entry == "q_delta" {
+                // One warp per query row (coalesced), 8 rows per block.
+                let s = &plan.spec;
+                let rows = (s.batch * s.heads_q * s.seq_q) as u32;
+                let cfg = LaunchConfig {
+                    grid_dim: (rows.div_ceil(8), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch("q_delta", step.mode, src, cfg)?;
+                continue;
+            }
             // int8_qk takes any multiple of 32 threads per group: 256 keep the SMs busy.
             let width = if step.entry == "int8_qk" { 256 } else { 64 };
             let cfg = LaunchConfig {
