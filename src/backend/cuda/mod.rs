@@ -101,6 +101,25 @@ impl MmaConfig {
         }
     }
 
+    /// The default for `plan` on `arch`. Hopper, head dims padding to 128: 4 warps × 2 m-tiles
+    /// (each K/V fragment feeds two mma), one block per SM, measured 3–13% faster than 8 × 1
+    /// for every recipe but Nvfp4 (+3%, its per-row factor state); at head dim 64 8 × 1 stays
+    /// ahead (docs/benchmarks.md, tuning log).
+    pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
+        let base = MmaConfig::for_arch(arch);
+        let dp = padded_dim(plan.spec.head_dim);
+        if arch.starts_with("sm_90") && dp == 128 && plan.spec.recipe != crate::Recipe::Nvfp4 {
+            return MmaConfig {
+                warps: 4,
+                m_tiles: 2,
+                q_in_shared: true,
+                min_blocks: 1,
+                ..base
+            };
+        }
+        base
+    }
+
     /// "warps,m_tiles,q_in_shared,min_blocks", e.g. "4,2,1,1" (TESSERA_MMA_CONFIG, for tuning).
     pub fn parse(s: &str) -> Option<MmaConfig> {
         let v: Vec<u32> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
@@ -229,13 +248,21 @@ pub fn all_modules() -> Vec<(String, String)> {
             mods.push(Module::Simt { recipe, dp });
         }
     }
-    // Both default launch shapes (shared-memory Q, register Q) on every arch.
+    // The default launch shapes (shared-memory Q with 8 × 1 or 4 × 2 warps × m-tiles, register Q).
     // (skip-softmax variants with Hopper's shape only: the code path is the same.)
     let sm90 = MmaConfig::for_arch("sm_90a");
+    let sm90_wide = MmaConfig {
+        warps: 4,
+        m_tiles: 2,
+        min_blocks: 1,
+        ..sm90
+    };
     for (cfg, skip) in [
         (sm90, false),
+        (sm90_wide, false),
         (MmaConfig::for_arch("sm_89"), false),
         (sm90, true),
+        (sm90_wide, true),
     ] {
         for recipe in MMA_RECIPES {
             for dp in MMA_DIMS {
@@ -355,7 +382,8 @@ pub struct CudaAttention {
     description: String,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     tensor_cores: std::sync::atomic::AtomicBool,
-    mma: MmaConfig,
+    /// A launch shape for every plan (TESSERA_MMA_CONFIG or `with_mma_config`); None: per plan.
+    mma: Option<MmaConfig>,
 }
 
 fn threads(n: u32) -> LaunchConfig {
@@ -388,8 +416,7 @@ impl CudaAttention {
             ),
             mma: std::env::var("TESSERA_MMA_CONFIG")
                 .ok()
-                .and_then(|v| MmaConfig::parse(&v))
-                .unwrap_or_else(|| MmaConfig::for_arch(arch)),
+                .and_then(|v| MmaConfig::parse(&v)),
         })
     }
 
@@ -407,7 +434,7 @@ impl CudaAttention {
     /// Another launch shape for the tensor-core kernel (the default comes from the arch, or
     /// TESSERA_MMA_CONFIG).
     pub fn with_mma_config(mut self, cfg: MmaConfig) -> Self {
-        self.mma = cfg;
+        self.mma = Some(cfg);
         self
     }
 
@@ -426,7 +453,10 @@ impl CudaAttention {
         if !self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
             return simt;
         }
-        match tensor_core_fit(plan, self.mma) {
+        let cfg = self
+            .mma
+            .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
+        match tensor_core_fit(plan, cfg) {
             Ok(m) => m,
             Err(why) => {
                 log::debug!("cuda: CUDA-core kernel for {why}");
