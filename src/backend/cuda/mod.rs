@@ -190,7 +190,11 @@ impl Module {
                 cfg.q_in_shared as u32,
                 cfg.min_blocks,
                 if *skip { "-skip" } else { "" },
-                if *nm > 0 { format!("-nm{nm}") } else { String::new() },
+                if *nm > 0 {
+                    format!("-nm{nm}")
+                } else {
+                    String::new()
+                },
                 if *vnv { "-vnv" } else { "" }
             ),
         }
