@@ -261,6 +261,8 @@ pub fn all_modules() -> Vec<(String, String)> {
         min_blocks: 1,
         ..sm90
     };
+    // (recipes, launch shape, skip-softmax, N:M's M, V → NVFP4), each over every dim and dtype.
+    let mut variants: Vec<(Vec<u32>, MmaConfig, bool, u32, bool)> = Vec::new();
     for (cfg, skip) in [
         (sm90, false),
         (sm90_wide, false),
@@ -268,7 +270,15 @@ pub fn all_modules() -> Vec<(String, String)> {
         (sm90, true),
         (sm90_wide, true),
     ] {
-        for recipe in MMA_RECIPES {
+        variants.push((MMA_RECIPES.to_vec(), cfg, skip, 0, false));
+    }
+    // N:M with ModelOpt's P modes; V → NVFP4 with the recipes that allow it.
+    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
+        variants.push((vec![recipe], sm90, false, nm, false));
+    }
+    variants.push((vec![0, 1, 4, 5], sm90, false, 0, true));
+    for (recipes, cfg, skip, nm, vnv) in variants {
+        for recipe in recipes {
             for dp in MMA_DIMS {
                 for bf16 in [false, true] {
                     mods.push(Module::Mma {
@@ -277,42 +287,10 @@ pub fn all_modules() -> Vec<(String, String)> {
                         bf16,
                         cfg,
                         skip,
-                        nm: 0,
-                        vnv: false,
+                        nm,
+                        vnv,
                     });
                 }
-            }
-        }
-    }
-    // N:M with ModelOpt's P modes.
-    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
-        for dp in MMA_DIMS {
-            for bf16 in [false, true] {
-                mods.push(Module::Mma {
-                    recipe,
-                    dp,
-                    bf16,
-                    cfg: sm90,
-                    skip: false,
-                    nm,
-                    vnv: false,
-                });
-            }
-        }
-    }
-    // V → NVFP4 with the recipes that allow it.
-    for recipe in [0, 1, 4, 5] {
-        for dp in MMA_DIMS {
-            for bf16 in [false, true] {
-                mods.push(Module::Mma {
-                    recipe,
-                    dp,
-                    bf16,
-                    cfg: sm90,
-                    skip: false,
-                    nm: 0,
-                    vnv: true,
-                });
             }
         }
     }
