@@ -29,13 +29,17 @@
 #define KSTEPS (QK_BYTES / 32u)            // 32 bytes of the head dim per QK mma
 #define NT_S (BK / 8u)                     // n-tiles of S (8 keys each)
 #define NT_O (DP / 8u)                     // n-tiles of O (8 channels each)
-// Rows padded by 16 bytes: the 8 rows one ldmatrix reads then fall into 8 different bank groups.
-#define K_STRIDE (QK_BYTES + 16u)
-#define V_STRIDE (V_BYTES + 16u)
+// mma.sync: rows padded by 16 bytes, so the 8 rows one ldmatrix reads fall into 8 different bank
+// groups. WGMMA: wgmma's core-matrix layout (wgmma.cuh), unpadded.
+#define ROW_PAD (WGMMA ? 0u : 16u)
+#define K_STRIDE (QK_BYTES + ROW_PAD)
+#define V_STRIDE (V_BYTES + ROW_PAD)
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
 #define STAGE_BYTES (K_TILE + V_TILE + 4u * BK)  // K, V, and the K scales of the tile
 #define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [stage 0] [stage 1]
+
+#include "wgmma.cuh"
 
 // ---- tile primitives -----------------------------------------------------------------------
 
@@ -256,38 +260,66 @@ __device__ __forceinline__ float p_factor(const Params& P) {
 
 // ---- staging -------------------------------------------------------------------------------
 
+// The e-th 16-byte chunk a block stages of a tile with `chunks` chunks per row: its row and
+// chunk, and its byte offset in the tile. mma.sync: row-major padded rows, chunks of a row on
+// consecutive threads. WGMMA: core matrices, rows of a core matrix on consecutive threads.
+__device__ __forceinline__ u32 stage_slot(u32 e, u32 chunks, u32 stride, u32& r, u32& c) {
+#if WGMMA
+    r = (e / (8u * chunks)) * 8u + e % 8u;
+    c = (e / 8u) % chunks;
+    return tile_offset(r, c, stride);
+#else
+    r = e / chunks;
+    c = e % chunks;
+    return r * stride + c * 16u;
+#endif
+}
+
 struct Src {
     const char* k;     // row 0 of this (batch, kv head) in K (codes or 16-bit input)
     const char* v;     // row 0 in V (16-bit)
     u32 k_row, v_row;  // row strides in bytes
 };
 
-// Issue the copies of key tile kb into one stage (zero-filled past seq_kv and head_dim).
-__device__ __forceinline__ void stage_tile(const Params& P, const Src& src, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
+// Issue the copies of key tile kb's K (and K scales) into a stage (zero-filled past seq_kv and
+// head_dim). Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit
+// inputs are not, and their rows may run into the next head.
+__device__ __forceinline__ void stage_k(const Params& P, const Src& src, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
     u32 tid = threadIdx.x;
     u32 key0 = kb * BK;
-    u32 kbase = smem_addr(stage), vbase = kbase + K_TILE;
-    const u32 kchunks = QK_BYTES / 16u, vchunks = V_BYTES / 16u;
-    // Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit inputs
-    // are not, and their rows may run into the next head.
-    u32 k_valid = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u, v_valid = (P.head_dim * 2u) / 16u;
+    u32 kbase = smem_addr(stage);
+    const u32 kchunks = QK_BYTES / 16u;
+    u32 k_valid = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u;
 #pragma unroll
-    for (u32 e = tid; e < BK * kchunks; e += THREADS) {
-        u32 r = e / kchunks, c = e % kchunks;
+    for (u32 i = 0; i < (BK * kchunks + THREADS - 1u) / THREADS; i++) {  // constant trip count: unrolled
+        u32 e = tid + i * THREADS;
+        if ((BK * kchunks) % THREADS != 0u && e >= BK * kchunks) break;
+        u32 r, c, at = stage_slot(e, kchunks, K_STRIDE, r, c);
         bool ok = key0 + r < P.seq_kv && c < k_valid;
-        cp_async16(kbase + r * K_STRIDE + c * 16u, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
-    }
-#pragma unroll
-    for (u32 e = tid; e < BK * vchunks; e += THREADS) {
-        u32 r = e / vchunks, c = e % vchunks;
-        bool ok = key0 + r < P.seq_kv && c < v_valid;
-        cp_async16(vbase + r * V_STRIDE + c * 16u, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
+        cp_async16(kbase + at, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
     }
     if (INT8_QK && tid < BK) {
         u32 key = key0 + tid;
         u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
         float ks = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
         ((float*)(stage + K_TILE + V_TILE))[tid] = ks;
+    }
+}
+
+// The same for key tile kb's V.
+__device__ __forceinline__ void stage_v(const Params& P, const Src& src, unsigned char* stage, u32 kb) {
+    u32 tid = threadIdx.x;
+    u32 key0 = kb * BK;
+    u32 vbase = smem_addr(stage) + K_TILE;
+    const u32 vchunks = V_BYTES / 16u;
+    u32 v_valid = (P.head_dim * 2u) / 16u;
+#pragma unroll
+    for (u32 i = 0; i < (BK * vchunks + THREADS - 1u) / THREADS; i++) {  // constant trip count: unrolled
+        u32 e = tid + i * THREADS;
+        if ((BK * vchunks) % THREADS != 0u && e >= BK * vchunks) break;
+        u32 r, c, at = stage_slot(e, vchunks, V_STRIDE, r, c);
+        bool ok = key0 + r < P.seq_kv && c < v_valid;
+        cp_async16(vbase + at, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
     }
 }
 
@@ -375,8 +407,55 @@ __device__ __forceinline__ void mma_qk(i32 (&d)[4], const u32 (&a)[4], u32 b0, u
 __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_16<QK_BF16>(d, a, b0, b1); }
 
 // acc = Q·Kᵀ for the warp's MT m-tiles (products only, no scales).
+#if WGMMA
+// P (the warpgroup's 64 rows × BK keys, 16-bit, K-major) and V for the 16 keys of step kk.
+#define P_TILE (64u * BK * 2u)
+__device__ __forceinline__ u64 p_desc(u32 pbase, u32 kk) { return wg_desc(pbase + kk * 256u, 128u, 8u * BK * 2u); }
+__device__ __forceinline__ u64 v_desc(u32 vbase, u32 kk) { return wg_desc(vbase + kk * 16u * V_STRIDE, 8u * V_STRIDE, 128u); }
+
+// This warp's P fragments into the warpgroup's P tile: register r of step kk holds keys
+// 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2); a warp's 32 stores of one register fill 128
+// contiguous bytes (one core matrix), free of bank conflicts.
+__device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned char* ptile) {
+    u32 lane = threadIdx.x % 32u, row = 16u * ((threadIdx.x / 32u) % 4u) + lane / 4u, t = lane % 4u;
+#pragma unroll
+    for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+        for (u32 r = 0; r < 4u; r++) *(u32*)(ptile + tile_offset(row + 8u * (r % 2u), 2u * kk + r / 2u, BK * 2u) + 4u * t) = pa[kk][r];
+}
+#endif
+
+// The previous tile's P·V, which WGMMA issues behind this tile's QK (unused by mma.sync).
+struct PvBehind {
+    bool on;
+    u32 pbase, vbase;  // the warpgroup's P tile, and V, in shared memory
+};
+
 template <typename Acc>
-__device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4], u32 qlane, u32 kbase, Acc (&acc)[MT][NT_S][4]) {
+__device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4], u32 qlane, u32 kbase, Acc (&acc)[MT][NT_S][4],
+                                            PvBehind pv, float (&o)[MT][NT_O][4]) {
+#if WGMMA
+    // The warpgroup's 64 rows × 64 keys in KSTEPS wgmma, 32 bytes of the head dim each
+    // (2 core matrices along K); `qlane` is the warpgroup's Q tile here. Then the previous
+    // tile's P·V goes in behind it, and only QK is waited for: the tensor cores run P·V while
+    // the warps compute this tile's softmax (the caller waits for it before touching o).
+    wg_fence();
+#pragma unroll
+    for (u32 ks = 0; ks < KSTEPS; ks++)
+        wgmma_qk(acc[0], wg_desc(qlane + ks * 256u, 128u, 8u * QK_BYTES), wg_desc(kbase + ks * 256u, 128u, 8u * QK_BYTES), ks > 0u);
+    wg_commit();
+    // P·V's group is committed even when empty, so that every path waits the same way: ptxas
+    // serializes every wgmma (C7514) when some path could read an accumulator early.
+    if (pv.on) {
+        wg_fence();
+#pragma unroll
+        for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], p_desc(pv.pbase, kk), v_desc(pv.vbase, kk));
+    }
+    wg_commit();
+    wg_wait<1>();
+    acc_fence(acc[0]);
+    return;
+#endif
     u32 lane = threadIdx.x % 32u;
     u32 key_lane = lane % 8u + (lane / 16u) * 8u, byte_lane = ((lane / 8u) & 1u) * 16u;
 #pragma unroll
@@ -403,13 +482,13 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
 }
 
 __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
-                                        const float* kscale, float (&s)[MT][NT_S][4]) {
+                                        const float* kscale, float (&s)[MT][NT_S][4], PvBehind pv, float (&o)[MT][NT_O][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
     // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
-    u32 qlane = qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
+    u32 qlane = WGMMA ? qbase : qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
     if (INT8_QK) {
         i32 acc[MT][NT_S][4];
-        qk_products(qreg, qlane, kbase, acc);
+        qk_products(qreg, qlane, kbase, acc, pv, o);
         // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
         // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
 #pragma unroll
@@ -422,7 +501,7 @@ __device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][Q
                     s[mt][n][e] = (__int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f) * (e % 2u ? k01.y : k01.x);
         }
     } else {
-        qk_products(qreg, qlane, kbase, s);
+        qk_products(qreg, qlane, kbase, s, pv, o);
     }
 }
 
@@ -442,6 +521,143 @@ __device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vb
                 mma_16<PV_BF16>(o[mt][2u * np + 1u], pa[mt][kk], bfr[2], bfr[3]);
             }
         }
+}
+
+#if WGMMA
+// O += P·V of the warpgroup, P and V from shared memory.
+__device__ __forceinline__ void pv_tile_wg(u32 pbase, u32 vbase, float (&o)[MT][NT_O][4]) {
+    wg_fence();
+#pragma unroll
+    for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], p_desc(pbase, kk), v_desc(vbase, kk));
+    wg_commit();
+    wg_wait<0>();
+    acc_fence(o[0]);
+}
+#endif
+
+// ---- one tile, per warp ---------------------------------------------------------------------
+
+// Keys past the end and (causal) past the diagonal → −inf, on the tiles that hold such keys;
+// then N:M selection.
+__device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S][4], const u32 (&rows)[MT][2], u32 row0, u32 kb,
+                                            bool causal, i32 offset) {
+    u32 warp = threadIdx.x / 32u, t = threadIdx.x % 4u;
+    u32 key0 = kb * BK;
+    if (key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset)) {
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) {
+                    u32 key = key0 + n * 8u + 2u * t + e % 2u;
+                    if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
+                }
+    }
+    if (NM) {
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++) {
+            // Rows r0..r0+15 see keys key0..key0+63 at distances r0 + offset − key0 − 63 up
+            // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
+            i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
+            bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
+            nm_select(P, s[mt], rows[mt], key0, offset, near);
+        }
+    }
+}
+
+// Online softmax of one m-tile in base 2: m is the running max of the scaled scores (−inf
+// before any visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with
+// nothing visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0. Leaves P's
+// A fragments in `pa` and the factor o must be multiplied by before P·V is added in `oscale`.
+// False when skip-softmax drops the tile (pa zero, nothing to rescale).
+__device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
+                                              float (&m)[2], float (&l)[2], float (&F)[2], u32& visited, u32& skipped,
+                                              u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
+    float alpha[2], m_use[2], tmax[2];
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
+        tmax[i] = quad_max(mx) * scale[i];
+    }
+    if (SKIP) {
+        // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
+        // that sees a key of it has 2^(tile max − running max) < λ (−∞ running max: needed).
+        bool sees = false, needs = false;
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            bool s_i = rows[i] < P.seq_q && tmax[i] != NEG_INF;
+            sees |= s_i;
+            needs |= s_i && !(tmax[i] - m[i] < P.skip_log2);
+        }
+        sees = __any_sync(0xffffffffu, sees);
+        needs = __any_sync(0xffffffffu, needs);
+        visited += sees && needs;
+        skipped += sees && !needs;
+        if (sees && !needs) {
+#pragma unroll
+            for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+                for (u32 r = 0; r < 4u; r++) pa[kk][r] = 0u;
+            return false;
+        }
+    }
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        float m_new = fmaxf(m[i], tmax[i]);
+        m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
+        alpha[i] = ex2(m[i] - m_use[i]);
+        m[i] = m_new;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+        for (u32 e = 0; e < 4u; e++) {
+            float p = ex2(fmaf(s[n][e], scale[e / 2u], -m_use[e / 2u]));
+            sum[e / 2u] += p;
+            s[n][e] = p;
+        }
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i];
+    float row_mul[2] = {P.inv_g, P.inv_g};
+    oscale[0] = alpha[0];
+    oscale[1] = alpha[1];
+    if (RECIPE == R_NVFP4) {
+        // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here).
+        // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f.
+        // A tile whose f is below 2^-40·F adds under 2^-40 of O: dropped (P' = 0),
+        // which keeps F/f, hence o, finite.
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            float rho = 0.0f;
+#pragma unroll
+            for (u32 n = 0; n < NT_S; n++) rho = fmaxf(rho, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
+            rho = quad_max(rho);
+            float f = rho > 0.0f ? div_rn(rho, 2688.0f) : 0.0f;
+            row_mul[i] = 0.0f;
+            if (f > 0.0f && f >= F[i] * 0x1p-40f) {
+                row_mul[i] = div_rn(2688.0f, rho);
+                oscale[i] = alpha[i] * __fdiv_rn(F[i], f);
+                F[i] = f;
+            }
+        }
+    }
+    p_fragments(P, s, pa, row_mul);
+    return true;
+}
+
+// o *= oscale per row. Once the row maxima settle, oscale is 1 on most tiles: skip the
+// multiplies then (the test is warp-uniform, so no divergence).
+__device__ __forceinline__ void rescale(float (&o)[NT_O][4], const float (&oscale)[2]) {
+    if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[n][e] *= oscale[e / 2u];
+    }
 }
 
 // ---- the kernel ----------------------------------------------------------------------------
@@ -481,16 +697,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 rows[MT][2];
     u32 qreg[MT][QREG_STEPS][4];
     float qscale[MT][2];
-    u32 qbase = smem_addr(smem) + warp * MT * 16u * K_STRIDE;
+    // This warp's Q rows in shared memory; WGMMA: its warpgroup's 64 rows.
+    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * K_STRIDE;
     if (QSMEM) {
         const u32 chunks = QK_BYTES / 16u;
         u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;
-        for (u32 e = tid; e < BQT * chunks; e += THREADS) {
-            u32 r = e / chunks, c = e % chunks, row = row0 + r;
+        for (u32 i = 0; i < BQT * chunks / THREADS; i++) {  // BQT · chunks is a multiple of THREADS
+            u32 e = tid + i * THREADS;
+            u32 r, c, at = stage_slot(e, chunks, K_STRIDE, r, c), row = row0 + r;
             bool ok = row < P.seq_q && c < valid;
             const char* q = INT8_QK ? (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + row) * DP
                                     : (const char*)q_in + 2ull * ((size_t)b * S16.q_sb + (size_t)h * S16.q_sh + (size_t)row * S16.q_st);
-            cp_async16(smem_addr(smem) + r * K_STRIDE + c * 16u, ok ? q + c * 16u : (const char*)ws, ok);
+            cp_async16(smem_addr(smem) + at, ok ? q + c * 16u : (const char*)ws, ok);
         }
     }
 #pragma unroll
@@ -548,16 +766,58 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     }
 
     unsigned char* stages = smem + Q_TILE;
+    u32 pa[MT][BK / 16u][4];
+    float s[MT][NT_S][4];
     u32 kb = next_tile(P, mask, bh, row0, 0u, last_visible);
-    u32 stage = 0u;
-    if (kb < P.k_blocks) stage_tile(P, src, ws, stages, kb, bkv);
+#if WGMMA
+    // Per visited tile j, one barrier: the copies of K(j+1) and V(j) run while tile j computes,
+    // and P(j−1)·V(j−1) runs on the tensor cores behind QK(j) while the softmax of tile j runs.
+    // K(j) sits in stage j%2's K slot, V(j) in stage j%2's V slot: at tile j's barrier QK(j−1)
+    // and P(j−2)·V(j−2) are done in every warpgroup, so K(j+1) and V(j) can take their slots.
+    if (kb < P.k_blocks) stage_k(P, src, ws, stages, kb, bkv);
     cp_async_commit();
-
+    PvBehind pv = {false, 0u, 0u};
+    // Each warpgroup's P, two tiles deep: P(j) is written while P(j−1)·V(j−1) reads the other.
+    unsigned char* ptiles = stages + 2u * STAGE_BYTES + (warp / 4u) * P_TILE;
+    for (u32 j = 0;; j++) {
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (kb >= P.k_blocks) break;
+        // (Issued before this tile's wgmma: measured faster than behind it, where the softmax
+        // then waits for the LSU to take the copies' address registers.)
+        unsigned char* st = stages + (j % 2u) * STAGE_BYTES;
+        u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
+        if (kn < P.k_blocks) stage_k(P, src, ws, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, bkv);
+        stage_v(P, src, st, kb);
+        cp_async_commit();
+        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
+        mask_scores(P, s, rows, row0, kb, causal, offset);
+        float oscale[2];
+        softmax_mtile(P, s[0], rows[0], row_scale[0], m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
+        store_p(pa[0], ptile);  // read by the wgmma after the next barrier (fenced there)
+        wg_wait<0>();           // P(j−1)·V(j−1) (if any) is in o
+        acc_fence(o[0]);
+        rescale(o[0], oscale);
+        pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
+        kb = kn;
+    }
+    if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o);
+#else
+    // Two stages: the next visited tile is copied into the other stage while this one computes.
+    u32 stage = 0u;
+    if (kb < P.k_blocks) {
+        stage_k(P, src, ws, stages, kb, bkv);
+        stage_v(P, src, stages, kb);
+    }
+    cp_async_commit();
+    PvBehind none = {false, 0u, 0u};
     while (kb < P.k_blocks) {
-        // Prefetch the next visited tile into the other stage while this one is computed.
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
         if (kn < P.k_blocks) {
-            stage_tile(P, src, ws, stages + (stage ^ 1u) * STAGE_BYTES, kn, bkv);
+            stage_k(P, src, ws, stages + (stage ^ 1u) * STAGE_BYTES, kn, bkv);
+            stage_v(P, src, stages + (stage ^ 1u) * STAGE_BYTES, kn);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -565,128 +825,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         }
         __syncthreads();
         unsigned char* st = stages + stage * STAGE_BYTES;
-        u32 kbase = smem_addr(st), vbase = kbase + K_TILE;
-
-        float s[MT][NT_S][4];
-        qk_tile(P, qreg, qbase, kbase, (const float*)(st + K_TILE + V_TILE), s);
-
-        // Keys past the end and (causal) past the diagonal (−inf), on the tiles that hold such keys.
-        u32 key0 = kb * BK;
-        if (key0 + BK > P.seq_kv || (causal && (i32)(key0 + BK - 1u) > (i32)row0 + offset)) {
-#pragma unroll
-            for (u32 mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                    for (u32 e = 0; e < 4u; e++) {
-                        u32 key = key0 + n * 8u + 2u * t + e % 2u;
-                        if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
-                    }
-        }
-        if (NM) {
-#pragma unroll
-            for (u32 mt = 0; mt < MT; mt++) {
-                // Rows r0..r0+15 see keys key0..key0+63 at distances r0 + offset − key0 − 63 up
-                // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
-                i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
-                bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
-                nm_select(P, s[mt], rows[mt], key0, offset, near);
-            }
-        }
-
-        // Online softmax in base 2: m is the running max of the scaled scores (−inf before any
-        // visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with nothing
-        // visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0.
-        u32 pa[MT][BK / 16u][4];
-        u32 skipped_mtiles = 0u;  // skip-softmax: warp-uniform
+        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, none, o);
+        mask_scores(P, s, rows, row0, kb, causal, offset);
+        u32 kept = 0u;  // m-tiles not dropped by skip-softmax (warp-uniform)
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
-            float alpha[2], m_use[2], tmax[2];
-            float scale[2] = {row_scale[mt][0], row_scale[mt][1]};
-#pragma unroll
-            for (u32 i = 0; i < 2u; i++) {
-                float mx = NEG_INF;
-#pragma unroll
-                for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
-                tmax[i] = quad_max(mx) * scale[i];
+            float oscale[2];
+            if (softmax_mtile(P, s[mt], rows[mt], row_scale[mt], m[mt], l[mt], F[mt], tiles_visited[mt], tiles_skipped[mt], pa[mt], oscale)) {
+                rescale(o[mt], oscale);
+                kept++;
             }
-            if (SKIP) {
-                // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
-                // that sees a key of it has 2^(tile max − running max) < λ (−∞ running max: needed).
-                bool sees = false, needs = false;
-#pragma unroll
-                for (u32 i = 0; i < 2u; i++) {
-                    bool s_i = rows[mt][i] < P.seq_q && tmax[i] != NEG_INF;
-                    sees |= s_i;
-                    needs |= s_i && !(tmax[i] - m[mt][i] < P.skip_log2);
-                }
-                sees = __any_sync(0xffffffffu, sees);
-                needs = __any_sync(0xffffffffu, needs);
-                tiles_visited[mt] += sees && needs;
-                tiles_skipped[mt] += sees && !needs;
-                if (sees && !needs) {
-#pragma unroll
-                    for (u32 kk = 0; kk < BK / 16u; kk++)
-#pragma unroll
-                        for (u32 r = 0; r < 4u; r++) pa[mt][kk][r] = 0u;
-                    skipped_mtiles++;
-                    continue;
-                }
-            }
-#pragma unroll
-            for (u32 i = 0; i < 2u; i++) {
-                float m_new = fmaxf(m[mt][i], tmax[i]);
-                m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
-                alpha[i] = ex2(m[mt][i] - m_use[i]);
-                m[mt][i] = m_new;
-            }
-            float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++) {
-                    float p = ex2(fmaf(s[mt][n][e], scale[e / 2u], -m_use[e / 2u]));
-                    sum[e / 2u] += p;
-                    s[mt][n][e] = p;
-                }
-#pragma unroll
-            for (u32 i = 0; i < 2u; i++) l[mt][i] = l[mt][i] * alpha[i] + sum[i];
-            float oscale[2] = {alpha[0], alpha[1]}, row_mul[2] = {P.inv_g, P.inv_g};
-            if (RECIPE == R_NVFP4) {
-                // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here).
-                // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f.
-                // A tile whose f is below 2^-40·F adds under 2^-40 of O: dropped (P' = 0),
-                // which keeps F/f, hence o, finite.
-#pragma unroll
-                for (u32 i = 0; i < 2u; i++) {
-                    float rho = 0.0f;
-#pragma unroll
-                    for (u32 n = 0; n < NT_S; n++) rho = fmaxf(rho, fmaxf(s[mt][n][2u * i], s[mt][n][2u * i + 1u]));
-                    rho = quad_max(rho);
-                    float f = rho > 0.0f ? div_rn(rho, 2688.0f) : 0.0f;
-                    row_mul[i] = 0.0f;
-                    if (f > 0.0f && f >= F[mt][i] * 0x1p-40f) {
-                        row_mul[i] = div_rn(2688.0f, rho);
-                        oscale[i] = alpha[i] * __fdiv_rn(F[mt][i], f);
-                        F[mt][i] = f;
-                    }
-                }
-            }
-            // Once the row maxima settle, alpha is 1 on most tiles: skip the rescale then
-            // (the test is warp-uniform, so no divergence).
-            if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
-#pragma unroll
-                for (u32 n = 0; n < NT_O; n++)
-#pragma unroll
-                    for (u32 e = 0; e < 4u; e++) o[mt][n][e] *= oscale[e / 2u];
-            }
-            p_fragments(P, s[mt], pa[mt], row_mul);
         }
-        if (!SKIP || skipped_mtiles < MT) pv_tile(pa, vbase, o);
+        if (kept > 0u) pv_tile(pa, smem_addr(st) + K_TILE, o);
         __syncthreads();  // this stage is refilled two tiles from now
         kb = kn;
         stage ^= 1u;
     }
+#endif
 
     if (SKIP && lane == 0u) {
         u32 q_tiles = (P.seq_q + 15u) / 16u;

@@ -20,7 +20,12 @@ fn every_kernel_compiles_for_sm80_sm89_sm90a() {
     // Every (arch, module) pair, compiled in parallel (NVRTC is thread-safe per program).
     let jobs: Vec<(&str, String, String)> = ["sm_80", "sm_89", "sm_90a"]
         .iter()
-        .flat_map(|a| all_modules().into_iter().map(move |(n, s)| (*a, n, s)))
+        .flat_map(|a| {
+            all_modules()
+                .into_iter()
+                .filter(move |(_, _, hopper)| !hopper || *a == "sm_90a")
+                .map(move |(n, s, _)| (*a, n, s))
+        })
         .collect();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let failures: Vec<String> = std::thread::scope(|scope| {
@@ -140,12 +145,13 @@ fn tensor_cores_match_cuda_cores() {
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
-    // Every launch shape: Q in shared memory (Hopper's default), Q in registers (sm_86/89's),
-    // and two m-tiles per warp.
+    // Every launch shape: Q in shared memory, Q in registers (sm_86/89's), two m-tiles per
+    // warp, and Hopper's warpgroup MMA (mma.sync's 4 × 2 elsewhere).
     let shapes: Vec<CudaAttention> = [
         MmaConfig::for_arch("sm_90a"),
         MmaConfig::for_arch("sm_89"),
         MmaConfig::parse("4,2,1,1").unwrap(),
+        MmaConfig::hopper_wgmma(),
     ]
     .into_iter()
     .map(|cfg| {
@@ -321,9 +327,11 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
         nm: true,
         ..MmaConfig::for_arch("sm_90a")
     };
-    let mma = CudaAttention::new(c.attention().context())
-        .unwrap()
-        .with_mma_config(cfg);
+    let shapes = [cfg, MmaConfig::hopper_wgmma()].map(|cfg| {
+        CudaAttention::new(c.attention().context())
+            .unwrap()
+            .with_mma_config(cfg)
+    });
     let mut rng = Rng::new(fresh_seed("nm on tensor cores"));
     for (i, (recipe, nm, causal)) in [
         (Recipe::Exact, NmSoftmax::new(2, 4), false),
@@ -363,24 +371,25 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
             .with_nm_softmax(nm)
             .with_lse(true);
         let plan = spec.plan().unwrap();
-        assert!(matches!(
-            mma.kernel_for(&plan),
-            Module::Mma { nm: 4 | 8, .. }
-        ));
         let (q, k, v) = qkv(&spec, &mut rng, 1.0);
-        let (o_mma, _) = run_poisoned_with(&mma, &spec, &q, &k, &v);
         let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-        let acc = Accuracy::of(&o_mma, &o_simt);
-        // The same selection up to scores that tie only after scaling (rare): the recipe's
-        // tolerance.
-        let (tol_l1, _) = tolerance(recipe, dtype);
-        let ctx = format!(
-            "{} {}:{} causal={causal} {dtype:?}",
-            recipe.name(),
-            nm.n,
-            nm.m
-        );
-        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        for mma in &shapes {
+            let kernel = mma.kernel_for(&plan);
+            assert!(matches!(kernel, Module::Mma { nm: 4 | 8, .. }));
+            let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
+            let acc = Accuracy::of(&o_mma, &o_simt);
+            // The same selection up to scores that tie only after scaling (rare): the recipe's
+            // tolerance.
+            let (tol_l1, _) = tolerance(recipe, dtype);
+            let ctx = format!(
+                "{} {} {}:{} causal={causal} {dtype:?}",
+                kernel.label(),
+                recipe.name(),
+                nm.n,
+                nm.m
+            );
+            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        }
     }
 }

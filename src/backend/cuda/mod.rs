@@ -71,8 +71,8 @@ pub fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
     })
 }
 
-/// The launch shape of the tensor-core kernel. Its blocks hold warps · 16 · m_tiles = 128 query
-/// rows, the block mask's query block.
+/// The launch shape of the tensor-core kernel. Its blocks hold warps · 16 · m_tiles query rows:
+/// 128 (the block mask's query block) with mma.sync, 64 or 128 with wgmma.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaConfig {
     /// Warps per block.
@@ -85,6 +85,9 @@ pub struct MmaConfig {
     pub min_blocks: u32,
     /// Run N:M sparse softmax on tensor cores (false: the CUDA-core kernel runs it).
     pub nm: bool,
+    /// Hopper warpgroup MMA (wgmma, sm_90a) instead of mma.sync: whole warpgroups, one m-tile
+    /// per warp, Q in shared memory; plans with skip-softmax run the mma.sync shape.
+    pub wgmma: bool,
 }
 
 impl MmaConfig {
@@ -98,6 +101,21 @@ impl MmaConfig {
             q_in_shared: big_smem,
             min_blocks: if big_smem { 2 } else { 1 },
             nm: true,
+            wgmma: false,
+        }
+    }
+
+    /// Hopper's warpgroup shape: 2 warpgroups of 64 rows, one block per SM. Opt-in
+    /// (TESSERA_MMA_CONFIG=8,1,1,1,1 or `with_mma_config`): correct on every plan, but slower
+    /// than mma.sync's 4 × 2 so far (docs/design.md, "wgmma").
+    pub fn hopper_wgmma() -> MmaConfig {
+        MmaConfig {
+            warps: 8,
+            m_tiles: 1,
+            q_in_shared: true,
+            min_blocks: 1,
+            nm: true,
+            wgmma: true,
         }
     }
 
@@ -120,28 +138,48 @@ impl MmaConfig {
         base
     }
 
-    /// "warps,m_tiles,q_in_shared,min_blocks", e.g. "4,2,1,1" (TESSERA_MMA_CONFIG, for tuning).
+    /// "warps,m_tiles,q_in_shared,min_blocks[,wgmma]", e.g. "4,2,1,1" or "8,1,1,1,1"
+    /// (TESSERA_MMA_CONFIG, for tuning).
     pub fn parse(s: &str) -> Option<MmaConfig> {
         let v: Vec<u32> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-        match v[..] {
-            [w, mt, q, b] if w * mt * 16 == 128 && b >= 1 => Some(MmaConfig {
-                warps: w,
-                m_tiles: mt,
-                q_in_shared: q != 0,
-                min_blocks: b,
-                nm: true,
-            }),
-            _ => None,
-        }
+        let (w, mt, q, b, wg) = match v[..] {
+            [w, mt, q, b] => (w, mt, q, b, 0),
+            [w, mt, q, b, wg] => (w, mt, q, b, wg),
+            _ => return None,
+        };
+        // mma.sync blocks hold 128 rows; a wgmma block one or two warpgroups (64 or 128 rows).
+        let ok = b >= 1
+            && if wg == 0 {
+                w * mt * 16 == 128
+            } else {
+                mt == 1 && (w == 4 || w == 8) && q != 0
+            };
+        ok.then_some(MmaConfig {
+            warps: w,
+            m_tiles: mt,
+            q_in_shared: q != 0,
+            min_blocks: b,
+            nm: true,
+            wgmma: wg != 0,
+        })
     }
 
     /// Dynamic shared memory: [Q tile] then two stages of (K tile, V tile, K scales), rows
-    /// padded by 16 bytes (kernels/attention_mma.cu, Q_TILE and STAGE_BYTES).
+    /// padded by 16 bytes for mma.sync (kernels/attention_mma.cu, Q_TILE and STAGE_BYTES), then
+    /// wgmma's P tiles.
     fn shared_bytes(&self, recipe: u32, dp: u32) -> u32 {
         let int8_qk = recipe == 1 || recipe == 2;
-        let qk_row = if int8_qk { dp } else { 2 * dp } + 16;
-        let q = if self.q_in_shared { 128 * qk_row } else { 0 };
-        q + 2 * (64 * qk_row + 64 * (2 * dp + 16) + 4 * 64)
+        let pad = if self.wgmma { 0 } else { 16 };
+        let qk_row = if int8_qk { dp } else { 2 * dp } + pad;
+        let rows = 16 * self.warps * self.m_tiles;
+        let q = if self.q_in_shared { rows * qk_row } else { 0 };
+        // wgmma: each warpgroup's P tile (64 rows × 64 keys, 16-bit), two deep.
+        let p = if self.wgmma {
+            2 * (self.warps / 4) * 64 * 64 * 2
+        } else {
+            0
+        };
+        q + 2 * (64 * qk_row + 64 * (2 * dp + pad) + 4 * 64) + p
     }
 }
 
@@ -183,7 +221,7 @@ impl Module {
                 nm,
                 vnv,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
@@ -195,7 +233,8 @@ impl Module {
                 } else {
                     String::new()
                 },
-                if *vnv { "-vnv" } else { "" }
+                if *vnv { "-vnv" } else { "" },
+                if cfg.wgmma { "-wgmma" } else { "" }
             ),
         }
     }
@@ -234,8 +273,9 @@ pub fn module_source(m: Module) -> String {
                 ("MT", cfg.m_tiles),
                 ("QSMEM", cfg.q_in_shared as u32),
                 ("MINB", cfg.min_blocks),
+                ("WGMMA", cfg.wgmma as u32),
             ],
-            nvrtc::ATTENTION_MMA,
+            &nvrtc::attention_mma_body(),
         ),
     }
 }
@@ -244,8 +284,9 @@ pub fn module_source(m: Module) -> String {
 const MMA_RECIPES: [u32; 6] = [0, 1, 2, 3, 4, 5];
 const MMA_DIMS: [u32; 4] = [32, 64, 96, 128];
 
-/// Every module specialization (for compile checks).
-pub fn all_modules() -> Vec<(String, String)> {
+/// Every module specialization (for compile checks): label, source, and whether it is for
+/// sm_90a only (the wgmma shape).
+pub fn all_modules() -> Vec<(String, String, bool)> {
     let mut mods = vec![Module::Quant];
     for recipe in 0..6 {
         for dp in (16..=256).step_by(16) {
@@ -266,6 +307,7 @@ pub fn all_modules() -> Vec<(String, String)> {
     for (cfg, skip) in [
         (sm90, false),
         (sm90_wide, false),
+        (MmaConfig::hopper_wgmma(), false),
         (MmaConfig::for_arch("sm_89"), false),
         (sm90, true),
         (sm90_wide, true),
@@ -277,6 +319,10 @@ pub fn all_modules() -> Vec<(String, String)> {
         variants.push((vec![recipe], sm90, false, nm, false));
     }
     variants.push((vec![0, 1, 4, 5], sm90, false, 0, true));
+    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
+        variants.push((vec![recipe], MmaConfig::hopper_wgmma(), false, nm, false));
+    }
+    variants.push((vec![0, 1, 4, 5], MmaConfig::hopper_wgmma(), false, 0, true));
     for (recipes, cfg, skip, nm, vnv) in variants {
         for recipe in recipes {
             for dp in MMA_DIMS {
@@ -295,7 +341,10 @@ pub fn all_modules() -> Vec<(String, String)> {
         }
     }
     mods.into_iter()
-        .map(|m| (m.label(), module_source(m)))
+        .map(|m| {
+            let hopper = matches!(m, Module::Mma { cfg, .. } if cfg.wgmma);
+            (m.label(), module_source(m), hopper)
+        })
         .collect()
 }
 
@@ -435,9 +484,18 @@ impl CudaAttention {
         if !self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
             return simt;
         }
-        let cfg = self
+        let mut cfg = self
             .mma
             .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
+        if cfg.wgmma && (self.arch != "sm_90a" || plan.spec.skip_softmax.is_some()) {
+            // wgmma is sm_90a's; skip-softmax drops P·V per warp, which a warpgroup MMA cannot.
+            cfg = MmaConfig {
+                wgmma: false,
+                warps: 4,
+                m_tiles: 2,
+                ..cfg
+            };
+        }
         match tensor_core_fit(plan, cfg) {
             Ok(m) => m,
             Err(why) => {

@@ -10,6 +10,13 @@ pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 pub const QUANT: &str = include_str!("../../../kernels/quant.cu");
 pub const ATTENTION: &str = include_str!("../../../kernels/attention.cu");
 pub const ATTENTION_MMA: &str = include_str!("../../../kernels/attention_mma.cu");
+pub const WGMMA: &str = include_str!("../../../kernels/wgmma.cuh");
+
+/// attention_mma.cu with its `#include "wgmma.cuh"` replaced by the header's text (the program
+/// is compiled from one string).
+pub fn attention_mma_body() -> String {
+    ATTENTION_MMA.replace("#include \"wgmma.cuh\"", WGMMA)
+}
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
 pub fn present() -> bool {

@@ -1,0 +1,129 @@
+// wgmma.cuh: Hopper warpgroup MMA primitives (sm_90a) for attention_mma.cu's WGMMA shape.
+// A warpgroup (4 consecutive warps) multiplies 64 query rows at once; warp w of the group holds
+// rows 16w..16w+15 of the accumulator in exactly the m16n8 C layout of mma.sync (rows g and
+// g+8, columns 2t and 2t+1 of each 8-column n-tile), so the softmax code is shared unchanged,
+// and the f16 A fragments of P·V in registers have the m16n8k16 A layout the mma.sync path uses.
+//
+// Shared-memory operands use wgmma's no-swizzle canonical layout: core matrices of 8 rows × 16
+// bytes stored as 128 contiguous bytes; a group of 8 rows keeps its 16-byte chunks of a row in
+// order, then comes the next group of 8 rows (`tile_offset`). Q and K are K-major (rows are
+// query rows / keys, chunks run along the head dim): chunk stride (LBO) 128 bytes, row-group
+// stride (SBO) 8 · row bytes. V is the MN-major B operand of P·V (rows are keys, the reduction
+// axis; chunks run along the channels): key-group stride (LBO) 8 · row bytes, chunk stride (SBO)
+// 128. Writes of 8 consecutive threads (rows r..r+7 of one chunk) fill 128 contiguous bytes, so
+// the stores that stage a tile are free of bank conflicts.
+#if WGMMA
+
+#if SKIP || MT != 1 || WARPS % 4 != 0 || !QSMEM
+#error "WGMMA: one 16-row m-tile per warp, whole warpgroups, Q in shared memory, no skip-softmax"
+#endif
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ u32 tile_offset(u32 row, u32 chunk, u32 row_bytes) {
+    return (row / 8u) * (row_bytes * 8u) + chunk * 128u + (row % 8u) * 16u;
+}
+
+// Matrix descriptor: start address, LBO, SBO (all in 16-byte units), no swizzle, base offset 0.
+__device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Wait until at most N committed groups are pending (groups complete in commit order).
+template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// cp.async writes are generic-proxy stores; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// After wgmma.wait_group: make later reads of the accumulators depend on the wait.
+template <int N> __device__ __forceinline__ void acc_fence(float (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(a[i][e])::"memory");
+}
+template <int N> __device__ __forceinline__ void acc_fence(i32 (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
+// Accumulator operand lists: n-tiles i..i+3 (16 registers, in wgmma's d order).
+#define WG_F16(a, i)                                                                                                                  \
+    "+f"(a[i][0]), "+f"(a[i][1]), "+f"(a[i][2]), "+f"(a[i][3]), "+f"(a[i + 1][0]), "+f"(a[i + 1][1]), "+f"(a[i + 1][2]),              \
+        "+f"(a[i + 1][3]), "+f"(a[i + 2][0]), "+f"(a[i + 2][1]), "+f"(a[i + 2][2]), "+f"(a[i + 2][3]), "+f"(a[i + 3][0]),             \
+        "+f"(a[i + 3][1]), "+f"(a[i + 3][2]), "+f"(a[i + 3][3])
+#define WG_R16(a, i)                                                                                                                  \
+    "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3]), "+r"(a[i + 1][0]), "+r"(a[i + 1][1]), "+r"(a[i + 1][2]),              \
+        "+r"(a[i + 1][3]), "+r"(a[i + 2][0]), "+r"(a[i + 2][1]), "+r"(a[i + 2][2]), "+r"(a[i + 2][3]), "+r"(a[i + 3][0]),             \
+        "+r"(a[i + 3][1]), "+r"(a[i + 3][2]), "+r"(a[i + 3][3])
+#define WG_D0 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define WG_D16 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define WG_D32 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"
+#define WG_D48 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+
+// S (64 rows × 64 keys) = or += Q·Kᵀ over 32 bytes of the head dim; both operands K-major in
+// shared memory. `accumulate` false: S = Q·Kᵀ (the first step needs no zeroed accumulators).
+__device__ __forceinline__ void wgmma_qk(i32 (&d)[8][4], u64 qd, u64 kd, u32 accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {" WG_D0 "," WG_D16 "}, %32, %33, p;\n}\n"
+        : WG_R16(d, 0), WG_R16(d, 4)
+        : "l"(qd), "l"(kd), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], u64 qd, u64 kd, u32 accumulate) {
+    if (QK_BF16)
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_D0 "," WG_D16 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : WG_F16(d, 0), WG_F16(d, 4)
+            : "l"(qd), "l"(kd), "r"(accumulate));
+    else
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" WG_D0 "," WG_D16 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : WG_F16(d, 0), WG_F16(d, 4)
+            : "l"(qd), "l"(kd), "r"(accumulate));
+}
+
+// O (64 rows × DP channels) += P·V over 16 keys: P K-major and V MN-major (trans-b = 1), both
+// in shared memory. (P from registers would overlap less: ptxas reuses the registers an
+// in-flight wgmma still reads for the next softmax, then holds that softmax back behind it.)
+#if DP == 32
+#define PV_N "32"
+#define PV_ACC WG_D0
+#define PV_TAIL "%16, %17, p"
+#define PV_FLAG "%18"
+#define PV_OPS(o) WG_F16(o, 0)
+#elif DP == 64
+#define PV_N "64"
+#define PV_ACC WG_D0 "," WG_D16
+#define PV_TAIL "%32, %33, p"
+#define PV_FLAG "%34"
+#define PV_OPS(o) WG_F16(o, 0), WG_F16(o, 4)
+#elif DP == 96
+#define PV_N "96"
+#define PV_ACC WG_D0 "," WG_D16 "," WG_D32
+#define PV_TAIL "%48, %49, p"
+#define PV_FLAG "%50"
+#define PV_OPS(o) WG_F16(o, 0), WG_F16(o, 4), WG_F16(o, 8)
+#else
+#define PV_N "128"
+#define PV_ACC WG_D0 "," WG_D16 "," WG_D32 "," WG_D48
+#define PV_TAIL "%64, %65, p"
+#define PV_FLAG "%66"
+#define PV_OPS(o) WG_F16(o, 0), WG_F16(o, 4), WG_F16(o, 8), WG_F16(o, 12)
+#endif
+#define PV_ASM(T)                                                          \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, " PV_FLAG ", 0;\n"                 \
+    "wgmma.mma_async.sync.aligned.m64n" PV_N "k16.f32." T "." T " {" PV_ACC "}, " PV_TAIL ", 1, 1, 0, 1;\n}\n"
+__device__ __forceinline__ void wgmma_pv(float (&o)[DP / 8u][4], u64 pd, u64 vd) {
+    if (PV_BF16)
+        asm volatile(PV_ASM("bf16") : PV_OPS(o) : "l"(pd), "l"(vd), "r"(1u));
+    else
+        asm volatile(PV_ASM("f16") : PV_OPS(o) : "l"(pd), "l"(vd), "r"(1u));
+}
+
+#endif  // WGMMA
