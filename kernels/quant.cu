@@ -84,9 +84,48 @@ __device__ __forceinline__ float group_scale(const Params& P, u32* ws, u32* red,
     return gs_inv;
 }
 
-// INT8 Q or K: one block per token group (any multiple of 32 threads; the host launches 256);
-// amax is a max over bit patterns, so the reduction order does not matter.
-extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
+// f32 multiply / subtract with subnormal results flushed (= ftz(__fmul_rn(a, b)) and
+// ftz(__fsub_rn(a, b)) for normal or zero inputs, in one instruction).
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+    float y;
+    asm("mul.rn.ftz.f32 %0, %1, %2;\n" : "=f"(y) : "f"(a), "f"(b));
+    return y;
+}
+__device__ __forceinline__ float sub_ftz(float a, float b) {
+    float y;
+    asm("sub.rn.ftz.f32 %0, %1, %2;\n" : "=f"(y) : "f"(a), "f"(b));
+    return y;
+}
+
+// int8_round for finite |y| < 2^23 (here |y| ≤ 127·(1 + 2^-23)): half away from zero, saturated
+// at 127. a − trunc(a) is exact, so the tie test is too.
+__device__ __forceinline__ i32 int8_round_finite(float y) {
+    float a = fabsf(y), t = truncf(a);
+    i32 n = min((i32)t + (a - t >= 0.5f ? 1 : 0), 127);
+    return y < 0.0f ? -n : n;
+}
+
+// Q's LSE shift sm_scale·q·mean(K) (q_delta's value, any summation order: it only enters the
+// LSE) for rows [t0, t0 + per·inter) of one group, a warp per row.
+__device__ __forceinline__ void q_delta_rows(const Params& P, const void* src, u32* ws, u32 bh, u32 t0, u32 per, u32 inter) {
+    u32 lane = threadIdx.x % 32u;
+    u32 bkv = (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group;
+    const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
+    for (u32 r = threadIdx.x / 32u; r < per; r += blockDim.x / 32u) {
+        u32 t = t0 + r * inter;
+        if (t >= P.seq_q) continue;  // uniform across the warp
+        u32 row = (bh / P.heads_q) * P.q_sb + (bh % P.heads_q) * P.q_sh + t * P.q_st;
+        float d = 0.0f;
+        for (u32 c = lane; c < P.head_dim; c += 32u) d = fmaf(mul_ftz(load_elem(src, row + c, P.dtype), P.fold), u2f(mean[c]), d);
+        for (u32 o = 16u; o > 0u; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (lane == 0u) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
+    }
+}
+
+// INT8 Q or K: one block per token group (the host launches 256 threads); amax is a max over
+// bit patterns, so the reduction order does not matter. With K smoothing the Q pass also writes
+// Q's LSE shift (q_delta's job, done here while Q is in registers).
+extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const void* src, u32* ws) {
     __shared__ u32 red[32];
     u32 lid = threadIdx.x, nthreads = blockDim.x;
     bool is_q = P.mode == MODE_Q;
@@ -103,37 +142,60 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
     u32 base = is_q ? b * P.q_sb + h * P.q_sh : b * P.kv_sb + h * P.kv_sh;
     u32 tstride = is_q ? P.q_st : P.kv_st;
     bool smooth = !is_q && (P.flags & FLAG_SMOOTH);
-    const u32* mean = ws + P.off_kmean + bh * P.head_dim;
+    bool shift = is_q && (P.flags & FLAG_SMOOTH);  // write Q's LSE shift
+    u32 bkv = is_q ? (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group : bh;
+    const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
     auto value = [&](u32 t, u32 c) -> float {
         float x = load_elem(src, base + t * tstride + c, P.dtype);
         if (is_q) return ftz(__fmul_rn(x, P.fold));
         return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
     };
-    // Fast path: 16-bit inputs whose rows are whole 16-byte chunks (8 channels), and a group
-    // that fits QK_CHUNKS chunks per thread: each chunk is loaded once, coalesced, and kept in
-    // registers for both passes. The same values and codes as the general path below.
+    // Fast path: 16-bit inputs whose rows are whole 16-byte chunks (8 channels), a group that
+    // fits QK_CHUNKS chunks per thread, and a row's chunks on a power-of-two run of lanes that
+    // divides the block (so each thread always holds the same 8 channels): each chunk is
+    // loaded once, coalesced, and kept in registers for both passes. The same values and codes
+    // as the general path below.
     u32 cpr = P.head_dim / 8u, nchunks = per * cpr;
     bool fast = P.dtype != DT_F32 && P.head_dim % 8u == 0u && base % 8u == 0u && tstride % 8u == 0u &&
-                ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * nthreads;
+                ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * nthreads && cpr <= 32u && (cpr & (cpr - 1u)) == 0u &&
+                nthreads % cpr == 0u;
     if (fast) {
-        auto value16 = [&](u32 bits, u32 c) -> float {
+        u32 c0 = (lid % cpr) * 8u;  // this thread's channels, in every chunk it holds
+        float mu[8];
+#pragma unroll
+        for (u32 k = 0; k < 8u; k++) mu[k] = (smooth || shift) ? u2f(mean[c0 + k]) : 0.0f;
+        auto value16 = [&](u32 bits, u32 k) -> float {
             float x;
             if (P.dtype == DT_F16) asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));  // exact
             else x = ftz(u2f(bits << 16));
-            if (is_q) return ftz(__fmul_rn(x, P.fold));
-            return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
+            if (is_q) return mul_ftz(x, P.fold);
+            return smooth ? sub_ftz(x, mu[k]) : x;
         };
         uint4 buf[QK_CHUNKS];
         u32 amax = 0u;
 #pragma unroll
         for (u32 i = 0; i < QK_CHUNKS; i++) {
-            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter, c0 = (e % cpr) * 8u;
+            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
             buf[i] = make_uint4(0u, 0u, 0u, 0u);
-            if (e < nchunks && t < n) {
-                buf[i] = *(const uint4*)((const unsigned short*)src + base + t * tstride + c0);
-                const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+            if (e < nchunks && t < n) buf[i] = *(const uint4*)((const unsigned short*)src + base + t * tstride + c0);
+        }
 #pragma unroll
-                for (u32 k = 0; k < 8u; k++) amax = max(amax, abs_bits(value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, c0 + k)));
+        for (u32 i = 0; i < QK_CHUNKS; i++) {
+            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
+            const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+            bool in = e < nchunks && t < n;  // (a zero chunk past the end is not 0 once smoothed)
+            float d = 0.0f;
+#pragma unroll
+            for (u32 k = 0; k < 8u; k++) {
+                float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
+                if (in) amax = max(amax, abs_bits(x));
+                if (shift) d = fmaf(x, mu[k], d);
+            }
+            if (shift && i * nthreads < nchunks) {  // uniform across the warp
+#pragma unroll
+                for (u32 o = 16u; o > 0u; o >>= 1)
+                    if (o < cpr) d += __shfl_xor_sync(0xffffffffu, d, o);
+                if (lid % cpr == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
             }
         }
         float inv = group_scale(P, ws, red, amax, is_q, bh * ng + gi);
@@ -141,14 +203,14 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
         u32 off = is_q ? P.off_qcodes : P.off_kcodes;
 #pragma unroll
         for (u32 i = 0; i < QK_CHUNKS; i++) {
-            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter, c0 = (e % cpr) * 8u;
+            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
             if (e < nchunks && t < n) {
                 const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
                 u32 codes[2] = {0u, 0u};
 #pragma unroll
                 for (u32 k = 0; k < 8u; k++) {
-                    float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, c0 + k);
-                    if (finite) codes[k / 4u] |= ((u32)int8_round(__fmul_rn(x, inv)) & 0xffu) << (8u * (k % 4u));
+                    float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
+                    if (finite) codes[k / 4u] |= ((u32)int8_round_finite(mul_ftz(x, inv)) & 0xffu) << (8u * (k % 4u));
                 }
                 *(uint2*)(ws + off + (bh * n + t) * dw + c0 / 4u) = make_uint2(codes[0], codes[1]);
             }
@@ -179,6 +241,7 @@ extern "C" __global__ void int8_qk(Params P, const void* src, u32* ws) {
         }
         ws[off + (bh * n + t) * dw + w] = word;
     }
+    if (shift) q_delta_rows(P, src, ws, bh, t0, per, inter);
 }
 
 // FP8 V scale per channel (the step quant_steps calls fp8_v_scale; WGSL walks each channel's

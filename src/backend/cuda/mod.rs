@@ -650,6 +650,10 @@ impl CudaAttention {
                 launch("fp8_v_scale_from_amax", step.mode, src, threads(chans))?;
                 continue;
             }
+            if step.entry == "q_delta" && plan.spec.recipe.int8_qk() {
+                // int8_qk's Q pass writes Q's LSE shift here (it holds Q in registers anyway).
+                continue;
+            }
             if step.entry == "q_delta" {
                 // One warp per query row (coalesced), 8 rows per block.
                 let s = &plan.spec;
