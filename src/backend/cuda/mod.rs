@@ -1081,3 +1081,46 @@ impl Backend for CudaBackend {
         Ok(unpack_workspace(plan, &layout, &words))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MmaConfig;
+
+    #[test]
+    fn launch_shapes_parse_and_reject() {
+        let wide = MmaConfig::parse("4,2,1,1").unwrap();
+        assert_eq!((wide.warps, wide.m_tiles, wide.wgmma), (4, 2, false));
+        assert_eq!(
+            MmaConfig::parse("8,1,1,1,1"),
+            Some(MmaConfig::hopper_wgmma())
+        );
+        // A wgmma block is one or two whole warpgroups of one m-tile per warp, Q in shared memory.
+        assert!(MmaConfig::parse("4,1,1,2,1").is_some());
+        for bad in [
+            "4,2,1,1,1",
+            "8,1,0,1,1",
+            "2,1,1,1,1",
+            "8,2,1,1",
+            "8,1,1,0",
+            "8,1,1",
+        ] {
+            assert_eq!(MmaConfig::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn wgmma_shared_memory_adds_p_tiles_and_drops_padding() {
+        // Exact, head dim 128: Q 128 rows · 256 B, two stages of K and V (64 rows · 256 B each)
+        // and 64 K scales; wgmma adds two 64 × 64 f16 P tiles per warpgroup.
+        let wg = MmaConfig::hopper_wgmma();
+        assert_eq!(
+            wg.shared_bytes(0, 128),
+            128 * 256 + 2 * (2 * 64 * 256 + 256) + 2 * 2 * 8192
+        );
+        let sync = MmaConfig::parse("4,2,1,1").unwrap();
+        assert_eq!(
+            sync.shared_bytes(0, 128),
+            128 * 272 + 2 * (2 * 64 * 272 + 256)
+        );
+    }
+}
