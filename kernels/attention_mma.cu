@@ -1,19 +1,24 @@
-// attention_mma.cu: the tensor-core attention (mma.sync, sm_80+), same numerics as attention.cu.
-// The host prepends RECIPE, DP (head dim padded, a multiple of 32, at most 128), BF16 (1 when
-// the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM (N:M sparse softmax's M;
-// 0: off), VNV (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g)
-// and the launch shape: WARPS, MT,
-// QSMEM, MINB. Each warp owns MT m-tiles of 16 query rows (so every K/V fragment read from shared
-// memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K and V that
-// cp.async stages in shared memory, two tiles deep. Q's A fragments live in registers, or (QSMEM) in shared memory, read
-// with ldmatrix at each step, which frees registers; MINB is __launch_bounds__' blocks per SM.
+// attention_mma.cu: the tensor-core attention (mma.sync, sm_80+; wgmma on sm_90a), same
+// numerics as attention.cu. The host prepends RECIPE, DP (head dim padded, a multiple of 32, at
+// most 128), BF16 (1 when the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM
+// (N:M sparse softmax's M; 0: off), VNV (V → NVFP4: V arrives as f16 values of its codes, the
+// output is multiplied by v_g) and the launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
+//
+// mma.sync (WGMMA = 0): each warp owns MT m-tiles of 16 query rows (so every K/V fragment read
+// from shared memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K
+// and V that cp.async stages in shared memory, two tiles deep. Q's A fragments live in
+// registers, or (QSMEM) in shared memory, read with ldmatrix at each step, which frees
+// registers; MINB is __launch_bounds__' blocks per SM.
+// WGMMA = 1 (wgmma.cuh): warpgroups of 64 rows multiply from shared memory, P·V of one tile in
+// flight behind QKᵀ of the next; the per-warp softmax code below is shared.
 //
 // One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 into s32, or f16/bf16 m16n8k16 into f32)
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
 //                      → P in the recipe's format, packed straight into the A fragments of
 //                        m16n8k16 → O += P·V.
 // P's constant factor (1/448 for FP8 P, the global scale g for Fp8P/Nvfp4P) and the per-channel
-// V scale are applied once at the end (the Nvfp4 recipe's per-row factor is carried, see below). Register arrays are indexed by unrolled constants only.
+// V scale are applied once at the end (the Nvfp4 recipe's per-row factor is carried, see
+// below). Register arrays are indexed by unrolled constants only.
 
 #define BK 64u
 #define BQT (16u * MT * WARPS)
