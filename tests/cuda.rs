@@ -120,13 +120,7 @@ fn run_poisoned_with(
 }
 
 fn check(recipe: Recipe) {
-    let Some(c) = cuda() else { return };
-    let probe = AttentionSpec::new(1, 1, 1, 64)
-        .with_recipe(recipe)
-        .plan()
-        .unwrap();
-    if let Err(e) = c.supports(&probe) {
-        eprintln!("not run on CUDA: {e}");
+    if cuda().is_none() {
         return;
     }
     check_matrix("cuda", recipe, run_poisoned_cuda);

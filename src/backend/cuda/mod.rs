@@ -119,23 +119,28 @@ impl MmaConfig {
         }
     }
 
-    /// The default for `plan` on `arch`. Hopper, head dims padding to 128: 4 warps × 2 m-tiles
-    /// (each K/V fragment feeds two mma), one block per SM, measured 3–13% faster than 8 × 1
-    /// for every recipe but Nvfp4 (+3%, its per-row factor state); at head dim 64 8 × 1 stays
-    /// ahead (docs/benchmarks.md, tuning log).
+    /// Hopper's mma.sync shape at head dim 128: 4 warps × 2 m-tiles (each K/V fragment feeds two
+    /// mma), Q in shared memory, one block per SM.
+    pub fn hopper_wide() -> MmaConfig {
+        MmaConfig {
+            warps: 4,
+            m_tiles: 2,
+            q_in_shared: true,
+            min_blocks: 1,
+            nm: true,
+            wgmma: false,
+        }
+    }
+
+    /// The default for `plan` on `arch`. Hopper, head dims padding to 128: `hopper_wide`,
+    /// measured 3–13% faster than 8 × 1 for every recipe but Nvfp4 (+3%, its per-row factor
+    /// state); at head dim 64 8 × 1 stays ahead (docs/benchmarks.md, tuning log).
     pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
-        let base = MmaConfig::for_arch(arch);
         let dp = padded_dim(plan.spec.head_dim);
         if arch.starts_with("sm_90") && dp == 128 && plan.spec.recipe != crate::Recipe::Nvfp4 {
-            return MmaConfig {
-                warps: 4,
-                m_tiles: 2,
-                q_in_shared: true,
-                min_blocks: 1,
-                ..base
-            };
+            return MmaConfig::hopper_wide();
         }
-        base
+        MmaConfig::for_arch(arch)
     }
 
     /// "warps,m_tiles,q_in_shared,min_blocks[,wgmma]", e.g. "4,2,1,1" or "8,1,1,1,1"
@@ -296,12 +301,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     // The default launch shapes (shared-memory Q with 8 × 1 or 4 × 2 warps × m-tiles, register Q).
     // (skip-softmax variants with Hopper's shape only: the code path is the same.)
     let sm90 = MmaConfig::for_arch("sm_90a");
-    let sm90_wide = MmaConfig {
-        warps: 4,
-        m_tiles: 2,
-        min_blocks: 1,
-        ..sm90
-    };
+    let sm90_wide = MmaConfig::hopper_wide();
     // (recipes, launch shape, skip-softmax, N:M's M, V → NVFP4), each over every dim and dtype.
     let mut variants: Vec<(Vec<u32>, MmaConfig, bool, u32, bool)> = Vec::new();
     for (cfg, skip) in [
@@ -388,7 +388,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         bf16: s.dtype == DType::BF16,
         cfg,
         skip: s.skip_softmax.is_some(),
-        nm: s.nm_softmax.map_or(0, |n| n.m as u32),
+        nm: s.nm_softmax.map_or(0, |n| n.m),
         vnv: s.v_nvfp4.is_some(),
     })
 }
@@ -469,12 +469,6 @@ impl CudaAttention {
         self
     }
 
-    /// Can this context run `plan`? Every valid plan: each option runs on the CUDA-core kernel,
-    /// and on the tensor-core kernel whenever `tensor_core_fit` accepts it.
-    pub fn supports(&self, _plan: &Plan) -> Result<()> {
-        Ok(())
-    }
-
     /// The attention kernel a plan runs on this context.
     pub fn kernel_for(&self, plan: &Plan) -> Module {
         let simt = Module::Simt {
@@ -490,10 +484,8 @@ impl CudaAttention {
         if cfg.wgmma && (self.arch != "sm_90a" || plan.spec.skip_softmax.is_some()) {
             // wgmma is sm_90a's; skip-softmax drops P·V per warp, which a warpgroup MMA cannot.
             cfg = MmaConfig {
-                wgmma: false,
-                warps: 4,
-                m_tiles: 2,
-                ..cfg
+                nm: cfg.nm,
+                ..MmaConfig::hopper_wide()
             };
         }
         match tensor_core_fit(plan, cfg) {
@@ -551,7 +543,6 @@ impl CudaAttention {
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         let plan = spec.plan()?;
-        self.supports(&plan)?;
         let s = &plan.spec;
         let check = |name: &'static str, len: usize, is_f32: bool, need: usize| -> Result<()> {
             if is_f32 != (s.dtype == DType::F32) {
@@ -1004,16 +995,12 @@ impl Backend for CudaBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Cuda
     }
-    fn supports(&self, plan: &Plan) -> Result<()> {
-        self.attn.supports(plan)
-    }
     fn describe(&self) -> String {
         format!("cuda: {}", self.attn.description)
     }
 
     fn run(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Output> {
         check_inputs(plan, &q, &k, &v)?;
-        self.attn.supports(plan)?;
         let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let st = &self.stream;
         let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
