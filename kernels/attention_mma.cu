@@ -41,8 +41,17 @@
 #define V_STRIDE (V_BYTES + ROW_PAD)
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
-#define STAGE_BYTES (K_TILE + V_TILE + 4u * BK)  // K, V, and the K scales of the tile
+// WGMMA at head dim 128: K and V come by the tensor copy engine (TMA) as 128-byte-swizzled
+// tiles, 1024-byte aligned (wgmma.cuh); otherwise every tile is staged by cp.async.
+#define TMA (WGMMA && DP == 128u)
+#define KSC_BYTES (TMA ? 1024u : 4u * BK)
+#define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
 #define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [stage 0] [stage 1]
+
+// A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
+struct __align__(64) TmaMap {
+    unsigned long long opaque[16];
+};
 
 #include "wgmma.cuh"
 
@@ -328,6 +337,42 @@ __device__ __forceinline__ void stage_v(const Params& P, const Src& src, unsigne
     }
 }
 
+#if TMA
+// Q's e-th 16-byte chunk in the 128-byte-swizzled layout the TMA tiles have: 64-column panels of
+// [BQT rows][128 B], chunk c of a row at c ^ (row % 8). A row's 8 chunks of a panel on 8
+// consecutive threads: coalesced reads, conflict-free writes.
+__device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
+    r = e / chunks;
+    c = e % chunks;
+    return (c / 8u) * (BQT * 128u) + r * 128u + (((c % 8u) ^ (r % 8u)) * 16u);
+}
+
+// Thread 0: key tile kt's K into stage kst and tile vt's V into stage vst (each if it exists),
+// one arrival on `bar` expecting their bytes (zero-filled boxes past the sequence and the head
+// dim count in full). Threads < BK: kt's K scales, plain stores read after the next barrier.
+__device__ __forceinline__ void tma_tiles(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, u32 bar,
+                                          unsigned char* kst, u32 kt, unsigned char* vst, u32 vt, u32 hkv, u32 b, u32 bkv) {
+    bool k_on = kt < P.k_blocks, v_on = vt < P.k_blocks;
+    if (threadIdx.x == 0u) {
+        mbar_arrive_expect(bar, (k_on ? K_TILE : 0u) + (v_on ? V_TILE : 0u));
+        if (k_on)
+#pragma unroll
+            for (u32 p = 0; p < QK_BYTES / 128u; p++)
+                tma_load(smem_addr(kst) + p * BK * 128u, kmap, (i32)(p * (INT8_QK ? 128u : 64u)), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
+        if (v_on)
+#pragma unroll
+            for (u32 p = 0; p < V_BYTES / 128u; p++)
+                tma_load(smem_addr(vst) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(vt * BK), (i32)hkv, (i32)b, bar);
+    }
+    if (INT8_QK && k_on && threadIdx.x < BK) {
+        u32 key = kt * BK + threadIdx.x;
+        u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
+        float ks = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
+        ((float*)(kst + K_TILE + V_TILE))[threadIdx.x] = ks;
+    }
+}
+#endif
+
 // Is key tile kb skipped for this block of query rows (block mask, or wholly above the causal diagonal)?
 __device__ __forceinline__ bool tile_skipped(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
     if ((i32)(kb * BK) > last_visible) return true;
@@ -416,7 +461,14 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0,
 // P (the warpgroup's 64 rows × BK keys, 16-bit, K-major) and V for the 16 keys of step kk.
 #define P_TILE (64u * BK * 2u)
 __device__ __forceinline__ u64 p_desc(u32 pbase, u32 kk) { return wg_desc(pbase + kk * 256u, 128u, 8u * BK * 2u); }
+#if TMA
+// 128-byte swizzle: 64-column panels of [rows][128 B]; a k-step is 32 bytes into a panel row.
+__device__ __forceinline__ u64 v_desc(u32 vbase, u32 kk) { return sw128_desc(vbase + kk * 16u * 128u, 64u * 128u); }
+__device__ __forceinline__ u64 qk_desc(u32 base, u32 rows, u32 ks) { return sw128_desc(base + (ks / 4u) * rows * 128u + (ks % 4u) * 32u, 16u); }
+#else
 __device__ __forceinline__ u64 v_desc(u32 vbase, u32 kk) { return wg_desc(vbase + kk * 16u * V_STRIDE, 8u * V_STRIDE, 128u); }
+__device__ __forceinline__ u64 qk_desc(u32 base, u32 rows, u32 ks) { return wg_desc(base + ks * 256u, 128u, 8u * QK_BYTES); }
+#endif
 
 // This warp's P fragments into the warpgroup's P tile: register r of step kk holds keys
 // 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2); a warp's 32 stores of one register fill 128
@@ -447,7 +499,7 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
     wg_fence();
 #pragma unroll
     for (u32 ks = 0; ks < KSTEPS; ks++)
-        wgmma_qk(acc[0], wg_desc(qlane + ks * 256u, 128u, 8u * QK_BYTES), wg_desc(kbase + ks * 256u, 128u, 8u * QK_BYTES), ks > 0u);
+        wgmma_qk(acc[0], qk_desc(qlane, BQT, ks), qk_desc(kbase, BK, ks), ks > 0u);
     wg_commit();
     // P·V's group is committed even when empty, so that every path waits the same way: ptxas
     // serializes every wgmma (C7514) when some path could read an accumulator early.
@@ -674,8 +726,24 @@ struct Strides16 {
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
                                                                     Strides16 S16, const u32* ws, const u32* mask,
-                                                                    unsigned short* o_out, float* lse_out) {
-    extern __shared__ __align__(16) unsigned char smem[];
+                                                                    unsigned short* o_out, float* lse_out,
+                                                                    const __grid_constant__ TmaMap kmap,
+                                                                    const __grid_constant__ TmaMap vmap) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+#if TMA
+    // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of room).
+    unsigned char* smem = smem_raw + (1024u - smem_addr(smem_raw) % 1024u) % 1024u;
+    __shared__ __align__(8) unsigned long long bar_mem[2];
+    u32 bars = smem_addr(bar_mem);
+    if (threadIdx.x == 0u) {
+        mbar_init(bars);
+        mbar_init(bars + 8u);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+#else
+    unsigned char* smem = smem_raw;
+#endif
     u32 tid = threadIdx.x, warp = tid / 32u, lane = tid % 32u;
     u32 g = lane / 4u, t = lane % 4u;
     u32 bh = blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
@@ -703,13 +771,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 qreg[MT][QREG_STEPS][4];
     float qscale[MT][2];
     // This warp's Q rows in shared memory; WGMMA: its warpgroup's 64 rows.
-    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * K_STRIDE;
+    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * (TMA ? 128u : K_STRIDE);
     if (QSMEM) {
         const u32 chunks = QK_BYTES / 16u;
         u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;
         for (u32 i = 0; i < BQT * chunks / THREADS; i++) {  // BQT · chunks is a multiple of THREADS
             u32 e = tid + i * THREADS;
+#if TMA
+            u32 r, c, at = q_slot(e, chunks, r, c), row = row0 + r;
+#else
             u32 r, c, at = stage_slot(e, chunks, K_STRIDE, r, c), row = row0 + r;
+#endif
             bool ok = row < P.seq_q && c < valid;
             const char* q = INT8_QK ? (const char*)(ws + P.off_qcodes) + ((size_t)bh * P.seq_q + row) * DP
                                     : (const char*)q_in + 2ull * ((size_t)b * S16.q_sb + (size_t)h * S16.q_sh + (size_t)row * S16.q_st);
@@ -779,12 +851,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     // and P(j−1)·V(j−1) runs on the tensor cores behind QK(j) while the softmax of tile j runs.
     // K(j) sits in stage j%2's K slot, V(j) in stage j%2's V slot: at tile j's barrier QK(j−1)
     // and P(j−2)·V(j−2) are done in every warpgroup, so K(j+1) and V(j) can take their slots.
+#if TMA
+    // Tile j waits on barrier j%2 for the copies issued at tile j−1 (the prologue's K(0) for
+    // j = 0); barrier b's n-th use completes its phase n, so the parity is (j/2)%2.
+    tma_tiles(P, kmap, vmap, ws, bars, stages, kb, stages, P.k_blocks, hkv, b, bkv);
+#else
     if (kb < P.k_blocks) stage_k(P, src, ws, stages, kb, bkv);
     cp_async_commit();
+#endif
     PvBehind pv = {false, 0u, 0u};
     // Each warpgroup's P, two tiles deep: P(j) is written while P(j−1)·V(j−1) reads the other.
     unsigned char* ptiles = stages + 2u * STAGE_BYTES + (warp / 4u) * P_TILE;
     for (u32 j = 0;; j++) {
+#if TMA
+        mbar_wait(bars + (j % 2u) * 8u, (j / 2u) % 2u);
+#endif
         cp_async_wait<0>();
         fence_async_smem();
         __syncthreads();
@@ -793,9 +874,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // then waits for the LSU to take the copies' address registers.)
         unsigned char* st = stages + (j % 2u) * STAGE_BYTES;
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
+#if TMA
+        tma_tiles(P, kmap, vmap, ws, bars + ((j + 1u) % 2u) * 8u, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, st, kb, hkv, b, bkv);
+#else
         if (kn < P.k_blocks) stage_k(P, src, ws, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, bkv);
         stage_v(P, src, st, kb);
         cp_async_commit();
+#endif
         qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2];

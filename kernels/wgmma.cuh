@@ -29,12 +29,42 @@ __device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
 
+// 128-byte swizzle (TMA tiles): SBO 1024 (8 rows of 128 B); LBO is the panel stride for the
+// MN-major V and unused (16) for K-major operands within a panel.
+__device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo) { return wg_desc(addr, lbo, 1024u) | (1ull << 62); }
+
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Wait until at most N committed groups are pending (groups complete in commit order).
 template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // cp.async writes are generic-proxy stores; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#if TMA
+// mbarrier and tensor copies (sm_90). A barrier completes a phase when its one arrival (with
+// the expected byte count) and all the bytes of the copies bound to it have landed.
+__device__ __forceinline__ void mbar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// One box of a 4-d tensor map (coordinates innermost first) into shared memory at dst.
+__device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, i32 c0, i32 c1, i32 c2, i32 c3, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"((u64)&map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+#endif
 
 // After wgmma.wait_group: make later reads of the accumulators depend on the wait.
 template <int N> __device__ __forceinline__ void acc_fence(float (&a)[N][4]) {

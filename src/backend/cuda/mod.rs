@@ -6,6 +6,8 @@
 //! synchronised. [`CudaBackend`] is the host API on its own context and stream.
 
 pub mod nvrtc;
+mod tma;
+use tma::TmaMap;
 
 use crate::backend::layout::*;
 use crate::backend::{check_inputs, Backend, BackendKind, Output};
@@ -178,13 +180,24 @@ impl MmaConfig {
         let qk_row = if int8_qk { dp } else { 2 * dp } + pad;
         let rows = 16 * self.warps * self.m_tiles;
         let q = if self.q_in_shared { rows * qk_row } else { 0 };
-        // wgmma: each warpgroup's P tile (64 rows × 64 keys, 16-bit), two deep.
+        // wgmma: each warpgroup's P tile (64 rows × 64 keys, 16-bit), two deep. TMA: K scales
+        // padded to 1024 bytes (stages stay 1024-byte aligned), and 1024 bytes of room to align.
         let p = if self.wgmma {
             2 * (self.warps / 4) * 64 * 64 * 2
         } else {
             0
         };
-        q + 2 * (64 * qk_row + 64 * (2 * dp + pad) + 4 * 64) + p
+        let (scales, room) = if self.tma(dp) {
+            (1024, 1024)
+        } else {
+            (4 * 64, 0)
+        };
+        q + 2 * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+    }
+
+    /// K and V by the tensor copy engine (the wgmma shape at head dim 128; kernels: `TMA`).
+    fn tma(&self, dp: u32) -> bool {
+        self.wgmma && dp == 128
     }
 }
 
@@ -875,6 +888,72 @@ impl CudaAttention {
             k: [ks.0, ks.1, ks.2],
             v: [vs.0, vs.1, vs.2],
         };
+        // The wgmma shape at head dim 128 loads K and V by TMA, through tensor maps over the
+        // operands it would otherwise copy itself; a map the driver refuses (an unaligned view)
+        // sends the call to the mma.sync shape.
+        let (mut kmap, mut vmap) = (TmaMap::unused(), TmaMap::unused());
+        if cfg.tma(dp) {
+            use cudarc::driver::DevicePtr;
+            let ptr16 = |scr: &Option<CudaSlice<u16>>, t: &CudaTensor| -> u64 {
+                match (scr, t) {
+                    (Some(x), _) => x.device_ptr(stream).0,
+                    (None, CudaTensor::Bits16(x)) => x.device_ptr(stream).0,
+                    (None, CudaTensor::F32(x)) => x.device_ptr(stream).0,
+                }
+            };
+            let rows16 = |ptr: u64, st: (u32, u32, u32), heads: u32, n: u32| {
+                // Byte strides of tokens, heads, batch (a unit dim's stride is never used).
+                let nz = |x: u32, unit: bool| {
+                    if unit {
+                        (2 * x as u64).max(16)
+                    } else {
+                        2 * x as u64
+                    }
+                };
+                TmaMap::rows(
+                    ptr,
+                    2,
+                    [s.head_dim as u64, n as u64, heads as u64, b as u64],
+                    [nz(st.2, n == 1), nz(st.1, heads == 1), nz(st.0, b == 1)],
+                    64,
+                )
+            };
+            let maps = (|| -> std::result::Result<(TmaMap, TmaMap), String> {
+                let k = if recipe == 1 || recipe == 2 {
+                    let (d, n, h) = (dp as u64, nk as u64, hk as u64);
+                    let base = ws.device_ptr(stream).0 + 4 * layout.kcodes as u64;
+                    TmaMap::rows(base, 1, [d, n, h, b as u64], [d, n * d, h * n * d], 128)?
+                } else {
+                    rows16(ptr16(&k16, qkv[1]), ks, hk, nk)?
+                };
+                Ok((k, rows16(ptr16(&v16, qkv[2]), vs, hk, nk)?))
+            })();
+            match maps {
+                Ok((k, v)) => (kmap, vmap) = (k, v),
+                Err(why) => {
+                    log::debug!("cuda: {why}: the mma.sync shape runs instead of wgmma");
+                    let Module::Mma { bf16, skip, nm, .. } = kernel else {
+                        unreachable!("matched above")
+                    };
+                    let fallback = Module::Mma {
+                        recipe,
+                        dp,
+                        bf16,
+                        cfg: MmaConfig {
+                            wgmma: false,
+                            warps: 4,
+                            m_tiles: 2,
+                            ..cfg
+                        },
+                        skip,
+                        nm,
+                        vnv,
+                    };
+                    return self
+                        .enqueue_mma(stream, plan, fallback, qkv, ws, layout, mask, out, lse);
+                }
+            }
+        }
         let f = self.function(kernel, "attention_mma")?;
         let smem = cfg.shared_bytes(recipe, dp);
         f.set_attribute(
@@ -901,6 +980,7 @@ impl CudaAttention {
             };
         }
         l.arg(&strides).arg(ws).arg(mask).arg(out).arg(lse);
+        l.arg(&kmap).arg(&vmap);
         log::debug!("cuda: tensor-core kernel {}", kernel.label());
         // SAFETY: the arguments match attention_mma()'s signature.
         unsafe { l.launch(cfg) }.map_err(cuda_err("attention_mma"))?;
@@ -1097,12 +1177,17 @@ mod tests {
 
     #[test]
     fn wgmma_shared_memory_adds_p_tiles_and_drops_padding() {
-        // Exact, head dim 128: Q 128 rows · 256 B, two stages of K and V (64 rows · 256 B each)
-        // and 64 K scales; wgmma adds two 64 × 64 f16 P tiles per warpgroup.
+        // Exact: Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
+        // 64 × 64 f16 P tiles per warpgroup; at head dim 128 (TMA) the scales take 1024 bytes
+        // and 1024 more leave room to align the tiles.
         let wg = MmaConfig::hopper_wgmma();
         assert_eq!(
+            wg.shared_bytes(0, 64),
+            128 * 128 + 2 * (2 * 64 * 128 + 256) + 2 * 2 * 8192
+        );
+        assert_eq!(
             wg.shared_bytes(0, 128),
-            128 * 256 + 2 * (2 * 64 * 256 + 256) + 2 * 2 * 8192
+            128 * 256 + 2 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
         let sync = MmaConfig::parse("4,2,1,1").unwrap();
         assert_eq!(

@@ -1,0 +1,68 @@
+//! Tensor maps for Hopper's tensor copy engine (TMA). The wgmma shape of the tensor-core kernel
+//! at head dim 128 loads its K and V tiles with them (kernels/attention_mma.cu, `tma_tiles`):
+//! boxes of 64 rows × 128 bytes, 128-byte swizzled, zero-filled outside the tensor.
+
+use cudarc::driver::{sys, DeviceRepr};
+
+/// A `CUtensorMap`, passed by value to the kernel (`struct TmaMap`, a `__grid_constant__`).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub(crate) struct TmaMap(sys::CUtensorMap);
+
+// SAFETY: 128 bytes of plain data, the size of the kernel's `struct TmaMap`.
+unsafe impl DeviceRepr for TmaMap {}
+
+impl TmaMap {
+    /// For kernels that never read it (every shape but wgmma at head dim 128).
+    pub(crate) fn unused() -> TmaMap {
+        // SAFETY: an all-zero opaque struct of integers.
+        TmaMap(unsafe { std::mem::zeroed() })
+    }
+
+    /// Rows of `dims[0]` elements of `elem` bytes (1 or 2) at device address `ptr`; dims are
+    /// (row elements, tokens, heads, batch), `strides` the byte strides of tokens, heads and
+    /// batch. Box: `box_inner` elements (128 bytes) × 64 tokens.
+    pub(crate) fn rows(
+        ptr: u64,
+        elem: u32,
+        dims: [u64; 4],
+        strides: [u64; 3],
+        box_inner: u32,
+    ) -> Result<TmaMap, String> {
+        if ptr % 16 != 0 || strides.iter().any(|s| s % 16 != 0 || *s == 0) {
+            return Err(format!(
+                "tensor map: address {ptr:#x} or strides {strides:?} not multiples of 16 bytes"
+            ));
+        }
+        let dtype = match elem {
+            1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+        };
+        let boxes = [box_inner, 64, 1, 1];
+        let unit = [1u32; 4];
+        let mut map = TmaMap::unused();
+        // SAFETY: every pointer is to a live local array of the rank (4, or 3 for strides).
+        let rc = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map.0,
+                dtype,
+                4,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                unit.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        match rc {
+            sys::CUresult::CUDA_SUCCESS => Ok(map),
+            e => Err(format!(
+                "cuTensorMapEncodeTiled: {e:?} (dims {dims:?}, strides {strides:?})"
+            )),
+        }
+    }
+}
