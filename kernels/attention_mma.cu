@@ -64,6 +64,9 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
@@ -295,6 +298,18 @@ struct Src {
     u32 k_row, v_row;  // row strides in bytes
 };
 
+// INT8 QK: threads < BK copy key tile kb's per-key K scales (zero past the sequence) behind the
+// stage's K and V. By cp.async, waited for with the tile: a plain load would stall these warps
+// for a global round trip before their QKᵀ every tile.
+__device__ __forceinline__ void stage_kscales(const Params& P, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
+    if (!INT8_QK || threadIdx.x >= BK) return;
+    u32 key = kb * BK + threadIdx.x;
+    u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
+    bool ok = key < P.seq_kv;
+    cp_async4(smem_addr(stage + K_TILE + V_TILE) + 4u * threadIdx.x,
+              ws + P.off_kscales + bkv * ngk + (ok ? group_of(key, P.k_gblock, P.k_ginter) : 0u), ok);
+}
+
 // Issue the copies of key tile kb's K (and K scales) into a stage (zero-filled past seq_kv and
 // head_dim). Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit
 // inputs are not, and their rows may run into the next head.
@@ -312,12 +327,7 @@ __device__ __forceinline__ void stage_k(const Params& P, const Src& src, const u
         bool ok = key0 + r < P.seq_kv && c < k_valid;
         cp_async16(kbase + at, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
     }
-    if (INT8_QK && tid < BK) {
-        u32 key = key0 + tid;
-        u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
-        float ks = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
-        ((float*)(stage + K_TILE + V_TILE))[tid] = ks;
-    }
+    stage_kscales(P, ws, stage, kb, bkv);
 }
 
 // The same for key tile kb's V.
@@ -349,7 +359,7 @@ __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
 
 // Thread 0: key tile kt's K into stage kst and tile vt's V into stage vst (each if it exists),
 // one arrival on `bar` expecting their bytes (zero-filled boxes past the sequence and the head
-// dim count in full). Threads < BK: kt's K scales, plain stores read after the next barrier.
+// dim count in full), and kt's K scales by cp.async (committed here).
 __device__ __forceinline__ void tma_tiles(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, u32 bar,
                                           unsigned char* kst, u32 kt, unsigned char* vst, u32 vt, u32 hkv, u32 b, u32 bkv) {
     bool k_on = kt < P.k_blocks, v_on = vt < P.k_blocks;
@@ -364,12 +374,8 @@ __device__ __forceinline__ void tma_tiles(const Params& P, const TmaMap& kmap, c
             for (u32 p = 0; p < V_BYTES / 128u; p++)
                 tma_load(smem_addr(vst) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(vt * BK), (i32)hkv, (i32)b, bar);
     }
-    if (INT8_QK && k_on && threadIdx.x < BK) {
-        u32 key = kt * BK + threadIdx.x;
-        u32 ngk = group_count(P.seq_kv, P.k_gblock, P.k_ginter);
-        float ks = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
-        ((float*)(kst + K_TILE + V_TILE))[threadIdx.x] = ks;
-    }
+    if (k_on) stage_kscales(P, ws, kst, kt, bkv);
+    cp_async_commit();
 }
 #endif
 

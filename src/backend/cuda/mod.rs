@@ -107,9 +107,9 @@ impl MmaConfig {
         }
     }
 
-    /// Hopper's warpgroup shape: 2 warpgroups of 64 rows, one block per SM. Opt-in
-    /// (TESSERA_MMA_CONFIG=8,1,1,1,1 or `with_mma_config`): correct on every plan, but slower
-    /// than mma.sync's 4 × 2 so far (docs/design.md, "wgmma").
+    /// Hopper's warpgroup shape: 2 warpgroups of 64 rows, one block per SM (TESSERA_MMA_CONFIG=
+    /// 8,1,1,1,1 or `with_mma_config`). The sm_90a default at head dim 128, where K and V come by
+    /// TMA; at other head dims (cp.async staging) slower than mma.sync (docs/design.md, "wgmma").
     pub fn hopper_wgmma() -> MmaConfig {
         MmaConfig {
             warps: 8,
@@ -134,11 +134,15 @@ impl MmaConfig {
         }
     }
 
-    /// The default for `plan` on `arch`. Hopper, head dims padding to 128: `hopper_wide`,
-    /// measured 3–13% faster than 8 × 1 for every recipe but Nvfp4 (+3%, its per-row factor
-    /// state); at head dim 64 8 × 1 stays ahead (docs/benchmarks.md, tuning log).
+    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128: `hopper_wgmma`
+    /// (K and V by TMA there). Other Hopper plans at 128: `hopper_wide`, measured 3–13% faster
+    /// than 8 × 1 for every recipe but Nvfp4 (+3%, its per-row factor state); at head dim 64
+    /// 8 × 1 stays ahead (docs/benchmarks.md, tuning log).
     pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
         let dp = padded_dim(plan.spec.head_dim);
+        if arch == "sm_90a" && dp == 128 {
+            return MmaConfig::hopper_wgmma();
+        }
         if arch.starts_with("sm_90") && dp == 128 && plan.spec.recipe != crate::Recipe::Nvfp4 {
             return MmaConfig::hopper_wide();
         }
