@@ -22,7 +22,8 @@
 
 #define BK 64u
 #define BQT (16u * MT * WARPS)
-#define THREADS (32u * WARPS)
+#define CONSUMERS (32u * WARPS)  // the warps that own query rows
+#define THREADS (CONSUMERS + (TMA ? 32u : 0u))  // TMA: plus one producer warp that issues the copies
 #define NEG_INF __int_as_float(0xff800000)
 // FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
@@ -46,7 +47,8 @@
 #define TMA (WGMMA && DP == 128u)
 #define KSC_BYTES (TMA ? 1024u : 4u * BK)
 #define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
-#define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [stage 0] [stage 1]
+#define STAGES (TMA ? 3u : 2u)
+#define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [STAGES stages] (WGMMA: [P tiles])
 
 // A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
 struct __align__(64) TmaMap {
@@ -320,9 +322,9 @@ __device__ __forceinline__ void stage_k(const Params& P, const Src& src, const u
     const u32 kchunks = QK_BYTES / 16u;
     u32 k_valid = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u;
 #pragma unroll
-    for (u32 i = 0; i < (BK * kchunks + THREADS - 1u) / THREADS; i++) {  // constant trip count: unrolled
-        u32 e = tid + i * THREADS;
-        if ((BK * kchunks) % THREADS != 0u && e >= BK * kchunks) break;
+    for (u32 i = 0; i < (BK * kchunks + CONSUMERS - 1u) / CONSUMERS; i++) {  // constant trip count: unrolled
+        u32 e = tid + i * CONSUMERS;
+        if ((BK * kchunks) % CONSUMERS != 0u && e >= BK * kchunks) break;
         u32 r, c, at = stage_slot(e, kchunks, K_STRIDE, r, c);
         bool ok = key0 + r < P.seq_kv && c < k_valid;
         cp_async16(kbase + at, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
@@ -338,13 +340,24 @@ __device__ __forceinline__ void stage_v(const Params& P, const Src& src, unsigne
     const u32 vchunks = V_BYTES / 16u;
     u32 v_valid = (P.head_dim * 2u) / 16u;
 #pragma unroll
-    for (u32 i = 0; i < (BK * vchunks + THREADS - 1u) / THREADS; i++) {  // constant trip count: unrolled
-        u32 e = tid + i * THREADS;
-        if ((BK * vchunks) % THREADS != 0u && e >= BK * vchunks) break;
+    for (u32 i = 0; i < (BK * vchunks + CONSUMERS - 1u) / CONSUMERS; i++) {  // constant trip count: unrolled
+        u32 e = tid + i * CONSUMERS;
+        if ((BK * vchunks) % CONSUMERS != 0u && e >= BK * vchunks) break;
         u32 r, c, at = stage_slot(e, vchunks, V_STRIDE, r, c);
         bool ok = key0 + r < P.seq_kv && c < v_valid;
         cp_async16(vbase + at, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
     }
+}
+
+// Is key tile kb skipped for this block of query rows (block mask, or wholly above the causal diagonal)?
+__device__ __forceinline__ bool tile_skipped(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
+    if ((i32)(kb * BK) > last_visible) return true;
+    return (P.flags & FLAG_MASK) && mask[(bh * P.q_blocks + row0 / 128u) * P.k_blocks + kb] == 0u;
+}
+
+__device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
+    while (kb < P.k_blocks && tile_skipped(P, mask, bh, row0, kb, last_visible)) kb++;
+    return kb;
 }
 
 #if TMA
@@ -357,38 +370,49 @@ __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
     return (c / 8u) * (BQT * 128u) + r * 128u + (((c % 8u) ^ (r % 8u)) * 16u);
 }
 
-// Thread 0: key tile kt's K into stage kst and tile vt's V into stage vst (each if it exists),
-// one arrival on `bar` expecting their bytes (zero-filled boxes past the sequence and the head
-// dim count in full), and kt's K scales by cp.async (committed here).
-__device__ __forceinline__ void tma_tiles(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, u32 bar,
-                                          unsigned char* kst, u32 kt, unsigned char* vst, u32 vt, u32 hkv, u32 b, u32 bkv) {
-    bool k_on = kt < P.k_blocks, v_on = vt < P.k_blocks;
-    if (threadIdx.x == 0u) {
-        mbar_arrive_expect(bar, (k_on ? K_TILE : 0u) + (v_on ? V_TILE : 0u));
-        if (k_on)
+// The producer warp: every visited key tile's K and V (and INT8 K scales) into stage j % STAGES,
+// in the consumers' visiting order. Stage st is refilled once all WARPS consumer warps have
+// arrived on empty[st] (they are done with its previous tile); full[st] completes when all 32
+// lanes have arrived (after their K-scale stores) and the copies' bytes have landed (boxes past
+// the sequence or the head dim are zero-filled and count in full).
+__device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, const u32* mask,
+                                        unsigned char* stages, u32 full, u32 empty, u32 bh, u32 row0, i32 last_visible, u32 hkv,
+                                        u32 b, u32 bkv) {
+    u32 lane = threadIdx.x % 32u;
+    u32 ngk = INT8_QK ? group_count(P.seq_kv, P.k_gblock, P.k_ginter) : 0u;
+    u32 j = 0;
+    for (u32 kt = next_tile(P, mask, bh, row0, 0u, last_visible); kt < P.k_blocks; kt = next_tile(P, mask, bh, row0, kt + 1u, last_visible), j++) {
+        u32 st = j % STAGES;
+        unsigned char* stage = stages + st * STAGE_BYTES;
+        float ks[BK / 32u];
+        if (INT8_QK) {  // loaded before the wait, so the global round trip overlaps it
+#pragma unroll
+            for (u32 i = 0; i < BK / 32u; i++) {
+                u32 key = kt * BK + lane + 32u * i;
+                ks[i] = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
+            }
+        }
+        if (j >= STAGES) mbar_wait(empty + 8u * st, (j / STAGES + 1u) % 2u);
+        if (INT8_QK) {
+#pragma unroll
+            for (u32 i = 0; i < BK / 32u; i++) ((float*)(stage + K_TILE + V_TILE))[lane + 32u * i] = ks[i];
+        }
+        u32 bar = full + 8u * st;
+        if (lane == 0u) {
+            mbar_arrive_expect(bar, K_TILE + V_TILE);
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / 128u; p++)
-                tma_load(smem_addr(kst) + p * BK * 128u, kmap, (i32)(p * (INT8_QK ? 128u : 64u)), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
-        if (v_on)
+                tma_load(smem_addr(stage) + p * BK * 128u, kmap, (i32)(p * (INT8_QK ? 128u : 64u)), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
 #pragma unroll
             for (u32 p = 0; p < V_BYTES / 128u; p++)
-                tma_load(smem_addr(vst) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(vt * BK), (i32)hkv, (i32)b, bar);
+                tma_load(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
+        } else {
+            mbar_arrive(bar);
+        }
     }
-    if (k_on) stage_kscales(P, ws, kst, kt, bkv);
-    cp_async_commit();
 }
 #endif
 
-// Is key tile kb skipped for this block of query rows (block mask, or wholly above the causal diagonal)?
-__device__ __forceinline__ bool tile_skipped(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
-    if ((i32)(kb * BK) > last_visible) return true;
-    return (P.flags & FLAG_MASK) && mask[(bh * P.q_blocks + row0 / 128u) * P.k_blocks + kb] == 0u;
-}
-
-__device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 bh, u32 row0, u32 kb, i32 last_visible) {
-    while (kb < P.k_blocks && tile_skipped(P, mask, bh, row0, kb, last_visible)) kb++;
-    return kb;
-}
 
 // ---- N:M sparse softmax -------------------------------------------------------------------------
 
@@ -739,14 +763,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #if TMA
     // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of room).
     unsigned char* smem = smem_raw + (1024u - smem_addr(smem_raw) % 1024u) % 1024u;
-    __shared__ __align__(8) unsigned long long bar_mem[2];
-    u32 bars = smem_addr(bar_mem);
+    __shared__ __align__(8) unsigned long long bar_mem[2u * STAGES];
+    u32 full = smem_addr(bar_mem), empty = full + 8u * STAGES;  // per stage (produce())
     if (threadIdx.x == 0u) {
-        mbar_init(bars);
-        mbar_init(bars + 8u);
+        for (u32 i = 0; i < STAGES; i++) {
+            mbar_init(full + 8u * i, 32u);
+            mbar_init(empty + 8u * i, WARPS);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    __syncthreads();  // the only barrier of the whole block: the producer never joins another
 #else
     unsigned char* smem = smem_raw;
 #endif
@@ -771,6 +797,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     src.v = (const char*)v_in + 2ull * ((size_t)b * S16.v_sb + (size_t)hkv * S16.v_sh);
     src.v_row = 2u * S16.v_st;
 
+#if TMA
+    if (warp == WARPS) {
+        produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv);
+        return;
+    }
+#endif
+
     // This thread's rows (g and g+8 of each m-tile), and Q as A fragments from global memory
     // (or, QSMEM, the whole Q tile copied to shared memory with the first K/V tile).
     u32 rows[MT][2];
@@ -781,8 +814,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     if (QSMEM) {
         const u32 chunks = QK_BYTES / 16u;
         u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;
-        for (u32 i = 0; i < BQT * chunks / THREADS; i++) {  // BQT · chunks is a multiple of THREADS
-            u32 e = tid + i * THREADS;
+        for (u32 i = 0; i < BQT * chunks / CONSUMERS; i++) {  // BQT · chunks is a multiple of CONSUMERS
+            u32 e = tid + i * CONSUMERS;
 #if TMA
             u32 r, c, at = q_slot(e, chunks, r, c), row = row0 + r;
 #else
@@ -852,26 +885,50 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 pa[MT][BK / 16u][4];
     float s[MT][NT_S][4];
     u32 kb = next_tile(P, mask, bh, row0, 0u, last_visible);
-#if WGMMA
+#if TMA
+    // Consumers. Tile j: wait for stage j % STAGES (produce()), QK(j) on the tensor cores with
+    // P(j−1)·V(j−1) behind it while the softmax of tile j runs; after P(j−1)·V(j−1) is done,
+    // stage j−1 goes back to the producer. The two warpgroups only meet at the producer's
+    // stages: within one, a named barrier makes its four warps' P(j−1) visible to its wgmma.
+    // (P(j) is written to the P tile that P(j−2)·V(j−2) read: done, since every warp of the
+    // warpgroup passed its wait for it before this tile's barrier.)
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    named_barrier<1, CONSUMERS>();  // Q's tile is in
+    PvBehind pv = {false, 0u, 0u};
+    unsigned char* ptiles = stages + STAGES * STAGE_BYTES + (warp / 4u) * P_TILE;
+    for (u32 j = 0; kb < P.k_blocks; j++) {
+        unsigned char* st = stages + (j % STAGES) * STAGE_BYTES;
+        u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
+        mbar_wait(full + 8u * (j % STAGES), (j / STAGES) % 2u);
+        warpgroup_barrier();
+        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
+        mask_scores(P, s, rows, row0, kb, causal, offset);
+        float oscale[2];
+        softmax_mtile(P, s[0], rows[0], row_scale[0], m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
+        store_p(pa[0], ptile);
+        fence_async_smem();  // for the wgmma that reads it after the next barrier
+        wg_wait<0>();        // P(j−1)·V(j−1) (if any) is in o
+        acc_fence(o[0]);
+        if (j > 0u && lane == 0u) mbar_arrive(empty + 8u * ((j - 1u) % STAGES));
+        rescale(o[0], oscale);
+        pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
+        kb = kn;
+    }
+    if (pv.on) warpgroup_barrier();
+#elif WGMMA
     // Per visited tile j, one barrier: the copies of K(j+1) and V(j) run while tile j computes,
     // and P(j−1)·V(j−1) runs on the tensor cores behind QK(j) while the softmax of tile j runs.
     // K(j) sits in stage j%2's K slot, V(j) in stage j%2's V slot: at tile j's barrier QK(j−1)
     // and P(j−2)·V(j−2) are done in every warpgroup, so K(j+1) and V(j) can take their slots.
-#if TMA
-    // Tile j waits on barrier j%2 for the copies issued at tile j−1 (the prologue's K(0) for
-    // j = 0); barrier b's n-th use completes its phase n, so the parity is (j/2)%2.
-    tma_tiles(P, kmap, vmap, ws, bars, stages, kb, stages, P.k_blocks, hkv, b, bkv);
-#else
     if (kb < P.k_blocks) stage_k(P, src, ws, stages, kb, bkv);
     cp_async_commit();
-#endif
     PvBehind pv = {false, 0u, 0u};
     // Each warpgroup's P, two tiles deep: P(j) is written while P(j−1)·V(j−1) reads the other.
     unsigned char* ptiles = stages + 2u * STAGE_BYTES + (warp / 4u) * P_TILE;
     for (u32 j = 0;; j++) {
-#if TMA
-        mbar_wait(bars + (j % 2u) * 8u, (j / 2u) % 2u);
-#endif
         cp_async_wait<0>();
         fence_async_smem();
         __syncthreads();
@@ -880,13 +937,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // then waits for the LSU to take the copies' address registers.)
         unsigned char* st = stages + (j % 2u) * STAGE_BYTES;
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
-#if TMA
-        tma_tiles(P, kmap, vmap, ws, bars + ((j + 1u) % 2u) * 8u, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, st, kb, hkv, b, bkv);
-#else
         if (kn < P.k_blocks) stage_k(P, src, ws, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, bkv);
         stage_v(P, src, st, kb);
         cp_async_commit();
-#endif
         qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2];
@@ -899,6 +952,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
         kb = kn;
     }
+#endif
+#if WGMMA
     if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o);
 #else
     // Two stages: the next visited tile is copied into the other stage while this one computes.

@@ -41,10 +41,26 @@ template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 #if TMA
-// mbarrier and tensor copies (sm_90). A barrier completes a phase when its one arrival (with
-// the expected byte count) and all the bytes of the copies bound to it have landed.
-__device__ __forceinline__ void mbar_init(u32 bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+// mbarrier and tensor copies (sm_90). A barrier completes a phase when all its arrivals (one of
+// them with the expected byte count) and all the bytes of the copies bound to it have landed.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// One arrival (release: this thread's earlier shared-memory writes are seen by the waiters).
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// bar.sync on named barrier ID (1–15; 0 is __syncthreads) among THREADS threads. Constant
+// ids, so that ptxas reserves only the barriers used (a runtime id reserves all 16).
+template <u32 ID, u32 COUNT> __device__ __forceinline__ void named_barrier() {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
+}
+// The calling warp's warpgroup (warps 4w..4w+3), on barrier 2 + w.
+__device__ __forceinline__ void warpgroup_barrier() {
+    if (threadIdx.x < 128u)
+        named_barrier<2, 128>();
+    else
+        named_barrier<3, 128>();
 }
 __device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");

@@ -196,7 +196,21 @@ impl MmaConfig {
         } else {
             (4 * 64, 0)
         };
-        q + 2 * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+        q + self.stages(dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+    }
+
+    /// K/V stages in shared memory (kernels: `STAGES`): three where a producer warp runs ahead.
+    fn stages(&self, dp: u32) -> u32 {
+        if self.tma(dp) {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// Threads per block (kernels: `THREADS`): the row-owning warps, plus the TMA producer warp.
+    pub fn threads(&self, dp: u32) -> u32 {
+        32 * self.warps + if self.tma(dp) { 32 } else { 0 }
     }
 
     /// K and V by the tensor copy engine (the wgmma shape at head dim 128; kernels: `TMA`).
@@ -971,7 +985,7 @@ impl CudaAttention {
                 (s.batch * s.heads_q) as u32,
                 1,
             ),
-            block_dim: (32 * cfg.warps, 1, 1),
+            block_dim: (cfg.threads(dp), 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
@@ -1180,10 +1194,10 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_shared_memory_adds_p_tiles_and_drops_padding() {
+    fn wgmma_shared_memory_and_threads() {
         // Exact: Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
-        // 64 × 64 f16 P tiles per warpgroup; at head dim 128 (TMA) the scales take 1024 bytes
-        // and 1024 more leave room to align the tiles.
+        // 64 × 64 f16 P tiles per warpgroup; at head dim 128 (TMA) three stages, the scales take
+        // 1024 bytes and 1024 more leave room to align the tiles, and a producer warp joins.
         let wg = MmaConfig::hopper_wgmma();
         assert_eq!(
             wg.shared_bytes(0, 64),
@@ -1191,8 +1205,9 @@ mod tests {
         );
         assert_eq!(
             wg.shared_bytes(0, 128),
-            128 * 256 + 2 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
+            128 * 256 + 3 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
+        assert_eq!((wg.threads(64), wg.threads(128)), (256, 288));
         let sync = MmaConfig::parse("4,2,1,1").unwrap();
         assert_eq!(
             sync.shared_bytes(0, 128),
