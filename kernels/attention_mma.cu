@@ -490,25 +490,35 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0,
 #if WGMMA
 // P (the warpgroup's 64 rows × BK keys, 16-bit, K-major) and V for the 16 keys of step kk.
 #define P_TILE (64u * BK * 2u)
-__device__ __forceinline__ u64 p_desc(u32 pbase, u32 kk) { return wg_desc(pbase + kk * 256u, 128u, 8u * BK * 2u); }
+// Descriptor bases and the byte step of k-step ks / kk (desc_at).
+__device__ __forceinline__ Desc p_desc(u32 pbase) { return wg_desc(pbase, 128u, 8u * BK * 2u); }
+__device__ __forceinline__ u32 p_step(u32 kk) { return kk * 256u; }
 #if TMA
 // 128-byte swizzle: 64-column panels of [rows][128 B]; a k-step is 32 bytes into a panel row.
-__device__ __forceinline__ u64 v_desc(u32 vbase, u32 kk) { return sw128_desc(vbase + kk * 16u * 128u, 64u * 128u); }
-__device__ __forceinline__ u64 qk_desc(u32 base, u32 rows, u32 ks) { return sw128_desc(base + (ks / 4u) * rows * 128u + (ks % 4u) * 32u, 16u); }
+__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 64u * 128u, 1024u, true); }
+__device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * 128u; }
+__device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 16u, 1024u, true); }
+__device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) { return (ks / 4u) * rows * 128u + (ks % 4u) * 32u; }
 #else
-__device__ __forceinline__ u64 v_desc(u32 vbase, u32 kk) { return wg_desc(vbase + kk * 16u * V_STRIDE, 8u * V_STRIDE, 128u); }
-__device__ __forceinline__ u64 qk_desc(u32 base, u32 rows, u32 ks) { return wg_desc(base + ks * 256u, 128u, 8u * QK_BYTES); }
+__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 8u * V_STRIDE, 128u); }
+__device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * V_STRIDE; }
+__device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 128u, 8u * QK_BYTES); }
+__device__ __forceinline__ u32 qk_step(u32, u32 ks) { return ks * 256u; }
 #endif
 
-// This warp's P fragments into the warpgroup's P tile: register r of step kk holds keys
-// 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2); a warp's 32 stores of one register fill 128
-// contiguous bytes (one core matrix), free of bank conflicts.
+// This warp's P fragments into the warpgroup's P tile, one stmatrix per 16 keys: register r of
+// step kk holds keys 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2), i.e. matrix r of the x4 store,
+// whose row addresses lanes 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128
+// contiguous bytes): free of bank conflicts.
 __device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned char* ptile) {
-    u32 lane = threadIdx.x % 32u, row = 16u * ((threadIdx.x / 32u) % 4u) + lane / 4u, t = lane % 4u;
+    u32 lane = threadIdx.x % 32u, r = lane / 8u;
+    u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
+    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * 2u);
 #pragma unroll
     for (u32 kk = 0; kk < BK / 16u; kk++)
-#pragma unroll
-        for (u32 r = 0; r < 4u; r++) *(u32*)(ptile + tile_offset(row + 8u * (r % 2u), 2u * kk + r / 2u, BK * 2u) + 4u * t) = pa[kk][r];
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at + kk * 256u), "r"(pa[kk][0]),
+                     "r"(pa[kk][1]), "r"(pa[kk][2]), "r"(pa[kk][3])
+                     : "memory");
 }
 #endif
 
@@ -526,17 +536,18 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
     // (2 core matrices along K); `qlane` is the warpgroup's Q tile here. Then the previous
     // tile's P·V goes in behind it, and only QK is waited for: the tensor cores run P·V while
     // the warps compute this tile's softmax (the caller waits for it before touching o).
+    Desc qd = qk_desc(qlane), kd = qk_desc(kbase);
     wg_fence();
 #pragma unroll
-    for (u32 ks = 0; ks < KSTEPS; ks++)
-        wgmma_qk(acc[0], qk_desc(qlane, BQT, ks), qk_desc(kbase, BK, ks), ks > 0u);
+    for (u32 ks = 0; ks < KSTEPS; ks++) wgmma_qk(acc[0], desc_at(qd, qk_step(BQT, ks)), desc_at(kd, qk_step(BK, ks)), ks > 0u);
     wg_commit();
     // P·V's group is committed even when empty, so that every path waits the same way: ptxas
     // serializes every wgmma (C7514) when some path could read an accumulator early.
     if (pv.on) {
+        Desc pd = p_desc(pv.pbase), vd = v_desc(pv.vbase);
         wg_fence();
 #pragma unroll
-        for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], p_desc(pv.pbase, kk), v_desc(pv.vbase, kk));
+        for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], desc_at(pd, p_step(kk)), desc_at(vd, v_step(kk)));
     }
     wg_commit();
     wg_wait<1>();
@@ -615,7 +626,7 @@ __device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vb
 __device__ __forceinline__ void pv_tile_wg(u32 pbase, u32 vbase, float (&o)[MT][NT_O][4]) {
     wg_fence();
 #pragma unroll
-    for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], p_desc(pbase, kk), v_desc(vbase, kk));
+    for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], desc_at(p_desc(pbase), p_step(kk)), desc_at(v_desc(vbase), v_step(kk)));
     wg_commit();
     wg_wait<0>();
     acc_fence(o[0]);
@@ -776,7 +787,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #else
     unsigned char* smem = smem_raw;
 #endif
-    u32 tid = threadIdx.x, warp = tid / 32u, lane = tid % 32u;
+    // The warp index through a shuffle: the compiler then knows it is warp-uniform, so addresses
+    // derived from it (the wgmma descriptors) live in uniform registers.
+    u32 tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid / 32u, 0), lane = tid % 32u;
     u32 g = lane / 4u, t = lane % 4u;
     u32 bh = blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
     u32 hkv = h / P.group, bkv = b * P.heads_kv + hkv;

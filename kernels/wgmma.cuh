@@ -24,14 +24,23 @@ __device__ __forceinline__ u32 tile_offset(u32 row, u32 chunk, u32 row_bytes) {
     return (row / 8u) * (row_bytes * 8u) + chunk * 128u + (row % 8u) * 16u;
 }
 
-// Matrix descriptor: start address, LBO, SBO (all in 16-byte units), no swizzle, base offset 0.
-__device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+// Matrix descriptor, kept as its two words: lo = start address | LBO << 16, hi = SBO | swizzle
+// (all in 16-byte units; base offset 0). Steps within a tile add to the start address only
+// (shared memory is under 256 KiB, so nothing carries out of its 14 bits): one add per wgmma
+// operand instead of rebuilding all 64 bits.
+struct Desc {
+    u32 lo, hi;
+};
+// sw128: 128-byte swizzle (TMA tiles), SBO 1024 (8 rows of 128 B); LBO is the panel stride for
+// the MN-major V and unused (16) for K-major operands within a panel.
+__device__ __forceinline__ Desc wg_desc(u32 addr, u32 lbo, u32 sbo, bool sw128 = false) {
+    return {((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16), (sbo >> 4) | (sw128 ? 1u << 30 : 0u)};
 }
-
-// 128-byte swizzle (TMA tiles): SBO 1024 (8 rows of 128 B); LBO is the panel stride for the
-// MN-major V and unused (16) for K-major operands within a panel.
-__device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo) { return wg_desc(addr, lbo, 1024u) | (1ull << 62); }
+__device__ __forceinline__ u64 desc_at(Desc d, u32 bytes) {
+    u64 r;
+    asm("mov.b64 %0, {%1, %2};\n" : "=l"(r) : "r"(d.lo + (bytes >> 4)), "r"(d.hi));
+    return r;
+}
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
