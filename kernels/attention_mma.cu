@@ -579,28 +579,37 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
     }
 }
 
-__device__ __forceinline__ void qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
-                                        const float* kscale, float (&s)[MT][NT_S][4], PvBehind pv, float (&o)[MT][NT_O][4]) {
+// Returns the factor the tile's scores still need (folded into the softmax's row scale): 1, or
+// INT8's σk when one scale covers the whole tile.
+__device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
+                                         const float* kscale, float (&s)[MT][NT_S][4], PvBehind pv, float (&o)[MT][NT_O][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
     // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
     u32 qlane = WGMMA ? qbase : qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
-    if (INT8_QK) {
-        i32 acc[MT][NT_S][4];
-        qk_products(qreg, qlane, kbase, acc, pv, o);
-        // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
-        // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
-#pragma unroll
-        for (u32 n = 0; n < NT_S; n++) {
-            float2 k01 = *(const float2*)(kscale + n * 8u + 2u * t);
-#pragma unroll
-            for (u32 mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (u32 e = 0; e < 4u; e++)
-                    s[mt][n][e] = (__int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f) * (e % 2u ? k01.y : k01.x);
-        }
-    } else {
+    if (!INT8_QK) {
         qk_products(qreg, qlane, kbase, s, pv, o);
+        return 1.0f;
     }
+    i32 acc[MT][NT_S][4];
+    qk_products(qreg, qlane, kbase, acc, pv, o);
+    // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
+    // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
+    // One σk per tile (K groups of whole tiles; key 0's is valid, as visited tiles start inside
+    // the sequence): the softmax multiplies by σq·σk instead, one multiply per row, not per
+    // score. A zero σk means zero codes, so any factor gives the same zero scores.
+    bool one_scale = RECIPE == R_INT8_F16 || (P.k_ginter == 1u && P.k_gblock % BK == 0u);  // Int8QkF16Pv: per 64 keys
+#pragma unroll
+    for (u32 n = 0; n < NT_S; n++) {
+        float2 k01 = one_scale ? make_float2(1.0f, 1.0f) : *(const float2*)(kscale + n * 8u + 2u * t);
+#pragma unroll
+        for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) {
+                float x = __int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f;
+                s[mt][n][e] = one_scale ? x : x * (e % 2u ? k01.y : k01.x);
+            }
+    }
+    return one_scale && kscale[0] > 0.0f ? kscale[0] : 1.0f;
 }
 
 // O += P·V for the warp's MT m-tiles: ldmatrix.trans gives the B fragments of two channel n-tiles.
@@ -916,10 +925,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
         mbar_wait(full + 8u * (j % STAGES), (j / STAGES) % 2u);
         warpgroup_barrier();
-        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
+        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
-        float oscale[2];
-        softmax_mtile(P, s[0], rows[0], row_scale[0], m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
+        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
         fence_async_smem();  // for the wgmma that reads it after the next barrier
@@ -953,10 +962,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         if (kn < P.k_blocks) stage_k(P, src, ws, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, bkv);
         stage_v(P, src, st, kb);
         cp_async_commit();
-        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
+        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
-        float oscale[2];
-        softmax_mtile(P, s[0], rows[0], row_scale[0], m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
+        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);  // read by the wgmma after the next barrier (fenced there)
         wg_wait<0>();           // P(j−1)·V(j−1) (if any) is in o
@@ -989,13 +998,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         }
         __syncthreads();
         unsigned char* st = stages + stage * STAGE_BYTES;
-        qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, none, o);
+        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, none, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         u32 kept = 0u;  // m-tiles not dropped by skip-softmax (warp-uniform)
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
-            float oscale[2];
-            if (softmax_mtile(P, s[mt], rows[mt], row_scale[mt], m[mt], l[mt], F[mt], tiles_visited[mt], tiles_skipped[mt], pa[mt], oscale)) {
+            float oscale[2], sc[2] = {row_scale[mt][0] * ks, row_scale[mt][1] * ks};
+            if (softmax_mtile(P, s[mt], rows[mt], sc, m[mt], l[mt], F[mt], tiles_visited[mt], tiles_skipped[mt], pa[mt], oscale)) {
                 rescale(o[mt], oscale);
                 kept++;
             }
