@@ -42,9 +42,10 @@
 #define V_STRIDE (V_BYTES + ROW_PAD)
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
-// WGMMA at head dim 128: K and V come by the tensor copy engine (TMA) as 128-byte-swizzled
-// tiles, 1024-byte aligned (wgmma.cuh); otherwise every tile is staged by cp.async.
-#define TMA (WGMMA && DP == 128u)
+// WGMMA where K's rows are one or two 128-byte panels (head dim 128; 64 unless INT8): K and V
+// come by the tensor copy engine (TMA) as 128-byte-swizzled tiles, 1024-byte aligned
+// (wgmma.cuh); otherwise every tile is staged by cp.async.
+#define TMA (WGMMA && (DP == 128u || (DP == 64u && !INT8_QK)))
 #define KSC_BYTES (TMA ? 1024u : 4u * BK)
 #define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
 #define STAGES (TMA ? 3u : 2u)

@@ -191,17 +191,17 @@ impl MmaConfig {
         } else {
             0
         };
-        let (scales, room) = if self.tma(dp) {
+        let (scales, room) = if self.tma(recipe, dp) {
             (1024, 1024)
         } else {
             (4 * 64, 0)
         };
-        q + self.stages(dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+        q + self.stages(recipe, dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
     }
 
     /// K/V stages in shared memory (kernels: `STAGES`): three where a producer warp runs ahead.
-    fn stages(&self, dp: u32) -> u32 {
-        if self.tma(dp) {
+    fn stages(&self, recipe: u32, dp: u32) -> u32 {
+        if self.tma(recipe, dp) {
             3
         } else {
             2
@@ -209,13 +209,15 @@ impl MmaConfig {
     }
 
     /// Threads per block (kernels: `THREADS`): the row-owning warps, plus the TMA producer warp.
-    pub fn threads(&self, dp: u32) -> u32 {
-        32 * self.warps + if self.tma(dp) { 32 } else { 0 }
+    pub fn threads(&self, recipe: u32, dp: u32) -> u32 {
+        32 * self.warps + if self.tma(recipe, dp) { 32 } else { 0 }
     }
 
-    /// K and V by the tensor copy engine (the wgmma shape at head dim 128; kernels: `TMA`).
-    fn tma(&self, dp: u32) -> bool {
-        self.wgmma && dp == 128
+    /// K and V by the tensor copy engine (kernels: `TMA`): the wgmma shape where K's rows are
+    /// 128 or 256 bytes (one or two 128-byte swizzle panels): head dim 128, and 64 unless INT8.
+    fn tma(&self, recipe: u32, dp: u32) -> bool {
+        let int8_qk = recipe == 1 || recipe == 2;
+        self.wgmma && (dp == 128 || (dp == 64 && !int8_qk))
     }
 }
 
@@ -906,11 +908,11 @@ impl CudaAttention {
             k: [ks.0, ks.1, ks.2],
             v: [vs.0, vs.1, vs.2],
         };
-        // The wgmma shape at head dim 128 loads K and V by TMA, through tensor maps over the
+        // The wgmma shape at head dims 128 and 64 loads K and V by TMA, through tensor maps over the
         // operands it would otherwise copy itself; a map the driver refuses (an unaligned view)
         // sends the call to the mma.sync shape.
         let (mut kmap, mut vmap) = (TmaMap::unused(), TmaMap::unused());
-        if cfg.tma(dp) {
+        if cfg.tma(recipe, dp) {
             use cudarc::driver::DevicePtr;
             let ptr16 = |scr: &Option<CudaSlice<u16>>, t: &CudaTensor| -> u64 {
                 match (scr, t) {
@@ -985,7 +987,7 @@ impl CudaAttention {
                 (s.batch * s.heads_q) as u32,
                 1,
             ),
-            block_dim: (cfg.threads(dp), 1, 1),
+            block_dim: (cfg.threads(recipe, dp), 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
@@ -1195,19 +1197,27 @@ mod tests {
 
     #[test]
     fn wgmma_shared_memory_and_threads() {
-        // Exact: Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
-        // 64 × 64 f16 P tiles per warpgroup; at head dim 128 (TMA) three stages, the scales take
-        // 1024 bytes and 1024 more leave room to align the tiles, and a producer warp joins.
+        // Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
+        // 64 × 64 f16 P tiles per warpgroup; by TMA (exact at 64 and 128) three stages, the
+        // scales take 1024 bytes and 1024 more leave room to align the tiles, and a producer
+        // warp joins. INT8 at 64 (64-byte K rows) stays on cp.async.
         let wg = MmaConfig::hopper_wgmma();
         assert_eq!(
+            wg.shared_bytes(1, 64),
+            128 * 64 + 2 * (64 * 64 + 64 * 128 + 256) + 2 * 2 * 8192
+        );
+        assert_eq!(
             wg.shared_bytes(0, 64),
-            128 * 128 + 2 * (2 * 64 * 128 + 256) + 2 * 2 * 8192
+            128 * 128 + 3 * (2 * 64 * 128 + 1024) + 2 * 2 * 8192 + 1024
         );
         assert_eq!(
             wg.shared_bytes(0, 128),
             128 * 256 + 3 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
-        assert_eq!((wg.threads(64), wg.threads(128)), (256, 288));
+        assert_eq!(
+            (wg.threads(1, 64), wg.threads(0, 64), wg.threads(1, 128)),
+            (256, 288, 288)
+        );
         let sync = MmaConfig::parse("4,2,1,1").unwrap();
         assert_eq!(
             sync.shared_bytes(0, 128),
