@@ -134,14 +134,23 @@ impl MmaConfig {
         }
     }
 
-    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128: `hopper_wgmma`
-    /// (K and V by TMA there). Other Hopper plans at 128: `hopper_wide`, measured 3–13% faster
-    /// than 8 × 1 for every recipe but Nvfp4 (+3%, its per-row factor state); at head dim 64
-    /// 8 × 1 stays ahead (docs/benchmarks.md, tuning log).
+    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128 or 64: `hopper_wgmma`
+    /// (K and V by TMA, but for INT8 at 64); at 64 two blocks per SM except for Exact and Fp8P
+    /// (measured on the H100 at H=48 N=16384: exact 286 → 424 TOPS over 8 × 1 mma.sync; the
+    /// other recipes 8–22% faster with two blocks, exact and fp8-p 1–3% slower). Other Hopper
+    /// plans at 128: `hopper_wide`, measured 3–13% faster than 8 × 1 for every recipe but Nvfp4
+    /// (+3%, its per-row factor state) (docs/benchmarks.md, tuning log).
     pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
         let dp = padded_dim(plan.spec.head_dim);
-        if arch == "sm_90a" && dp == 128 {
-            return MmaConfig::hopper_wgmma();
+        if arch == "sm_90a" && (dp == 128 || dp == 64) {
+            let light = matches!(
+                plan.spec.recipe,
+                crate::Recipe::Exact | crate::Recipe::Fp8P { .. }
+            );
+            return MmaConfig {
+                min_blocks: if dp == 64 && !light { 2 } else { 1 },
+                ..MmaConfig::hopper_wgmma()
+            };
         }
         if arch.starts_with("sm_90") && dp == 128 && plan.spec.recipe != crate::Recipe::Nvfp4 {
             return MmaConfig::hopper_wide();
