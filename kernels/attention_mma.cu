@@ -10,7 +10,9 @@
 // registers, or (QSMEM) in shared memory, read with ldmatrix at each step, which frees
 // registers; MINB is __launch_bounds__' blocks per SM.
 // WGMMA = 1 (wgmma.cuh): warpgroups of 64 rows multiply from shared memory, P·V of one tile in
-// flight behind QKᵀ of the next; the per-warp softmax code below is shared.
+// flight behind QKᵀ of the next; the per-warp softmax code below is shared. With TMA (below) a
+// producer warp fills the K/V stages by tensor copies and the warpgroups never meet at a block
+// barrier.
 //
 // One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 into s32, or f16/bf16 m16n8k16 into f32)
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)

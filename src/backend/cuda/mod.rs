@@ -108,8 +108,9 @@ impl MmaConfig {
     }
 
     /// Hopper's warpgroup shape: 2 warpgroups of 64 rows, one block per SM (TESSERA_MMA_CONFIG=
-    /// 8,1,1,1,1 or `with_mma_config`). The sm_90a default at head dim 128, where K and V come by
-    /// TMA; at other head dims (cp.async staging) slower than mma.sync (docs/design.md, "wgmma").
+    /// 8,1,1,1,1 or `with_mma_config`). The sm_90a default at head dims 128 and 64, where K and V
+    /// come by TMA (not for INT8 at 64); with cp.async staging slower than mma.sync
+    /// (docs/design.md, "wgmma").
     pub fn hopper_wgmma() -> MmaConfig {
         MmaConfig {
             warps: 8,

@@ -1,5 +1,5 @@
 //! Tensor maps for Hopper's tensor copy engine (TMA). The wgmma shape of the tensor-core kernel
-//! at head dim 128 loads its K and V tiles with them (kernels/attention_mma.cu, `tma_tiles`):
+//! at head dims 128 and 64 loads its K and V tiles with them (kernels/attention_mma.cu, `produce`):
 //! boxes of 64 rows × 128 bytes, 128-byte swizzled, zero-filled outside the tensor.
 
 use cudarc::driver::{sys, DeviceRepr};
@@ -13,7 +13,7 @@ pub(crate) struct TmaMap(sys::CUtensorMap);
 unsafe impl DeviceRepr for TmaMap {}
 
 impl TmaMap {
-    /// For kernels that never read it (every shape but wgmma at head dim 128).
+    /// For kernels that never read it (every shape but wgmma with TMA).
     pub(crate) fn unused() -> TmaMap {
         // SAFETY: an all-zero opaque struct of integers.
         TmaMap(unsafe { std::mem::zeroed() })
