@@ -383,6 +383,24 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
             }
         }
     }
+    // sm_90a's default at head dim 64 for all but Exact and Fp8P: two wgmma blocks per SM
+    // (`for_plan`).
+    for recipe in [1, 2, 3, 4] {
+        for bf16 in [false, true] {
+            mods.push(Module::Mma {
+                recipe,
+                dp: 64,
+                bf16,
+                cfg: MmaConfig {
+                    min_blocks: 2,
+                    ..MmaConfig::hopper_wgmma()
+                },
+                skip: false,
+                nm: 0,
+                vnv: false,
+            });
+        }
+    }
     mods.into_iter()
         .map(|m| {
             let hopper = matches!(m, Module::Mma { cfg, .. } if cfg.wgmma);
@@ -1181,7 +1199,37 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::MmaConfig;
+    use super::{all_modules, tensor_core_fit, MmaConfig};
+    use crate::{AttentionSpec, DType, Recipe};
+
+    /// What `kernel_for` picks by default on each arch is among the modules the compile check
+    /// builds (tests/cuda.rs), so a new default cannot reach users uncompiled.
+    #[test]
+    fn default_shapes_are_compile_checked() {
+        let labels: std::collections::HashSet<String> = all_modules()
+            .into_iter()
+            .map(|(label, _, _)| label)
+            .collect();
+        for arch in ["sm_90a", "sm_89", "sm_80"] {
+            for recipe in Recipe::ALL {
+                for d in [32, 64, 96, 128, 120] {
+                    for dtype in [DType::F16, DType::BF16] {
+                        let spec = AttentionSpec::new(1, 2, 200, d)
+                            .with_dtype(dtype)
+                            .with_recipe(recipe);
+                        let plan = spec.plan().unwrap();
+                        let module = tensor_core_fit(&plan, MmaConfig::for_plan(arch, &plan))
+                            .unwrap_or_else(|why| panic!("{arch} {recipe:?} d{d}: {why}"));
+                        assert!(
+                            labels.contains(&module.label()),
+                            "{arch} {recipe:?} d{d} {dtype:?}: {} is not compile-checked",
+                            module.label()
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn launch_shapes_parse_and_reject() {
