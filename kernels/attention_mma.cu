@@ -416,7 +416,6 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
 }
 #endif
 
-
 // ---- N:M sparse softmax -------------------------------------------------------------------------
 
 // In each group of NM (4 or 8, compiled in) consecutive keys of a row only the nm_n largest
