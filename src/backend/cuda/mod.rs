@@ -185,7 +185,7 @@ impl MmaConfig {
         })
     }
 
-    /// Dynamic shared memory: [Q tile] then two stages of (K tile, V tile, K scales), rows
+    /// Dynamic shared memory: [Q tile] then `stages` stages of (K tile, V tile, K scales), rows
     /// padded by 16 bytes for mma.sync (kernels/attention_mma.cu, Q_TILE and STAGE_BYTES), then
     /// wgmma's P tiles.
     fn shared_bytes(&self, recipe: u32, dp: u32) -> u32 {
@@ -207,6 +207,15 @@ impl MmaConfig {
             (4 * 64, 0)
         };
         q + self.stages(recipe, dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+    }
+
+    /// The mma.sync shape that stands in for wgmma where wgmma cannot run a plan (not sm_90a,
+    /// skip-softmax, a tensor map the driver refuses): Hopper's 4 × 2, a compile-checked module.
+    fn without_wgmma(self) -> MmaConfig {
+        MmaConfig {
+            nm: self.nm,
+            ..MmaConfig::hopper_wide()
+        }
     }
 
     /// K/V stages in shared memory (kernels: `STAGES`): three where a producer warp runs ahead.
@@ -544,10 +553,7 @@ impl CudaAttention {
             .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
         if cfg.wgmma && (self.arch != "sm_90a" || plan.spec.skip_softmax.is_some()) {
             // wgmma is sm_90a's; skip-softmax drops P·V per warp, which a warpgroup MMA cannot.
-            cfg = MmaConfig {
-                nm: cfg.nm,
-                ..MmaConfig::hopper_wide()
-            };
+            cfg = cfg.without_wgmma();
         }
         match tensor_core_fit(plan, cfg) {
             Ok(m) => m,
@@ -987,12 +993,7 @@ impl CudaAttention {
                         recipe,
                         dp,
                         bf16,
-                        cfg: MmaConfig {
-                            wgmma: false,
-                            warps: 4,
-                            m_tiles: 2,
-                            ..cfg
-                        },
+                        cfg: cfg.without_wgmma(),
                         skip,
                         nm,
                         vnv,
