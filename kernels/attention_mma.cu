@@ -44,10 +44,13 @@
 #define V_STRIDE (V_BYTES + ROW_PAD)
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
-// WGMMA where K's rows are one or two 128-byte panels (head dim 128; 64 unless INT8): K and V
-// come by the tensor copy engine (TMA) as 128-byte-swizzled tiles, 1024-byte aligned
-// (wgmma.cuh); otherwise every tile is staged by cp.async.
-#define TMA (WGMMA && (DP == 128u || (DP == 64u && !INT8_QK)))
+// WGMMA at head dims 128 and 64: K and V come by the tensor copy engine (TMA) as swizzled
+// tiles, 1024-byte aligned (wgmma.cuh); otherwise every tile is staged by cp.async. Q and K
+// rows are cut into panels of PANEL bytes (128-byte swizzle; INT8 at head dim 64 has 64-byte
+// rows: one panel, 64-byte swizzle); V rows are 128 or 256 bytes (128-byte swizzle).
+#define TMA (WGMMA && (DP == 128u || DP == 64u))
+#define PANEL (QK_BYTES < 128u ? QK_BYTES : 128u)
+#define QK_SWIZZLE (PANEL == 128u ? SW_128B : SW_64B)
 #define KSC_BYTES (TMA ? 1024u : 4u * BK)
 #define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
 #define STAGES (TMA ? 3u : 2u)
@@ -364,13 +367,15 @@ __device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 b
 }
 
 #if TMA
-// Q's e-th 16-byte chunk in the 128-byte-swizzled layout the TMA tiles have: 64-column panels of
-// [BQT rows][128 B], chunk c of a row at c ^ (row % 8). A row's 8 chunks of a panel on 8
+// Q's e-th 16-byte chunk in the swizzled layout the TMA tiles of K have: panels of [BQT rows]
+// [PANEL bytes]; the swizzle XORs a chunk's index with bits 7 and up of its unswizzled offset
+// (128 B: chunk c of row r at c ^ (r % 8); 64 B: c ^ (r / 2 % 4)). A row's chunks of a panel on
 // consecutive threads: coalesced reads, conflict-free writes.
 __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
+    const u32 per = PANEL / 16u;
     r = e / chunks;
     c = e % chunks;
-    return (c / 8u) * (BQT * 128u) + r * 128u + (((c % 8u) ^ (r % 8u)) * 16u);
+    return (c / per) * (BQT * PANEL) + r * PANEL + (((c % per) ^ (r * PANEL / 128u % per)) * 16u);
 }
 
 // The producer warp: every visited key tile's K and V (and INT8 K scales) into stage j % STAGES,
@@ -404,8 +409,9 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
         if (lane == 0u) {
             mbar_arrive_expect(bar, K_TILE + V_TILE);
 #pragma unroll
-            for (u32 p = 0; p < QK_BYTES / 128u; p++)
-                tma_load(smem_addr(stage) + p * BK * 128u, kmap, (i32)(p * (INT8_QK ? 128u : 64u)), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
+            for (u32 p = 0; p < QK_BYTES / PANEL; p++)
+                tma_load(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), (i32)(kt * BK), (i32)hkv, (i32)b,
+                         bar);
 #pragma unroll
             for (u32 p = 0; p < V_BYTES / 128u; p++)
                 tma_load(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
@@ -496,11 +502,14 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0,
 __device__ __forceinline__ Desc p_desc(u32 pbase) { return wg_desc(pbase, 128u, 8u * BK * 2u); }
 __device__ __forceinline__ u32 p_step(u32 kk) { return kk * 256u; }
 #if TMA
-// 128-byte swizzle: 64-column panels of [rows][128 B]; a k-step is 32 bytes into a panel row.
-__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 64u * 128u, 1024u, true); }
+// Swizzled panels of [rows][PANEL B] (V: [keys][128 B]); a k-step is 32 bytes into a panel row,
+// an 8-row group (SBO) 8 panel rows.
+__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 64u * 128u, 1024u, SW_128B); }
 __device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * 128u; }
-__device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 16u, 1024u, true); }
-__device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) { return (ks / 4u) * rows * 128u + (ks % 4u) * 32u; }
+__device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 16u, 8u * PANEL, QK_SWIZZLE); }
+__device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
+    return (ks / (PANEL / 32u)) * rows * PANEL + (ks % (PANEL / 32u)) * 32u;
+}
 #else
 __device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 8u * V_STRIDE, 128u); }
 __device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * V_STRIDE; }
@@ -834,7 +843,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 qreg[MT][QREG_STEPS][4];
     float qscale[MT][2];
     // This warp's Q rows in shared memory; WGMMA: its warpgroup's 64 rows.
-    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * (TMA ? 128u : K_STRIDE);
+    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * (TMA ? PANEL : K_STRIDE);
     if (QSMEM) {
         const u32 chunks = QK_BYTES / 16u;
         u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;

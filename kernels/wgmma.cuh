@@ -31,10 +31,14 @@ __device__ __forceinline__ u32 tile_offset(u32 row, u32 chunk, u32 row_bytes) {
 struct Desc {
     u32 lo, hi;
 };
-// sw128: 128-byte swizzle (TMA tiles), SBO 1024 (8 rows of 128 B); LBO is the panel stride for
-// the MN-major V and unused (16) for K-major operands within a panel.
-__device__ __forceinline__ Desc wg_desc(u32 addr, u32 lbo, u32 sbo, bool sw128 = false) {
-    return {((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16), (sbo >> 4) | (sw128 ? 1u << 30 : 0u)};
+// The layout (bits 62-63): no swizzle, or the swizzle of TMA tiles (SBO: 8 rows of the
+// swizzle's width; LBO is the panel stride for the MN-major V and unused (16) for K-major
+// operands within a panel).
+#define SW_NONE 0u
+#define SW_128B 1u
+#define SW_64B 2u
+__device__ __forceinline__ Desc wg_desc(u32 addr, u32 lbo, u32 sbo, u32 swizzle = SW_NONE) {
+    return {((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16), (sbo >> 4) | (swizzle << 30)};
 }
 __device__ __forceinline__ u64 desc_at(Desc d, u32 bytes) {
     u64 r;

@@ -201,12 +201,12 @@ impl MmaConfig {
         } else {
             0
         };
-        let (scales, room) = if self.tma(recipe, dp) {
+        let (scales, room) = if self.tma(dp) {
             (1024, 1024)
         } else {
             (4 * 64, 0)
         };
-        q + self.stages(recipe, dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+        q + self.stages(dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
     }
 
     /// The mma.sync shape that stands in for wgmma where wgmma cannot run a plan (not sm_90a,
@@ -219,8 +219,8 @@ impl MmaConfig {
     }
 
     /// K/V stages in shared memory (kernels: `STAGES`): three where a producer warp runs ahead.
-    fn stages(&self, recipe: u32, dp: u32) -> u32 {
-        if self.tma(recipe, dp) {
+    fn stages(&self, dp: u32) -> u32 {
+        if self.tma(dp) {
             3
         } else {
             2
@@ -228,15 +228,14 @@ impl MmaConfig {
     }
 
     /// Threads per block (kernels: `THREADS`): the row-owning warps, plus the TMA producer warp.
-    pub fn threads(&self, recipe: u32, dp: u32) -> u32 {
-        32 * self.warps + if self.tma(recipe, dp) { 32 } else { 0 }
+    pub fn threads(&self, dp: u32) -> u32 {
+        32 * self.warps + if self.tma(dp) { 32 } else { 0 }
     }
 
-    /// K and V by the tensor copy engine (kernels: `TMA`): the wgmma shape where K's rows are
-    /// 128 or 256 bytes (one or two 128-byte swizzle panels): head dim 128, and 64 unless INT8.
-    fn tma(&self, recipe: u32, dp: u32) -> bool {
-        let int8_qk = recipe == 1 || recipe == 2;
-        self.wgmma && (dp == 128 || (dp == 64 && !int8_qk))
+    /// K and V by the tensor copy engine (kernels: `TMA`): the wgmma shape at head dims 128 and
+    /// 64 (K rows of 64 to 256 bytes: 64- or 128-byte swizzle panels).
+    fn tma(&self, dp: u32) -> bool {
+        self.wgmma && (dp == 128 || dp == 64)
     }
 }
 
@@ -946,7 +945,7 @@ impl CudaAttention {
         // operands it would otherwise copy itself; a map the driver refuses (an unaligned view)
         // sends the call to the mma.sync shape.
         let (mut kmap, mut vmap) = (TmaMap::unused(), TmaMap::unused());
-        if cfg.tma(recipe, dp) {
+        if cfg.tma(dp) {
             use cudarc::driver::DevicePtr;
             let ptr16 = |scr: &Option<CudaSlice<u16>>, t: &CudaTensor| -> u64 {
                 match (scr, t) {
@@ -976,7 +975,14 @@ impl CudaAttention {
                 let k = if recipe == 1 || recipe == 2 {
                     let (d, n, h) = (dp as u64, nk as u64, hk as u64);
                     let base = ws.device_ptr(stream).0 + 4 * layout.kcodes as u64;
-                    TmaMap::rows(base, 1, [d, n, h, b as u64], [d, n * d, h * n * d], 128)?
+                    // INT8 codes: rows of dp bytes, one panel each at 64 (64-byte swizzle).
+                    TmaMap::rows(
+                        base,
+                        1,
+                        [d, n, h, b as u64],
+                        [d, n * d, h * n * d],
+                        dp.min(128),
+                    )?
                 } else {
                     rows16(ptr16(&k16, qkv[1]), ks, hk, nk)?
                 };
@@ -1016,7 +1022,7 @@ impl CudaAttention {
                 (s.batch * s.heads_q) as u32,
                 1,
             ),
-            block_dim: (cfg.threads(recipe, dp), 1, 1),
+            block_dim: (cfg.threads(dp), 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
@@ -1257,24 +1263,24 @@ mod tests {
     #[test]
     fn wgmma_shared_memory_and_threads() {
         // Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
-        // 64 × 64 f16 P tiles per warpgroup; by TMA (exact at 64 and 128) three stages, the
+        // 64 × 64 f16 P tiles per warpgroup; by TMA (head dims 64 and 128) three stages, the
         // scales take 1024 bytes and 1024 more leave room to align the tiles, and a producer
-        // warp joins. INT8 at 64 (64-byte K rows) stays on cp.async.
+        // warp joins. Head dim 96 stays on cp.async.
         let wg = MmaConfig::hopper_wgmma();
         assert_eq!(
-            wg.shared_bytes(1, 64),
-            128 * 64 + 2 * (64 * 64 + 64 * 128 + 256) + 2 * 2 * 8192
+            wg.shared_bytes(0, 96),
+            128 * 192 + 2 * (2 * 64 * 192 + 256) + 2 * 2 * 8192
         );
         assert_eq!(
-            wg.shared_bytes(0, 64),
-            128 * 128 + 3 * (2 * 64 * 128 + 1024) + 2 * 2 * 8192 + 1024
+            wg.shared_bytes(1, 64),
+            128 * 64 + 3 * (64 * 64 + 64 * 128 + 1024) + 2 * 2 * 8192 + 1024
         );
         assert_eq!(
             wg.shared_bytes(0, 128),
             128 * 256 + 3 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
         assert_eq!(
-            (wg.threads(1, 64), wg.threads(0, 64), wg.threads(1, 128)),
+            (wg.threads(96), wg.threads(64), wg.threads(128)),
             (256, 288, 288)
         );
         let sync = MmaConfig::parse("4,2,1,1").unwrap();

@@ -21,7 +21,7 @@ impl TmaMap {
 
     /// Rows of `dims[0]` elements of `elem` bytes (1 or 2) at device address `ptr`; dims are
     /// (row elements, tokens, heads, batch), `strides` the byte strides of tokens, heads and
-    /// batch. Box: `box_inner` elements (128 bytes) × 64 tokens.
+    /// batch. Box: `box_inner` elements (128 or 64 bytes, swizzled as wide) × 64 tokens.
     pub(crate) fn rows(
         ptr: u64,
         elem: u32,
@@ -38,6 +38,15 @@ impl TmaMap {
             1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
             _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
         };
+        let swizzle = match box_inner * elem {
+            128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+            w => {
+                return Err(format!(
+                    "tensor map: {w}-byte box rows (128 or 64 expected)"
+                ))
+            }
+        };
         let boxes = [box_inner, 64, 1, 1];
         let unit = [1u32; 4];
         let mut map = TmaMap::unused();
@@ -53,7 +62,7 @@ impl TmaMap {
                 boxes.as_ptr(),
                 unit.as_ptr(),
                 sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                swizzle,
                 sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )
