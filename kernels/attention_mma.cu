@@ -192,14 +192,37 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 #endif
 }
 
+// E2M1(a / s) · s for a ≥ 0 and an E4M3 block scale s, bit-exact without comparing a against
+// seven thresholds (which cost ~14 instructions per value):
+// 1. q = a / s, faithfully rounded: q0 = a·rcp(s) is within ~1.5 ulp, one FMA residual step
+//    brings it within 0.5 ulp + 2⁻²² ulp. Every E2M1 midpoint m (0.25, 0.75, …, 5) has few
+//    bits; a ≠ m·s puts a / s at least 0.53 ulp(m) from m (a's own ulp over s, s of 4 bits),
+//    so q lies on the same side of every midpoint as a / s, and equals m on an exact tie.
+// 2. Round q to the E2M1 step by adding C = 2²²·clamp(2^⌊log2 q⌋, 1, 4): C + q lands in the
+//    binade whose ulp is the step (0.5 below 2, 1 below 4, 2 above), so the FMA's RNE is the
+//    E2M1 rounding, ties to even (C is an even multiple of the step); subtracting C is exact.
+// 3. Saturate at 6 and scale. s = 0 (an all-tiny block) gives 0; a NaN s gives NaN.
+__device__ __forceinline__ float e2m1_times_scale(float a, float s, float rcp_s) {
+    float q0 = __fmul_rn(a, rcp_s);
+    float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
+    float c = fminf(fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f), 4.0f);
+    float v = __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
+    return __fmul_rn(fminf(v, 6.0f), s);
+}
+
+// 1/s for e2m1_times_scale: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
+__device__ __forceinline__ float scale_rcp(float s) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(s));
+    return s > 0.0f ? r : 0.0f;
+}
+
 // Nvfp4P on one m-tile. A group of 16 keys of a row is n-tiles 2i and 2i+1: a thread holds 4 of
 // its values, its quad the rest, so the quad shares 8 blocks (4 per row). The block maxima are
 // reduce-scattered over the quad (each thread ends with 2 blocks' maxima, computes their scale
 // codes) and the codes all-gathered as bytes: a quarter of the scale work per thread.
-// E2M1 by binary search over the thresholds midpoint·scale (exact in f32, so comparing with
-// them compares x/scale with the midpoints exactly); a value on a threshold goes to the even
-// code: ≥ where the upper code is even (thresholds 1, 3, 5), > where the lower one is. p ≥ 0,
-// so the sign is always +; a zero scale gives 0, a NaN scale NaN.
+// p ≥ 0 (so is every a = p·mul, NaN aside), so maxima compare raw bits; a NaN wins and makes
+// the scale NaN.
 // mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
 // to the input dtype.
 __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2]) {
@@ -213,7 +236,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         for (u32 i = 0; i < 4u; i++) {
             float& pv = p[2u * blk + i / 2u][2u * half + i % 2u];
             pv = __fmul_rn(RECIPE == R_NVFP4P ? round_dtype(pv) : pv, mul[half]);
-            amax[j] = max(amax[j], abs_bits(pv));
+            amax[j] = max(amax[j], f2u(pv));
         }
     }
     // Reduce-scatter: after the xor-1 step a thread holds 4 blocks (odd lanes 4-7), after xor-2 2.
@@ -240,21 +263,12 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     e4m3x4_values(odd ? c4 : other, *(float(*)[4])&scale[4]);
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
-        float s = scale[j];
-        float th0 = 0.25f * s, th1 = 0.75f * s, th2 = 1.25f * s, th3 = 1.75f * s;
-        float th4 = 2.5f * s, th5 = 3.5f * s, th6 = 5.0f * s;
-        // The E2M1 values times s; 0·s keeps a NaN scale NaN.
-        float v0 = 0.0f * s, v05 = 0.5f * s, v15 = 1.5f * s, v2 = 2.0f * s, v3 = 3.0f * s, v4 = 4.0f * s, v6 = 6.0f * s;
+        float s = scale[j], r = scale_rcp(s);
         u32 blk = j / 2u, half = j % 2u;
 #pragma unroll
         for (u32 i = 0; i < 4u; i++) {
             float& a = p[2u * blk + i / 2u][2u * half + i % 2u];
-            bool b2 = a >= th3;
-            bool b1 = a >= (b2 ? th5 : th1);
-            bool b0 = a > (b2 ? (b1 ? th6 : th4) : (b1 ? th2 : th0));
-            float lo = b2 ? (b1 ? v4 : v2) : (b1 ? s : v0);
-            float hi = b2 ? (b1 ? v6 : v3) : (b1 ? v15 : v05);
-            a = b0 ? hi : lo;
+            a = e2m1_times_scale(a, s, r);
         }
     }
 }
