@@ -142,6 +142,18 @@ __device__ __forceinline__ float round_dtype(float p) {
     return r;
 }
 
+// Two p rounded to the input dtype in one conversion (adjacent keys of a row).
+__device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
+    u32 h2 = pack16<BF16>(lo, hi);
+    if (BF16) {
+        lo = u2f(h2 << 16);
+        hi = u2f(h2 & 0xffff0000u);
+    } else {
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
+    }
+}
+
 // Two values → E4M3 (RNE, saturating at ±448) → their values as one packed 16-bit register.
 // sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
 template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
@@ -198,16 +210,18 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 //    brings it within 0.5 ulp + 2⁻²² ulp. Every E2M1 midpoint m (0.25, 0.75, …, 5) has few
 //    bits; a ≠ m·s puts a / s at least 0.53 ulp(m) from m (a's own ulp over s, s of 4 bits),
 //    so q lies on the same side of every midpoint as a / s, and equals m on an exact tie.
-// 2. Round q to the E2M1 step by adding C = 2²²·clamp(2^⌊log2 q⌋, 1, 4): C + q lands in the
-//    binade whose ulp is the step (0.5 below 2, 1 below 4, 2 above), so the FMA's RNE is the
-//    E2M1 rounding, ties to even (C is an even multiple of the step); subtracting C is exact.
+// 2. Round q to the E2M1 step by adding C = 2²²·max(2^⌊log2 q⌋, 1): C + q lands in the binade
+//    whose ulp is the step (0.5 below 2, 1 below 4, 2 below 8; 4 or more past 8, which
+//    saturates anyway), so the FMA's RNE is the E2M1 rounding, ties to even (C is an even
+//    multiple of the step); subtracting C is exact.
 // 3. Saturate at 6 and scale. s = 0 (an all-tiny block) gives 0; a NaN s gives NaN.
 __device__ __forceinline__ float e2m1_times_scale(float a, float s, float rcp_s) {
     float q0 = __fmul_rn(a, rcp_s);
     float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
-    float c = fminf(fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f), 4.0f);
+    float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
     float v = __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
-    return __fmul_rn(fminf(v, 6.0f), s);
+    // Nvfp4's a ≤ 2688 (p ≤ ρ) keeps q ≤ 6·16/15 < 7, which rounds to at most 6.
+    return __fmul_rn(RECIPE == R_NVFP4 ? v : fminf(v, 6.0f), s);
 }
 
 // 1/s for e2m1_times_scale: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
@@ -233,10 +247,14 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         u32 blk = j / 2u, half = j % 2u;
         amax[j] = 0u;
 #pragma unroll
-        for (u32 i = 0; i < 4u; i++) {
-            float& pv = p[2u * blk + i / 2u][2u * half + i % 2u];
-            pv = __fmul_rn(RECIPE == R_NVFP4P ? round_dtype(pv) : pv, mul[half]);
-            amax[j] = max(amax[j], f2u(pv));
+        for (u32 n = 0; n < 2u; n++) {
+            float(&pv)[4] = p[2u * blk + n];
+            if (RECIPE == R_NVFP4P) round_dtype_pair(pv[2u * half], pv[2u * half + 1u]);
+#pragma unroll
+            for (u32 k = 2u * half; k < 2u * half + 2u; k++) {
+                pv[k] = __fmul_rn(pv[k], mul[half]);
+                amax[j] = max(amax[j], f2u(pv[k]));
+            }
         }
     }
     // Reduce-scatter: after the xor-1 step a thread holds 4 blocks (odd lanes 4-7), after xor-2 2.
@@ -702,7 +720,7 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // before any visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with
 // nothing visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0. Leaves P's
 // A fragments in `pa` and the factor o must be multiplied by before P·V is added in `oscale`.
-// False when skip-softmax drops the tile (pa zero, nothing to rescale).
+// False when skip-softmax drops the tile (pa zero, oscale 1: nothing to rescale).
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], float (&F)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
@@ -729,6 +747,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         visited += sees && needs;
         skipped += sees && !needs;
         if (sees && !needs) {
+            oscale[0] = oscale[1] = 1.0f;  // (rescale skips it: no branch around o for wgmma)
 #pragma unroll
             for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
@@ -943,17 +962,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     cp_async_wait<0>();
     fence_async_smem();
     named_barrier<1, CONSUMERS>();  // Q's tile is in
+    // Skip-softmax: a warp that drops tile j (its 16 rows: one skip tile) writes zeros as its
+    // P(j); P(j)·V(j) is issued only when some warp of the warpgroup kept the tile, which the
+    // next barrier ORs over the warpgroup.
     PvBehind pv = {false, 0u, 0u};
+    bool kept = false;
     unsigned char* ptiles = stages + STAGES * STAGE_BYTES + (warp / 4u) * P_TILE;
     for (u32 j = 0; kb < P.k_blocks; j++) {
         unsigned char* st = stages + (j % STAGES) * STAGE_BYTES;
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
         mbar_wait(full + 8u * (j % STAGES), (j / STAGES) % 2u);
-        warpgroup_barrier();
+        if (SKIP)
+            pv.on = warpgroup_barrier_or(kept);
+        else
+            warpgroup_barrier();
         float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
-        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
         fence_async_smem();  // for the wgmma that reads it after the next barrier
@@ -964,7 +990,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
         kb = kn;
     }
-    if (pv.on) warpgroup_barrier();
+    if (pv.on) {
+        if (SKIP)
+            pv.on = warpgroup_barrier_or(kept);
+        else
+            warpgroup_barrier();
+    }
 #elif WGMMA
     // Per visited tile j, one barrier: the copies of K(j+1) and V(j) run while tile j computes,
     // and P(j−1)·V(j−1) runs on the tensor cores behind QK(j) while the softmax of tile j runs.
@@ -990,6 +1021,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
+        // (Skip-softmax: a dropped tile's P is zeros; P·V still runs here.)
         softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);  // read by the wgmma after the next barrier (fenced there)

@@ -14,8 +14,8 @@
 // the stores that stage a tile are free of bank conflicts.
 #if WGMMA
 
-#if SKIP || MT != 1 || WARPS % 4 != 0 || !QSMEM
-#error "WGMMA: one 16-row m-tile per warp, whole warpgroups, Q in shared memory, no skip-softmax"
+#if MT != 1 || WARPS % 4 != 0 || !QSMEM
+#error "WGMMA: one 16-row m-tile per warp, whole warpgroups, Q in shared memory"
 #endif
 
 typedef unsigned long long u64;
@@ -74,6 +74,22 @@ __device__ __forceinline__ void warpgroup_barrier() {
         named_barrier<2, 128>();
     else
         named_barrier<3, 128>();
+}
+// The same barrier, also OR-ing `x` over the warpgroup (bar.red): skip-softmax's "some warp
+// kept this tile's P".
+__device__ __forceinline__ bool warpgroup_barrier_or(bool x) {
+    u32 r;
+#define WG_BAR_OR(ID) \
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, " #ID ", 128, q;\nselp.u32 %0, 1, 0, p;\n}\n" \
+                 : "=r"(r)                                                                                        \
+                 : "r"((u32)x)                                                                                    \
+                 : "memory")
+    if (threadIdx.x < 128u)
+        WG_BAR_OR(2);
+    else
+        WG_BAR_OR(3);
+#undef WG_BAR_OR
+    return __shfl_sync(0xffffffffu, r, 0) != 0u;  // (a value ptxas knows is warp-uniform)
 }
 __device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");

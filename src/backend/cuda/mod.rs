@@ -88,7 +88,7 @@ pub struct MmaConfig {
     /// Run N:M sparse softmax on tensor cores (false: the CUDA-core kernel runs it).
     pub nm: bool,
     /// Hopper warpgroup MMA (wgmma, sm_90a) instead of mma.sync: whole warpgroups, one m-tile
-    /// per warp, Q in shared memory; plans with skip-softmax run the mma.sync shape.
+    /// per warp, Q in shared memory.
     pub wgmma: bool,
 }
 
@@ -210,7 +210,7 @@ impl MmaConfig {
     }
 
     /// The mma.sync shape that stands in for wgmma where wgmma cannot run a plan (not sm_90a,
-    /// skip-softmax, a tensor map the driver refuses): Hopper's 4 × 2, a compile-checked module.
+    /// a tensor map the driver refuses): Hopper's 4 × 2, a compile-checked module.
     fn without_wgmma(self) -> MmaConfig {
         MmaConfig {
             nm: self.nm,
@@ -350,7 +350,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         }
     }
     // The default launch shapes (shared-memory Q with 8 × 1 or 4 × 2 warps × m-tiles, register Q).
-    // (skip-softmax variants with Hopper's shape only: the code path is the same.)
+    // (skip-softmax variants with Hopper's shapes only: the code path is the same.)
     let sm90 = MmaConfig::for_arch("sm_90a");
     let sm90_wide = MmaConfig::hopper_wide();
     // (recipes, launch shape, skip-softmax, N:M's M, V → NVFP4), each over every dim and dtype.
@@ -362,6 +362,8 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         (MmaConfig::for_arch("sm_89"), false),
         (sm90, true),
         (sm90_wide, true),
+        (MmaConfig::hopper_wgmma(), true),
+        (MmaConfig::for_arch("sm_89"), true),
     ] {
         variants.push((MMA_RECIPES.to_vec(), cfg, skip, 0, false));
     }
@@ -394,7 +396,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     // sm_90a's default at head dim 64 for all but Exact and Fp8P: two wgmma blocks per SM
     // (`for_plan`).
     for recipe in [1, 2, 3, 4] {
-        for bf16 in [false, true] {
+        for (bf16, skip) in [(false, false), (true, false), (false, true), (true, true)] {
             mods.push(Module::Mma {
                 recipe,
                 dp: 64,
@@ -403,7 +405,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                     min_blocks: 2,
                     ..MmaConfig::hopper_wgmma()
                 },
-                skip: false,
+                skip,
                 nm: 0,
                 vnv: false,
             });
@@ -550,8 +552,8 @@ impl CudaAttention {
         let mut cfg = self
             .mma
             .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
-        if cfg.wgmma && (self.arch != "sm_90a" || plan.spec.skip_softmax.is_some()) {
-            // wgmma is sm_90a's; skip-softmax drops P·V per warp, which a warpgroup MMA cannot.
+        if cfg.wgmma && self.arch != "sm_90a" {
+            // wgmma is sm_90a's.
             cfg = cfg.without_wgmma();
         }
         match tensor_core_fit(plan, cfg) {
@@ -1220,16 +1222,24 @@ mod tests {
         for arch in ["sm_90a", "sm_89", "sm_80"] {
             for recipe in Recipe::ALL {
                 for d in [32, 64, 96, 128, 120] {
-                    for dtype in [DType::F16, DType::BF16] {
-                        let spec = AttentionSpec::new(1, 2, 200, d)
+                    for (dtype, skip) in [
+                        (DType::F16, false),
+                        (DType::BF16, false),
+                        (DType::F16, true),
+                        (DType::BF16, true),
+                    ] {
+                        let mut spec = AttentionSpec::new(1, 2, 200, d)
                             .with_dtype(dtype)
                             .with_recipe(recipe);
+                        if skip {
+                            spec = spec.with_skip_softmax(crate::SkipSoftmax::Lambda(0.1));
+                        }
                         let plan = spec.plan().unwrap();
                         let module = tensor_core_fit(&plan, MmaConfig::for_plan(arch, &plan))
                             .unwrap_or_else(|why| panic!("{arch} {recipe:?} d{d}: {why}"));
                         assert!(
                             labels.contains(&module.label()),
-                            "{arch} {recipe:?} d{d} {dtype:?}: {} is not compile-checked",
+                            "{arch} {recipe:?} d{d} {dtype:?} skip {skip}: {} is not compile-checked",
                             module.label()
                         );
                     }

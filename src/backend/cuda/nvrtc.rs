@@ -57,12 +57,36 @@ pub fn source(defines: &[(&str, u32)], body: &str) -> String {
 
 /// Compile `src` for `arch` (e.g. "sm_90a") to a CUBIN.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    compile_logged(name, src, arch, false).map(|(cubin, _)| cubin)
+}
+
+/// [`compile`] with ptxas's verbose report (registers, spills, and its performance notes such
+/// as wgmma serialization), returned with the CUBIN.
+pub fn compile_verbose(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, String)> {
+    compile_logged(name, src, arch, true)
+}
+
+fn program_log(prog: sys::nvrtcProgram) -> String {
+    // SAFETY: prog is live; the log is a NUL-terminated buffer.
+    unsafe { result::get_program_log(prog) }
+        .map(|l| {
+            unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn compile_logged(name: &str, src: &str, arch: &str, verbose: bool) -> Result<(Vec<u8>, String)> {
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".to_string(),
         "--ftz=false".into(),
         "--prec-div=true".into(),
     ];
+    if verbose {
+        opts.push("--ptxas-options=-v".into());
+    }
     if let Some(dir) = include_dir() {
         opts.push(format!("--include-path={}", dir.display()));
     }
@@ -74,21 +98,11 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     // SAFETY: prog is a live program; options are valid C strings.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let out = match compiled {
-        Err(_) => {
-            // SAFETY: prog is live; the log is a NUL-terminated buffer.
-            let log = unsafe { result::get_program_log(prog) }
-                .map(|l| {
-                    unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .unwrap_or_default();
-            Err(Error::Nvrtc {
-                kernel: name.into(),
-                arch: arch.into(),
-                log,
-            })
-        }
+        Err(_) => Err(Error::Nvrtc {
+            kernel: name.into(),
+            arch: arch.into(),
+            log: program_log(prog),
+        }),
         Ok(()) => {
             let mut size = 0usize;
             // SAFETY: prog compiled; size and buffer come from NVRTC itself.
@@ -99,7 +113,14 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
             unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) }
                 .result()
                 .map_err(|e| Error::Cuda(format!("nvrtcGetCUBIN: {e:?}")))?;
-            Ok(cubin)
+            Ok((
+                cubin,
+                if verbose {
+                    program_log(prog)
+                } else {
+                    String::new()
+                },
+            ))
         }
     };
     // SAFETY: prog is not used after this.
