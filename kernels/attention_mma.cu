@@ -1143,21 +1143,42 @@ extern "C" __global__ void v_fp8_to_f16(Params P, const u32* ws, unsigned short*
 }
 
 // NVFP4 Q or K codes → f16 rows of DP values (exact: every E2M1·E4M3 product is an f16).
-// `rows` rows of codes at `codes`, one E4M3 scale word per 16 values at `scales`.
+// `rows` rows of codes at `codes`, one E4M3 scale word per 16 values at `scales`. A thread
+// writes 8 values (16 bytes) from two code words and one scale.
 extern "C" __global__ void nvfp4_qk_to_f16(Params P, const u32* ws, unsigned short* out, u32 codes, u32 scales, u32 rows) {
     u32 id = blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= rows * DP) return;
-    u32 row = id / DP, c = id % DP;
-    float x = e2m1_to_f32(byte_of(ws[codes + id / 4u], id)) * e4m3_to_f32(ws[scales + row * (DP / 16u) + c / 16u]);
-    out[id] = (unsigned short)f32_to_f16_bits(x);
+    if (id >= rows * (DP / 8u)) return;
+    u32 e = id * 8u, row = e / DP, c = e % DP;
+    float s = e4m3_to_f32(ws[scales + row * (DP / 16u) + c / 16u]);
+    u32 w[2] = {ws[codes + e / 4u], ws[codes + e / 4u + 1u]}, h[4];
+#pragma unroll
+    for (u32 k = 0; k < 4u; k++)
+        h[k] = pack16<false>(e2m1_to_f32(byte_of(w[k / 2u], 2u * k)) * s, e2m1_to_f32(byte_of(w[k / 2u], 2u * k + 1u)) * s);
+    *(uint4*)(out + e) = make_uint4(h[0], h[1], h[2], h[3]);
 }
 
 // NVFP4 V (channel-major codes, 16-token groups per channel) → f16 rows [b·hk][seq_kv][DP].
-extern "C" __global__ void nvfp4_v_to_f16(Params P, const u32* ws, unsigned short* out) {
-    u32 id = blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= P.batch * P.heads_kv * P.seq_kv * DP) return;
-    u32 c = id % DP, j = (id / DP) % P.seq_kv, bkv = id / DP / P.seq_kv;
-    u32 chan = bkv * DP + c, e = chan * P.np + j;
-    float x = e2m1_to_f32(byte_of(ws[P.off_vcodes + e / 4u], e)) * e4m3_to_f32(ws[P.off_vscales + chan * (P.np / 16u) + j / 16u]);
-    out[id] = (unsigned short)f32_to_f16_bits(x);
+// A block transposes 64 tokens × 32 channels through shared memory, so that both the code
+// reads (a channel's 64 tokens: 16 words) and the row writes (16 bytes per thread) coalesce.
+// Grid: (⌈np / 64⌉, DP / 32, b·hk), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) nvfp4_v_to_f16(Params P, const u32* ws, unsigned short* out) {
+    __shared__ u32 tile[64][17];  // [token][channel pair], padded against bank conflicts
+    u32 t0 = blockIdx.x * 64u, c0 = blockIdx.y * 32u, bkv = blockIdx.z;
+    // Read: thread → (channel pair, word of 4 tokens), the words of a channel consecutive.
+    u32 cp = threadIdx.x / 16u, w = threadIdx.x % 16u, j = t0 + 4u * w;
+    if (j < P.np) {
+        u32 chan = bkv * DP + c0 + 2u * cp;
+        u32 lo = ws[P.off_vcodes + (chan * P.np + j) / 4u], hi = ws[P.off_vcodes + ((chan + 1u) * P.np + j) / 4u];
+        float s_lo = e4m3_to_f32(ws[P.off_vscales + chan * (P.np / 16u) + j / 16u]);
+        float s_hi = e4m3_to_f32(ws[P.off_vscales + (chan + 1u) * (P.np / 16u) + j / 16u]);
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) tile[4u * w + k][cp] = pack16<false>(e2m1_to_f32(byte_of(lo, k)) * s_lo, e2m1_to_f32(byte_of(hi, k)) * s_hi);
+    }
+    __syncthreads();
+    // Write: a token row's 32 channels as 4 × 16 bytes.
+    u32 r = threadIdx.x / 4u, q = threadIdx.x % 4u;
+    if (t0 + r < P.seq_kv) {
+        const u32* src = &tile[r][4u * q];
+        *(uint4*)(out + ((size_t)bkv * P.seq_kv + t0 + r) * DP + c0 + 8u * q) = make_uint4(src[0], src[1], src[2], src[3]);
+    }
 }

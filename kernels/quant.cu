@@ -324,8 +324,9 @@ extern "C" __global__ void nvfp4_v(Params P, const void* src, u32* ws) {
     u32 id = linear_id();
     u32 nb = P.np / 16u;
     if (id >= P.batch * P.heads_kv * P.dp * nb) return;
-    u32 tb = id % nb, chan = id / nb;
-    u32 c = chan % P.dp, bh = chan / P.dp;
+    // Consecutive threads take consecutive channels of one 16-token group: coalesced reads.
+    u32 c = id % P.dp, tb = (id / P.dp) % nb, bh = id / P.dp / nb;
+    u32 chan = bh * P.dp + c;
     u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
     float xs[16];
     for (u32 i = 0; i < 16u; i++) {
@@ -333,7 +334,7 @@ extern "C" __global__ void nvfp4_v(Params P, const void* src, u32* ws) {
         // V → NVFP4 quantizes v / g as RN(v · (1/g)) (v_inv_g = 1 for the Nvfp4 recipe).
         xs[i] = (t < P.seq_kv && c < P.head_dim) ? ftz(__fmul_rn(load_elem(src, b * P.kv_sb + h * P.kv_sh + t * P.kv_st + c, P.dtype), P.v_inv_g)) : 0.0f;
     }
-    nvfp4_store(xs, ws, P.off_vcodes + chan * (P.np / 4u) + tb * 4u, P.off_vscales + id);
+    nvfp4_store(xs, ws, P.off_vcodes + chan * (P.np / 4u) + tb * 4u, P.off_vscales + chan * nb + tb);
 }
 
 // f32 (src) → f16/bf16 (dst), nearest-even, one element per thread (CUDA stores 16 bits).

@@ -889,7 +889,10 @@ impl CudaAttention {
             // SAFETY: the conversion kernel below writes all n elements before any read.
             unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))
         };
-        let convert = |name: &str, out: &mut CudaSlice<u16>, n: u32, extra: Option<[u32; 3]>| {
+        let convert = |name: &str,
+                       out: &mut CudaSlice<u16>,
+                       cfg: LaunchConfig,
+                       extra: Option<[u32; 3]>| {
             let f = self.function(kernel, name)?;
             let mut l = stream.launch_builder(&f);
             l.arg(&p).arg(ws).arg(out);
@@ -897,14 +900,20 @@ impl CudaAttention {
                 l.arg(&e[0]).arg(&e[1]).arg(&e[2]);
             }
             // SAFETY: (Params, const u32*, unsigned short*[, u32 codes, u32 scales, u32 rows]).
-            unsafe { l.launch(threads(n)) }.map_err(cuda_err("convert"))
+            unsafe { l.launch(cfg) }.map_err(cuda_err("convert"))
+        };
+        // nvfp4_v_to_f16: 64 tokens × 32 channels per block (the head dims here are multiples of 32).
+        let v_nvfp4_grid = LaunchConfig {
+            grid_dim: ((nk.div_ceil(64)).max(1), dp / 32, b * hk),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
         let q_rows = (hq * nq * dp, nq * dp, dp);
         let kv_rows = (hk * nk * dp, nk * dp, dp);
         let (mut q16, mut k16, mut v16) = (None, None, None);
         if recipe == 2 {
             let mut v = scratch(b * hk * nk * dp)?;
-            convert("v_fp8_to_f16", &mut v, b * hk * nk * dp, None)?;
+            convert("v_fp8_to_f16", &mut v, threads(b * hk * nk * dp), None)?;
             v16 = Some(v);
         }
         if recipe == 3 {
@@ -915,14 +924,15 @@ impl CudaAttention {
             );
             let qa = [layout.qcodes, layout.qscales, b * hq * nq];
             let ka = [layout.kcodes, layout.kscales, b * hk * nk];
-            convert("nvfp4_qk_to_f16", &mut q, b * hq * nq * dp, Some(qa))?;
-            convert("nvfp4_qk_to_f16", &mut k, b * hk * nk * dp, Some(ka))?;
-            convert("nvfp4_v_to_f16", &mut v, b * hk * nk * dp, None)?;
+            // (8 values per thread)
+            convert("nvfp4_qk_to_f16", &mut q, threads(b * hq * nq * dp / 8), Some(qa))?;
+            convert("nvfp4_qk_to_f16", &mut k, threads(b * hk * nk * dp / 8), Some(ka))?;
+            convert("nvfp4_v_to_f16", &mut v, v_nvfp4_grid, None)?;
             (q16, k16, v16) = (Some(q), Some(k), Some(v));
         }
         if vnv {
             let mut v = scratch(b * hk * nk * dp)?;
-            convert("nvfp4_v_to_f16", &mut v, b * hk * nk * dp, None)?;
+            convert("nvfp4_v_to_f16", &mut v, v_nvfp4_grid, None)?;
             v16 = Some(v);
         }
         let user_q = (plan.q.batch as u32, plan.q.head as u32, plan.q.token as u32);
