@@ -9,7 +9,7 @@ installed with `pip install --no-deps --target`. Its package __init__ imports mu
 machine lacks, so the parents of `modelopt/torch/kernels/...` are registered as bare packages
 and only the Triton kernel (`triton_fa.attention`) and its helpers are imported.
 
-Per mode (dense, P → FP8, P → NVFP4, P and V → NVFP4, 2:4 sparse softmax, skip-softmax λ = 0.1),
+Per mode (dense, P → FP8, P → NVFP4, P and V → NVFP4, V → NVFP4, 2:4 sparse softmax, skip-softmax λ = 0.1),
 per input kind (random normal; K with a per-channel bias; locally structured tokens) and causal
 or not: error against an fp32 reference for ModelOpt and for tessera (CUDA, and WGSL on the same
 GPU) side by side, the fraction of tiles skipped by each, and the speed ratio at
@@ -35,6 +35,7 @@ MODES = {
     "p_fp8": {"p_qdq": "fp8"},
     "p_nvfp4": {"p_qdq": "nvfp4"},
     "pv_nvfp4": {"p_qdq": "nvfp4", "v_qdq": "nvfp4"},
+    "v_nvfp4": {"v_qdq": "nvfp4"},
     "nm_2_4": {"sparsity_n": 2, "sparsity_m": 4},
     "skip_0.1": {"skip_softmax_threshold": 0.1, "measure_sparsity": True},
 }

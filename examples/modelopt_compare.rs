@@ -23,6 +23,7 @@ fn modes(base: &AttentionSpec) -> Vec<(&'static str, AttentionSpec)> {
                 .with_recipe(Recipe::nvfp4p())
                 .with_v_nvfp4(None),
         ),
+        ("v_nvfp4", base.clone().with_v_nvfp4(None)),
         ("nm_2_4", base.clone().with_nm_softmax(NmSoftmax::new(2, 4))),
         (
             "skip_0.1",

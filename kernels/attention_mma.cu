@@ -169,13 +169,22 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float
 #endif
 }
 
+// x / 6 correctly rounded for x in [TINY, max finite] (checked there exhaustively against IEEE
+// division): x·RN(1/6) and one FMA residual step, without div_rn's range check and slow path.
+__device__ __forceinline__ float div6_rn(float x) {
+    const float y = 1.0f / 6.0f;
+    float q = __fmul_rn(x, y);
+    return __fmaf_rn(__fmaf_rn(-q, 6.0f, x), y, q);
+}
+
 // Two block maxima → their NVFP4 scale codes, E4M3(max / 6) (lo in bits 0-7, hi in 8-15); NaN
 // or ∞ → the NaN code, below TINY → 0 (nvfp4_scale_code). sm_89+ rounds in hardware.
 __device__ __forceinline__ u32 scale_code_pair(u32 amax_lo, u32 amax_hi) {
 #if __CUDA_ARCH__ >= 890
     unsigned short e;
-    // amax ≥ TINY here, so div_rn's flushes have nothing to do; satfinite clamps at 448 like min().
-    float lo = __fdiv_rn(u2f(max(amax_lo, TINY_BITS)), 6.0f), hi = __fdiv_rn(u2f(max(amax_hi, TINY_BITS)), 6.0f);
+    // amax clamped into [TINY, max finite] (the codes of the others are set below); satfinite
+    // clamps at 448 like min().
+    float lo = div6_rn(u2f(min(max(amax_lo, TINY_BITS), 0x7f7fffffu))), hi = div6_rn(u2f(min(max(amax_hi, TINY_BITS), 0x7f7fffffu)));
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
     u32 c = e;
     if (amax_lo < TINY_BITS) c &= 0xff00u;
@@ -220,8 +229,9 @@ __device__ __forceinline__ float e2m1_times_scale(float a, float s, float rcp_s)
     float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
     float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
     float v = __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
-    // Nvfp4's a ≤ 2688 (p ≤ ρ) keeps q ≤ 6·16/15 < 7, which rounds to at most 6.
-    return __fmul_rn(RECIPE == R_NVFP4 ? v : fminf(v, 6.0f), s);
+    // (Saturation is not only for a caller's amax below p: a block of tiny p gets a subnormal
+    // E4M3 scale, up to 1.5× below max / 6, so q reaches 9.)
+    return __fmul_rn(fminf(v, 6.0f), s);
 }
 
 // 1/s for e2m1_times_scale: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
@@ -289,6 +299,15 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
             a = e2m1_times_scale(a, s, r);
         }
     }
+}
+
+// Test probe (tests/cuda.rs): per i, the P·V operand value e2m1_times_scale gives for
+// (a[i], s[i]), and the scale code scale_code_pair gives a block whose max is a[i] (as bits).
+extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, u32 n) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = e2m1_times_scale(a[i], s[i], scale_rcp(s[i]));
+    codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
 }
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,

@@ -399,3 +399,83 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
         }
     }
 }
+
+/// The tensor-core kernel's NVFP4 P quantizer against the CPU, bit for bit. Rounding (a
+/// faithful quotient and a magic-number FMA, with MUFU's approximate reciprocal) against the
+/// exact E2M1 of a / s: every positive E4M3 scale (subnormal ones included: their blocks
+/// saturate), values on and one to three ulps around each midpoint and step boundary, f16
+/// probabilities times 2688 (Nvfp4P's a), random and saturating values, and zero. Scale codes
+/// (max / 6 by a multiply and one FMA step) over random maxima of every magnitude.
+#[test]
+fn nvfp4_p_rounding_is_bit_exact_on_the_gpu() {
+    use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
+    use tessera::numerics::quant::nvfp4_block;
+    let Some(c) = cuda() else { return };
+    let mut rng = Rng::new(fresh_seed("nvfp4_p_rounding"));
+    let (mut a, mut s) = (Vec::new(), Vec::new());
+    let mut push = |x: f32, sc: f32| {
+        a.push(x);
+        s.push(sc);
+    };
+    let marks = [
+        0.25f32, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0,
+    ];
+    for code in (1u8..0x7f).chain([0u8]) {
+        let sc = e4m3_to_f32(code);
+        for m in marks {
+            let t = m * sc;
+            for d in -3i32..=3 {
+                push(f32::from_bits((t.to_bits() as i32 + d).max(0) as u32), sc);
+            }
+        }
+        for _ in 0..300 {
+            let u = rng.uniform() as f32;
+            push(u * 7.0 * sc, sc);
+            push(u * 1000.0 * sc, sc);
+            // Nvfp4P's a: an f16 probability times 2688 (exact in f32).
+            let p = half::f16::from_f32(u * sc.min(1.0)).to_f32();
+            push(p * 2688.0, sc);
+        }
+        push(0.0, sc);
+    }
+    // Scale codes: block maxima over the whole range (below TINY, subnormal, huge, ∞, NaN).
+    for _ in 0..20_000 {
+        push(f32::from_bits(rng.next_u64() as u32 & 0x7fff_ffff), 1.0);
+    }
+    for x in [
+        0.0f32,
+        1e-30,
+        6.0 * 448.0,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NAN,
+    ] {
+        push(x, 1.0);
+    }
+    let (got, codes) = c.attention().probe_p_nvfp4(&a, &s).unwrap();
+    let mut bad = Vec::new();
+    for (((&x, &sc), g), &code) in a.iter().zip(&s).zip(&got).zip(&codes) {
+        let mut block = [0.0f32; 16];
+        block[0] = x;
+        let want_code = nvfp4_block(&block, &mut [0u8; 16]) as u32;
+        if code != want_code {
+            bad.push(format!(
+                "block max {x:e}: GPU scale code {code:#x}, CPU {want_code:#x}"
+            ));
+        }
+        if x.is_nan() || x.is_infinite() {
+            continue;
+        }
+        let want = e2m1_to_f32(e2m1_code_of_ratio(x, sc)) * sc;
+        if g.to_bits() != want.to_bits() {
+            bad.push(format!("a = {x:e}, s = {sc:e}: GPU {g:e}, CPU {want:e}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ:\n{}",
+        bad.len(),
+        a.len(),
+        bad[..bad.len().min(10)].join("\n")
+    );
+}

@@ -593,6 +593,45 @@ impl CudaAttention {
             .map_err(cuda_err("load function"))
     }
 
+    /// The tensor-core kernel's NVFP4 P quantizer on the GPU, for tests, which hold it to the
+    /// CPU bit for bit: per i, E2M1(a / s)·s (a ≥ 0, s an E4M3 value) and the block scale code
+    /// of a block whose max is a. Synchronises the context's default stream.
+    #[doc(hidden)]
+    pub fn probe_p_nvfp4(&self, a: &[f32], s: &[f32]) -> Result<(Vec<f32>, Vec<u32>)> {
+        let module = Module::Mma {
+            recipe: 4,
+            dp: 128,
+            bf16: false,
+            cfg: MmaConfig::for_arch(self.arch),
+            skip: false,
+            nm: 0,
+            vnv: false,
+        };
+        let f = self.function(module, "probe_p_nvfp4")?;
+        let stream = self.ctx.default_stream();
+        let n = a.len().min(s.len());
+        let (da, ds) = (
+            stream.clone_htod(&a[..n]).map_err(cuda_err("htod"))?,
+            stream.clone_htod(&s[..n]).map_err(cuda_err("htod"))?,
+        );
+        let mut out = stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda_err("alloc"))?;
+        let mut codes = stream
+            .alloc_zeros::<u32>(n.max(1))
+            .map_err(cuda_err("alloc"))?;
+        let n32 = n as u32;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&da).arg(&ds).arg(&mut out).arg(&mut codes).arg(&n32);
+        // SAFETY: (const float*, const float*, float*, u32*, u32 n), n elements each.
+        unsafe { l.launch(threads(n32)) }.map_err(cuda_err("probe"))?;
+        let mut v = stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))?;
+        let mut c = stream.clone_dtoh(&codes).map_err(cuda_err("dtoh"))?;
+        v.truncate(n);
+        c.truncate(n);
+        Ok((v, c))
+    }
+
     /// How many modules have been compiled or loaded (each configuration once).
     pub fn compiled_modules(&self) -> usize {
         self.modules.lock().map(|m| m.len()).unwrap_or(0)
@@ -889,19 +928,17 @@ impl CudaAttention {
             // SAFETY: the conversion kernel below writes all n elements before any read.
             unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))
         };
-        let convert = |name: &str,
-                       out: &mut CudaSlice<u16>,
-                       cfg: LaunchConfig,
-                       extra: Option<[u32; 3]>| {
-            let f = self.function(kernel, name)?;
-            let mut l = stream.launch_builder(&f);
-            l.arg(&p).arg(ws).arg(out);
-            if let Some(e) = &extra {
-                l.arg(&e[0]).arg(&e[1]).arg(&e[2]);
-            }
-            // SAFETY: (Params, const u32*, unsigned short*[, u32 codes, u32 scales, u32 rows]).
-            unsafe { l.launch(cfg) }.map_err(cuda_err("convert"))
-        };
+        let convert =
+            |name: &str, out: &mut CudaSlice<u16>, cfg: LaunchConfig, extra: Option<[u32; 3]>| {
+                let f = self.function(kernel, name)?;
+                let mut l = stream.launch_builder(&f);
+                l.arg(&p).arg(ws).arg(out);
+                if let Some(e) = &extra {
+                    l.arg(&e[0]).arg(&e[1]).arg(&e[2]);
+                }
+                // SAFETY: (Params, const u32*, unsigned short*[, u32 codes, u32 scales, u32 rows]).
+                unsafe { l.launch(cfg) }.map_err(cuda_err("convert"))
+            };
         // nvfp4_v_to_f16: 64 tokens × 32 channels per block (the head dims here are multiples of 32).
         let v_nvfp4_grid = LaunchConfig {
             grid_dim: ((nk.div_ceil(64)).max(1), dp / 32, b * hk),
@@ -925,8 +962,18 @@ impl CudaAttention {
             let qa = [layout.qcodes, layout.qscales, b * hq * nq];
             let ka = [layout.kcodes, layout.kscales, b * hk * nk];
             // (8 values per thread)
-            convert("nvfp4_qk_to_f16", &mut q, threads(b * hq * nq * dp / 8), Some(qa))?;
-            convert("nvfp4_qk_to_f16", &mut k, threads(b * hk * nk * dp / 8), Some(ka))?;
+            convert(
+                "nvfp4_qk_to_f16",
+                &mut q,
+                threads(b * hq * nq * dp / 8),
+                Some(qa),
+            )?;
+            convert(
+                "nvfp4_qk_to_f16",
+                &mut k,
+                threads(b * hk * nk * dp / 8),
+                Some(ka),
+            )?;
             convert("nvfp4_v_to_f16", &mut v, v_nvfp4_grid, None)?;
             (q16, k16, v16) = (Some(q), Some(k), Some(v));
         }
