@@ -1,6 +1,6 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+; wgmma on sm_90a), same
 // numerics as attention.cu. The host prepends RECIPE, DP (head dim padded, a multiple of 32, at
-// most 128), BF16 (1 when the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM
+// most 128; 64 or 128 with WGMMA), BF16 (1 when the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM
 // (N:M sparse softmax's M; 0: off), VNV (V → NVFP4: V arrives as f16 values of its codes, the
 // output is multiplied by v_g) and the launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
 //
@@ -10,9 +10,8 @@
 // registers, or (QSMEM) in shared memory, read with ldmatrix at each step, which frees
 // registers; MINB is __launch_bounds__' blocks per SM.
 // WGMMA = 1 (wgmma.cuh): warpgroups of 64 rows multiply from shared memory, P·V of one tile in
-// flight behind QKᵀ of the next; the per-warp softmax code below is shared. With TMA (below) a
-// producer warp fills the K/V stages by tensor copies and the warpgroups never meet at a block
-// barrier.
+// flight behind QKᵀ of the next; the per-warp softmax code below is shared. A producer warp
+// fills the K/V stages by tensor copies (TMA) and the warpgroups never meet at a block barrier.
 //
 // One tile, per warp:  S = Q·Kᵀ (int8 m16n8k32 into s32, or f16/bf16 m16n8k16 into f32)
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
@@ -25,7 +24,7 @@
 #define BK 64u
 #define BQT (16u * MT * WARPS)
 #define CONSUMERS (32u * WARPS)  // the warps that own query rows
-#define THREADS (CONSUMERS + (TMA ? 32u : 0u))  // TMA: plus one producer warp that issues the copies
+#define THREADS (CONSUMERS + (WGMMA ? 32u : 0u))  // WGMMA: plus one producer warp that issues the copies
 #define NEG_INF __int_as_float(0xff800000)
 // FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
@@ -44,16 +43,15 @@
 #define V_STRIDE (V_BYTES + ROW_PAD)
 #define K_TILE (BK * K_STRIDE)
 #define V_TILE (BK * V_STRIDE)
-// WGMMA at head dims 128 and 64: K and V come by the tensor copy engine (TMA) as swizzled
-// tiles, 1024-byte aligned (wgmma.cuh); otherwise every tile is staged by cp.async. Q and K
-// rows are cut into panels of PANEL bytes (128-byte swizzle; INT8 at head dim 64 has 64-byte
-// rows: one panel, 64-byte swizzle); V rows are 128 or 256 bytes (128-byte swizzle).
-#define TMA (WGMMA && (DP == 128u || DP == 64u))
+// WGMMA: K and V come by the tensor copy engine (TMA) as swizzled tiles, 1024-byte aligned
+// (wgmma.cuh); mma.sync: every tile is staged by cp.async. Q and K rows are cut into panels of
+// PANEL bytes (128-byte swizzle; INT8 at head dim 64 has 64-byte rows: one panel, 64-byte
+// swizzle); V rows are 128 or 256 bytes (128-byte swizzle).
 #define PANEL (QK_BYTES < 128u ? QK_BYTES : 128u)
 #define QK_SWIZZLE (PANEL == 128u ? SW_128B : SW_64B)
-#define KSC_BYTES (TMA ? 1024u : 4u * BK)
+#define KSC_BYTES (WGMMA ? 1024u : 4u * BK)
 #define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
-#define STAGES (TMA ? 3u : 2u)
+#define STAGES (WGMMA ? 3u : 2u)
 #define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [STAGES stages] (WGMMA: [P tiles])
 
 // A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
@@ -336,19 +334,13 @@ __device__ __forceinline__ float p_factor(const Params& P) {
 
 // ---- staging -------------------------------------------------------------------------------
 
-// The e-th 16-byte chunk a block stages of a tile with `chunks` chunks per row: its row and
-// chunk, and its byte offset in the tile. mma.sync: row-major padded rows, chunks of a row on
-// consecutive threads. WGMMA: core matrices, rows of a core matrix on consecutive threads.
+// The e-th 16-byte chunk a block stages (cp.async, mma.sync) of a tile with `chunks` chunks per
+// row: its row and chunk, and its byte offset in the tile: row-major padded rows, chunks of a
+// row on consecutive threads.
 __device__ __forceinline__ u32 stage_slot(u32 e, u32 chunks, u32 stride, u32& r, u32& c) {
-#if WGMMA
-    r = (e / (8u * chunks)) * 8u + e % 8u;
-    c = (e / 8u) % chunks;
-    return tile_offset(r, c, stride);
-#else
     r = e / chunks;
     c = e % chunks;
     return r * stride + c * 16u;
-#endif
 }
 
 struct Src {
@@ -417,7 +409,7 @@ __device__ __forceinline__ u32 next_tile(const Params& P, const u32* mask, u32 b
     return kb;
 }
 
-#if TMA
+#if WGMMA
 // Q's e-th 16-byte chunk in the swizzled layout the TMA tiles of K have: panels of [BQT rows]
 // [PANEL bytes]; the swizzle XORs a chunk's index with bits 7 and up of its unswizzled offset
 // (128 B: chunk c of row r at c ^ (r % 8); 64 B: c ^ (r / 2 % 4)). A row's chunks of a panel on
@@ -552,7 +544,6 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0,
 // Descriptor bases and the byte step of k-step ks / kk (desc_at).
 __device__ __forceinline__ Desc p_desc(u32 pbase) { return wg_desc(pbase, 128u, 8u * BK * 2u); }
 __device__ __forceinline__ u32 p_step(u32 kk) { return kk * 256u; }
-#if TMA
 // Swizzled panels of [rows][PANEL B] (V: [keys][128 B]); a k-step is 32 bytes into a panel row,
 // an 8-row group (SBO) 8 panel rows.
 __device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 64u * 128u, 1024u, SW_128B); }
@@ -561,12 +552,6 @@ __device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 16u, 8u
 __device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
     return (ks / (PANEL / 32u)) * rows * PANEL + (ks % (PANEL / 32u)) * 32u;
 }
-#else
-__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 8u * V_STRIDE, 128u); }
-__device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * V_STRIDE; }
-__device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 128u, 8u * QK_BYTES); }
-__device__ __forceinline__ u32 qk_step(u32, u32 ks) { return ks * 256u; }
-#endif
 
 // This warp's P fragments into the warpgroup's P tile, one stmatrix per 16 keys: register r of
 // step kk holds keys 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2), i.e. matrix r of the x4 store,
@@ -843,7 +828,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                                                                     const __grid_constant__ TmaMap kmap,
                                                                     const __grid_constant__ TmaMap vmap) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-#if TMA
+#if WGMMA
     // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of room).
     unsigned char* smem = smem_raw + (1024u - smem_addr(smem_raw) % 1024u) % 1024u;
     __shared__ __align__(8) unsigned long long bar_mem[2u * STAGES];
@@ -882,7 +867,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     src.v = (const char*)v_in + 2ull * ((size_t)b * S16.v_sb + (size_t)hkv * S16.v_sh);
     src.v_row = 2u * S16.v_st;
 
-#if TMA
+#if WGMMA
     if (warp == WARPS) {
         produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv);
         return;
@@ -895,13 +880,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 qreg[MT][QREG_STEPS][4];
     float qscale[MT][2];
     // This warp's Q rows in shared memory; WGMMA: its warpgroup's 64 rows.
-    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * (TMA ? PANEL : K_STRIDE);
+    u32 qbase = smem_addr(smem) + (WGMMA ? (warp / 4u) * 64u : warp * MT * 16u) * (WGMMA ? PANEL : K_STRIDE);
     if (QSMEM) {
         const u32 chunks = QK_BYTES / 16u;
         u32 valid = INT8_QK ? chunks : (P.head_dim * 2u) / 16u;
         for (u32 i = 0; i < BQT * chunks / CONSUMERS; i++) {  // BQT · chunks is a multiple of CONSUMERS
             u32 e = tid + i * CONSUMERS;
-#if TMA
+#if WGMMA
             u32 r, c, at = q_slot(e, chunks, r, c), row = row0 + r;
 #else
             u32 r, c, at = stage_slot(e, chunks, K_STRIDE, r, c), row = row0 + r;
@@ -970,7 +955,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 pa[MT][BK / 16u][4];
     float s[MT][NT_S][4];
     u32 kb = next_tile(P, mask, bh, row0, 0u, last_visible);
-#if TMA
+#if WGMMA
     // Consumers. Tile j: wait for stage j % STAGES (produce()), QK(j) on the tensor cores with
     // P(j−1)·V(j−1) behind it while the softmax of tile j runs; after P(j−1)·V(j−1) is done,
     // stage j−1 goes back to the producer. The two warpgroups only meet at the producer's
@@ -1015,43 +1000,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         else
             warpgroup_barrier();
     }
-#elif WGMMA
-    // Per visited tile j, one barrier: the copies of K(j+1) and V(j) run while tile j computes,
-    // and P(j−1)·V(j−1) runs on the tensor cores behind QK(j) while the softmax of tile j runs.
-    // K(j) sits in stage j%2's K slot, V(j) in stage j%2's V slot: at tile j's barrier QK(j−1)
-    // and P(j−2)·V(j−2) are done in every warpgroup, so K(j+1) and V(j) can take their slots.
-    if (kb < P.k_blocks) stage_k(P, src, ws, stages, kb, bkv);
-    cp_async_commit();
-    PvBehind pv = {false, 0u, 0u};
-    // Each warpgroup's P, two tiles deep: P(j) is written while P(j−1)·V(j−1) reads the other.
-    unsigned char* ptiles = stages + 2u * STAGE_BYTES + (warp / 4u) * P_TILE;
-    for (u32 j = 0;; j++) {
-        cp_async_wait<0>();
-        fence_async_smem();
-        __syncthreads();
-        if (kb >= P.k_blocks) break;
-        // (Issued before this tile's wgmma: measured faster than behind it, where the softmax
-        // then waits for the LSU to take the copies' address registers.)
-        unsigned char* st = stages + (j % 2u) * STAGE_BYTES;
-        u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
-        if (kn < P.k_blocks) stage_k(P, src, ws, stages + ((j + 1u) % 2u) * STAGE_BYTES, kn, bkv);
-        stage_v(P, src, st, kb);
-        cp_async_commit();
-        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
-        mask_scores(P, s, rows, row0, kb, causal, offset);
-        float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
-        // (Skip-softmax: a dropped tile's P is zeros; P·V still runs here.)
-        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
-        unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
-        store_p(pa[0], ptile);  // read by the wgmma after the next barrier (fenced there)
-        wg_wait<0>();           // P(j−1)·V(j−1) (if any) is in o
-        acc_fence(o[0]);
-        rescale(o[0], oscale);
-        pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
-        kb = kn;
-    }
-#endif
-#if WGMMA
     if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o);
 #else
     // Two stages: the next visited tile is copied into the other stage while this one computes.

@@ -4,18 +4,17 @@
 // g+8, columns 2t and 2t+1 of each 8-column n-tile), so the softmax code is shared unchanged,
 // and the f16 A fragments of P·V in registers have the m16n8k16 A layout the mma.sync path uses.
 //
-// Shared-memory operands use wgmma's no-swizzle canonical layout: core matrices of 8 rows × 16
-// bytes stored as 128 contiguous bytes; a group of 8 rows keeps its 16-byte chunks of a row in
-// order, then comes the next group of 8 rows (`tile_offset`). Q and K are K-major (rows are
-// query rows / keys, chunks run along the head dim): chunk stride (LBO) 128 bytes, row-group
+// Q, K and V sit in shared memory as the TMA tiles lay them: swizzled panels (attention_mma.cu,
+// PANEL; Q is copied into the same layout). P uses wgmma's no-swizzle canonical layout: core
+// matrices of 8 rows × 16 bytes stored as 128 contiguous bytes; a group of 8 rows keeps its
+// 16-byte chunks of a row in order, then comes the next group of 8 rows (`tile_offset`), K-major
+// (rows are query rows, chunks run along the keys): chunk stride (LBO) 128 bytes, row-group
 // stride (SBO) 8 · row bytes. V is the MN-major B operand of P·V (rows are keys, the reduction
-// axis; chunks run along the channels): key-group stride (LBO) 8 · row bytes, chunk stride (SBO)
-// 128. Writes of 8 consecutive threads (rows r..r+7 of one chunk) fill 128 contiguous bytes, so
-// the stores that stage a tile are free of bank conflicts.
+// axis), so it needs no transpose.
 #if WGMMA
 
-#if MT != 1 || WARPS % 4 != 0 || !QSMEM
-#error "WGMMA: one 16-row m-tile per warp, whole warpgroups, Q in shared memory"
+#if MT != 1 || WARPS % 4 != 0 || !QSMEM || (DP != 64 && DP != 128)
+#error "WGMMA: one 16-row m-tile per warp, whole warpgroups, Q in shared memory, head dim 64 or 128"
 #endif
 
 typedef unsigned long long u64;
@@ -53,7 +52,6 @@ template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma
 // cp.async writes are generic-proxy stores; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-#if TMA
 // mbarrier and tensor copies (sm_90). A barrier completes a phase when all its arrivals (one of
 // them with the expected byte count) and all the bytes of the copies bound to it have landed.
 __device__ __forceinline__ void mbar_init(u32 bar, u32 arrivals) {
@@ -109,7 +107,6 @@ __device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, i32 c0, i32
         "l"((u64)&map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
-#endif
 
 // After wgmma.wait_group: make later reads of the accumulators depend on the wait.
 template <int N> __device__ __forceinline__ void acc_fence(float (&a)[N][4]) {
@@ -166,24 +163,12 @@ __device__ __forceinline__ void wgmma_qk(float (&d)[8][4], u64 qd, u64 kd, u32 a
 // O (64 rows × DP channels) += P·V over 16 keys: P K-major and V MN-major (trans-b = 1), both
 // in shared memory. (P from registers would overlap less: ptxas reuses the registers an
 // in-flight wgmma still reads for the next softmax, then holds that softmax back behind it.)
-#if DP == 32
-#define PV_N "32"
-#define PV_ACC WG_D0
-#define PV_TAIL "%16, %17, p"
-#define PV_FLAG "%18"
-#define PV_OPS(o) WG_F16(o, 0)
-#elif DP == 64
+#if DP == 64
 #define PV_N "64"
 #define PV_ACC WG_D0 "," WG_D16
 #define PV_TAIL "%32, %33, p"
 #define PV_FLAG "%34"
 #define PV_OPS(o) WG_F16(o, 0), WG_F16(o, 4)
-#elif DP == 96
-#define PV_N "96"
-#define PV_ACC WG_D0 "," WG_D16 "," WG_D32
-#define PV_TAIL "%48, %49, p"
-#define PV_FLAG "%50"
-#define PV_OPS(o) WG_F16(o, 0), WG_F16(o, 4), WG_F16(o, 8)
 #else
 #define PV_N "128"
 #define PV_ACC WG_D0 "," WG_D16 "," WG_D32 "," WG_D48

@@ -107,10 +107,9 @@ impl MmaConfig {
         }
     }
 
-    /// Hopper's warpgroup shape: 2 warpgroups of 64 rows, one block per SM (TESSERA_MMA_CONFIG=
-    /// 8,1,1,1,1 or `with_mma_config`). The sm_90a default at head dims 128 and 64, where K and V
-    /// come by TMA (not for INT8 at 64); with cp.async staging slower than mma.sync
-    /// (docs/design.md, "wgmma").
+    /// Hopper's warpgroup shape: 2 warpgroups of 64 rows and a TMA producer warp, one block per
+    /// SM (TESSERA_MMA_CONFIG=8,1,1,1,1 or `with_mma_config`). The sm_90a default at head dims
+    /// 128 and 64, the dims it runs (docs/design.md, "The wgmma shape").
     pub fn hopper_wgmma() -> MmaConfig {
         MmaConfig {
             warps: 8,
@@ -135,8 +134,8 @@ impl MmaConfig {
         }
     }
 
-    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128 or 64: `hopper_wgmma`
-    /// (K and V by TMA, but for INT8 at 64); at 64 two blocks per SM except for Exact and Fp8P
+    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128 or 64: `hopper_wgmma`;
+    /// at 64 two blocks per SM except for Exact and Fp8P
     /// (measured on the H100 at H=48 N=16384: exact 286 → 424 TOPS over 8 × 1 mma.sync; the
     /// other recipes 8–22% faster with two blocks, exact and fp8-p 1–3% slower). Other Hopper
     /// plans at 128: `hopper_wide`, measured 3–13% faster than 8 × 1 for every recipe but Nvfp4
@@ -201,12 +200,12 @@ impl MmaConfig {
         } else {
             0
         };
-        let (scales, room) = if self.tma(dp) {
+        let (scales, room) = if self.wgmma {
             (1024, 1024)
         } else {
             (4 * 64, 0)
         };
-        q + self.stages(dp) * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
+        q + self.stages() * (64 * qk_row + 64 * (2 * dp + pad) + scales) + p + room
     }
 
     /// The mma.sync shape that stands in for wgmma where wgmma cannot run a plan (not sm_90a,
@@ -218,24 +217,25 @@ impl MmaConfig {
         }
     }
 
-    /// K/V stages in shared memory (kernels: `STAGES`): three where a producer warp runs ahead.
-    fn stages(&self, dp: u32) -> u32 {
-        if self.tma(dp) {
+    /// K/V stages in shared memory (kernels: `STAGES`): three where a TMA producer warp runs ahead.
+    fn stages(&self) -> u32 {
+        if self.wgmma {
             3
         } else {
             2
         }
     }
 
-    /// Threads per block (kernels: `THREADS`): the row-owning warps, plus the TMA producer warp.
-    pub fn threads(&self, dp: u32) -> u32 {
-        32 * self.warps + if self.tma(dp) { 32 } else { 0 }
+    /// Threads per block (kernels: `THREADS`): the row-owning warps, plus wgmma's TMA producer warp.
+    pub fn threads(&self) -> u32 {
+        32 * self.warps + if self.wgmma { 32 } else { 0 }
     }
 
-    /// K and V by the tensor copy engine (kernels: `TMA`): the wgmma shape at head dims 128 and
-    /// 64 (K rows of 64 to 256 bytes: 64- or 128-byte swizzle panels).
-    fn tma(&self, dp: u32) -> bool {
-        self.wgmma && (dp == 128 || dp == 64)
+    /// The head dims (padded) the wgmma shape runs: K and V come by the tensor copy engine in
+    /// 64- or 128-byte swizzle panels (rows of 64 to 256 bytes). Elsewhere it stands down to
+    /// mma.sync (`CudaAttention::kernel_for`).
+    pub fn wgmma_dim(dp: u32) -> bool {
+        dp == 128 || dp == 64
     }
 }
 
@@ -378,7 +378,10 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     variants.push((vec![0, 1, 4, 5], MmaConfig::hopper_wgmma(), false, 0, true));
     for (recipes, cfg, skip, nm, vnv) in variants {
         for recipe in recipes {
-            for dp in MMA_DIMS {
+            for dp in MMA_DIMS
+                .into_iter()
+                .filter(|&d| !cfg.wgmma || MmaConfig::wgmma_dim(d))
+            {
                 for bf16 in [false, true] {
                     mods.push(Module::Mma {
                         recipe,
@@ -439,6 +442,12 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
     if !MMA_DIMS.contains(&dp) || s.head_dim % 8 != 0 {
         return Err(format!(
             "head_dim {} (tensor cores: a multiple of 8 whose 16-padding is one of {MMA_DIMS:?})",
+            s.head_dim
+        ));
+    }
+    if cfg.wgmma && !MmaConfig::wgmma_dim(dp) {
+        return Err(format!(
+            "head_dim {} on the wgmma shape (head dims 64 and 128)",
             s.head_dim
         ));
     }
@@ -552,8 +561,11 @@ impl CudaAttention {
         let mut cfg = self
             .mma
             .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
-        if cfg.wgmma && self.arch != "sm_90a" {
-            // wgmma is sm_90a's.
+        if cfg.wgmma
+            && (self.arch != "sm_90a"
+                || !MmaConfig::wgmma_dim(padded_dim(plan.spec.head_dim) as u32))
+        {
+            // wgmma is sm_90a's, and runs the head dims whose rows TMA cuts into swizzle panels.
             cfg = cfg.without_wgmma();
         }
         match tensor_core_fit(plan, cfg) {
@@ -1004,7 +1016,7 @@ impl CudaAttention {
         // operands it would otherwise copy itself; a map the driver refuses (an unaligned view)
         // sends the call to the mma.sync shape.
         let (mut kmap, mut vmap) = (TmaMap::unused(), TmaMap::unused());
-        if cfg.tma(dp) {
+        if cfg.wgmma {
             use cudarc::driver::DevicePtr;
             let ptr16 = |scr: &Option<CudaSlice<u16>>, t: &CudaTensor| -> u64 {
                 match (scr, t) {
@@ -1081,7 +1093,7 @@ impl CudaAttention {
                 (s.batch * s.heads_q) as u32,
                 1,
             ),
-            block_dim: (cfg.threads(dp), 1, 1),
+            block_dim: (cfg.threads(), 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
@@ -1329,15 +1341,10 @@ mod tests {
 
     #[test]
     fn wgmma_shared_memory_and_threads() {
-        // Q 128 rows, two stages of K and V (64 rows each) and 64 K scales; wgmma adds two
-        // 64 × 64 f16 P tiles per warpgroup; by TMA (head dims 64 and 128) three stages, the
-        // scales take 1024 bytes and 1024 more leave room to align the tiles, and a producer
-        // warp joins. Head dim 96 stays on cp.async.
+        // Q 128 rows, then three stages of K and V (64 rows each) by TMA, whose K scales take
+        // 1024 bytes; two 64 × 64 f16 P tiles per warpgroup and 1024 bytes of room to align
+        // the tiles; a producer warp joins the 8. mma.sync: two stages of padded rows.
         let wg = MmaConfig::hopper_wgmma();
-        assert_eq!(
-            wg.shared_bytes(0, 96),
-            128 * 192 + 2 * (2 * 64 * 192 + 256) + 2 * 2 * 8192
-        );
         assert_eq!(
             wg.shared_bytes(1, 64),
             128 * 64 + 3 * (64 * 64 + 64 * 128 + 1024) + 2 * 2 * 8192 + 1024
@@ -1346,11 +1353,8 @@ mod tests {
             wg.shared_bytes(0, 128),
             128 * 256 + 3 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
-        assert_eq!(
-            (wg.threads(96), wg.threads(64), wg.threads(128)),
-            (256, 288, 288)
-        );
         let sync = MmaConfig::parse("4,2,1,1").unwrap();
+        assert_eq!((wg.threads(), sync.threads()), (288, 128));
         assert_eq!(
             sync.shared_bytes(0, 128),
             128 * 272 + 2 * (2 * 64 * 272 + 256)
