@@ -126,21 +126,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ---- the recipe's P ------------------------------------------------------------------------
 
-// p rounded to the input dtype (hardware RNE; p comes from ex2.approx.ftz, so it is never
-// subnormal and round_to's flush has nothing to do).
-__device__ __forceinline__ float round_dtype(float p) {
-    unsigned short h;
-    if (BF16) {
-        asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(p));
-        return u2f((u32)h << 16);
-    }
-    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(p));
-    float r;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
-    return r;
-}
-
-// Two p rounded to the input dtype in one conversion (adjacent keys of a row).
+// Two p (adjacent keys of a row) rounded to the input dtype in one conversion: hardware RNE;
+// p comes from ex2.approx.ftz, so it is never subnormal and round_to's flush has nothing to do.
 __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
     u32 h2 = pack16<BF16>(lo, hi);
     if (BF16) {

@@ -607,7 +607,7 @@ impl CudaAttention {
 
     /// The tensor-core kernel's NVFP4 P quantizer on the GPU, for tests, which hold it to the
     /// CPU bit for bit: per i, E2M1(a / s)·s (a ≥ 0, s an E4M3 value) and the block scale code
-    /// of a block whose max is a. Synchronises the context's default stream.
+    /// of a block whose max is a. Waits for its results.
     #[doc(hidden)]
     pub fn probe_p_nvfp4(&self, a: &[f32], s: &[f32]) -> Result<(Vec<f32>, Vec<u32>)> {
         let module = Module::Mma {
@@ -620,7 +620,8 @@ impl CudaAttention {
             vnv: false,
         };
         let f = self.function(module, "probe_p_nvfp4")?;
-        let stream = self.ctx.default_stream();
+        // Its own stream: nothing of tessera's goes to the legacy default stream.
+        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
         let n = a.len().min(s.len());
         let (da, ds) = (
             stream.clone_htod(&a[..n]).map_err(cuda_err("htod"))?,
