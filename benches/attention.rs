@@ -266,6 +266,30 @@ fn main() {
         }
         return;
     }
+    // N:M sparse softmax on random inputs: dense against 2:4 and 4:8 (the selection's cost;
+    // P·V stays dense).
+    #[cfg(feature = "cuda")]
+    if let (Some(c), true) = (&cuda, args.iter().any(|a| a == "--nm")) {
+        for &(h, n, d) in &shapes {
+            for recipe in [Recipe::Exact, Recipe::Int8QkF16Pv, Recipe::nvfp4p()] {
+                let dense = AttentionSpec::new(1, h, n, d).with_recipe(recipe);
+                for (label, spec) in [
+                    ("dense", dense.clone()),
+                    ("2:4", dense.clone().with_nm_softmax(NmSoftmax::new(2, 4))),
+                    ("4:8", dense.clone().with_nm_softmax(NmSoftmax::new(4, 8))),
+                ] {
+                    if let Some(ms) = time_cuda(c, &spec, 5) {
+                        println!(
+                            "| nm-softmax | {} | 1,{h},{n},{d} | {label} | {ms:.3} | {:.1} |",
+                            recipe.name(),
+                            work(1, h, n, d, false) / (ms * 1e-3) / 1e12
+                        );
+                    }
+                }
+            }
+        }
+        return;
+    }
     for &(h, n, d) in &shapes {
         for causal in [false, true] {
             for (recipe, masks) in Recipe::ALL

@@ -1,8 +1,9 @@
 // attention_mma.cu: the tensor-core attention (mma.sync, sm_80+; wgmma on sm_90a), same
 // numerics as attention.cu. The host prepends RECIPE, DP (head dim padded, a multiple of 32, at
-// most 128; 64 or 128 with WGMMA), BF16 (1 when the 16-bit operands are bf16), SKIP (skip-softmax compiled in), NM
-// (N:M sparse softmax's M; 0: off), VNV (V → NVFP4: V arrives as f16 values of its codes, the
-// output is multiplied by v_g) and the launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
+// most 128; 64 or 128 with WGMMA), BF16 (1 when the 16-bit operands are bf16), SKIP
+// (skip-softmax compiled in), NM and NM_N (N:M sparse softmax's M and N; NM = 0: off), VNV
+// (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g) and the
+// launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
 //
 // mma.sync (WGMMA = 0): each warp owns MT m-tiles of 16 query rows (so every K/V fragment read
 // from shared memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K
@@ -454,17 +455,69 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
 
 // ---- N:M sparse softmax -------------------------------------------------------------------------
 
-// In each group of NM (4 or 8, compiled in) consecutive keys of a row only the nm_n largest
-// scores survive (an equal score at a lower key outranks); sink and recent keys stay dense. A
-// row's 8 keys of an n-tile sit in its quad, 2 per thread: M = 4 groups are thread pairs
-// (t, t^1), M = 8 groups the quad. Scores are compared unscaled: the scale is positive.
-// A −inf score needs no test: it outranks nothing and is −inf whether it survives or not.
-// `dense_near`: some key of this tile may be a sink or recent key for one of these rows (a
-// warp-uniform test, so the per-key window test runs only on the few tiles near them).
-__device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
+// In each group of NM (4 or 8) consecutive keys of a row only the NM_N largest scores survive
+// (an equal score at a lower key outranks); sink and recent keys stay dense. NM and NM_N are
+// compiled in. A row's 8 keys of an n-tile sit in its quad, 2 per thread: M = 4 groups are
+// thread pairs (t, t^1), M = 8 groups the quad. Scores are compared unscaled: the scale is
+// positive. A −inf score needs no test: it outranks nothing and is −inf whether it survives or not.
+//
+// The fast path finds the group's N-th largest score τ from sorted pieces (each thread sorts its
+// two, merges with its partner's, for M = 8 with the other pair's) and keeps s ≥ τ: no branch
+// per score. That is the rule exactly unless the (N+1)-th largest equals τ (a tie at the
+// boundary, which the key order must break): then the warp counts ranks instead (rare, except
+// for inputs with repeated scores).
+
+// The k-th largest (1-based, compiled in) of two lists sorted in descending order:
+// max over i + j = k of min(a_i, b_j), with a_0 = b_0 = +∞.
+template <u32 L>
+__device__ __forceinline__ float kth_largest(const float (&a)[L], const float (&b)[L], u32 k) {
+    float best = 0.0f;
+#pragma unroll
+    for (u32 i = (k > L ? k - L : 0u); i <= (k < L ? k : L); i++) {
+        u32 j = k - i;
+        float v = i == 0u ? b[j - 1u] : j == 0u ? a[i - 1u] : fminf(a[i - 1u], b[j - 1u]);
+        best = i == (k > L ? k - L : 0u) ? v : fmaxf(best, v);
+    }
+    return best;
+}
+
+#if NM
+#define NM_SPAN 2u  // n-tiles per selection step
+
+// τ (the NM_N-th largest) of the group of this thread's two scores; `tie`: the next one equals it.
+__device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
+    float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2], four[4];
+#pragma unroll
+    for (u32 e = 0; e < 2u; e++) pair[e] = __shfl_xor_sync(0xffffffffu, own[e], 1);
+    float tau, next;
+    if (NM == 4u) {
+        tau = kth_largest(own, pair, NM_N);
+        next = kth_largest(own, pair, NM_N + 1u);
+    } else {
+        float other[4];
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(own, pair, k + 1u);
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) other[k] = __shfl_xor_sync(0xffffffffu, four[k], 2);
+        tau = kth_largest(four, other, NM_N);
+        next = kth_largest(four, other, NM_N + 1u);
+    }
+    tie = tau == next && tau != NEG_INF;
+    return tau;
+}
+
+// Is key `key` of row `row` dense (a sink or a recent key)?
+__device__ __forceinline__ bool nm_dense(const Params& P, u32 row, u32 key, i32 offset) {
+    i32 dist = (i32)row + offset - (i32)key;
+    return (key < P.nm_sink) | ((u32)dist < P.nm_recent);  // (0 ≤ dist < nm_recent)
+}
+
+// The exact rule by ranks (the slow path, for ties at the boundary): a score survives when
+// fewer than NM_N scores of its group outrank it.
+__device__ __forceinline__ void nm_by_rank(const Params& P, float (&s)[NT_S][4], u32 n0, const u32 (&rows)[2], u32 key0, i32 offset) {
     u32 t = threadIdx.x % 4u;
 #pragma unroll
-    for (u32 n = 0; n < NT_S; n++)
+    for (u32 n = n0; n < n0 + NM_SPAN; n++)
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
             float own[2] = {s[n][2u * i], s[n][2u * i + 1u]};
@@ -488,16 +541,51 @@ __device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], 
                         rank += (lower ? z >= x : z > x) ? 1u : 0u;
                     }
                 }
-                bool drop = rank >= P.nm_n;
-                if (dense_near) {
-                    u32 key = key0 + n * 8u + 2u * t + e;
-                    i32 dist = (i32)rows[i] + offset - (i32)key;
-                    drop = drop && !(key < P.nm_sink || (dist >= 0 && dist < (i32)P.nm_recent));
-                }
-                if (drop) s[n][2u * i + e] = NEG_INF;
+                bool keep = rank < NM_N || nm_dense(P, rows[i], key0 + n * 8u + 2u * t + e, offset);
+                s[n][2u * i + e] = keep ? x : NEG_INF;
             }
         }
 }
+
+// `dense_near`: some key of this tile may be a sink or recent key for one of these rows (a
+// warp-uniform test, so the per-key window test runs only on the few tiles near them). Half a
+// tile at a time (fewer live thresholds: registers).
+__device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
+    u32 t = threadIdx.x % 4u;
+#pragma unroll
+    for (u32 n0 = 0; n0 < NT_S; n0 += NM_SPAN) {
+        float tau[NM_SPAN][2];
+        bool tie = false;
+#pragma unroll
+        for (u32 n = 0; n < NM_SPAN; n++)
+#pragma unroll
+            for (u32 i = 0; i < 2u; i++) {
+                bool t_i;
+                tau[n][i] = nm_threshold(s[n0 + n][2u * i], s[n0 + n][2u * i + 1u], t_i);
+                tie |= t_i;
+            }
+        if (__any_sync(0xffffffffu, tie)) {
+            nm_by_rank(P, s, n0, rows, key0, offset);
+            continue;
+        }
+        if (dense_near) {
+#pragma unroll
+            for (u32 n = 0; n < NM_SPAN; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) {
+                    float& x = s[n0 + n][e];
+                    bool keep = (x >= tau[n][e / 2u]) | nm_dense(P, rows[e / 2u], key0 + (n0 + n) * 8u + 2u * t + e % 2u, offset);
+                    x = keep ? x : NEG_INF;
+                }
+        } else {
+#pragma unroll
+            for (u32 n = 0; n < NM_SPAN; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n0 + n][e] = s[n0 + n][e] >= tau[n][e / 2u] ? s[n0 + n][e] : NEG_INF;
+        }
+    }
+}
+#endif
 
 // ---- one tile --------------------------------------------------------------------------------
 
@@ -695,16 +783,16 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
                     if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
                 }
     }
-    if (NM) {
+#if NM
 #pragma unroll
-        for (u32 mt = 0; mt < MT; mt++) {
-            // Rows r0..r0+15 see keys key0..key0+63 at distances r0 + offset − key0 − 63 up
-            // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
-            i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
-            bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
-            nm_select(P, s[mt], rows[mt], key0, offset, near);
-        }
+    for (u32 mt = 0; mt < MT; mt++) {
+        // Rows r0..r0+15 see keys key0..key0+63 at distances r0 + offset − key0 − 63 up
+        // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
+        i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
+        bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
+        nm_select(P, s[mt], rows[mt], key0, offset, near);
     }
+#endif
 }
 
 // Online softmax of one m-tile in base 2: m is the running max of the scaled scores (−inf

@@ -381,7 +381,7 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
         let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
         for mma in &shapes {
             let kernel = mma.kernel_for(&plan);
-            assert!(matches!(kernel, Module::Mma { nm: 4 | 8, .. }));
+            assert!(matches!(kernel, Module::Mma { nm: (_, 4 | 8), .. }));
             let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
             let acc = Accuracy::of(&o_mma, &o_simt);
             // The same selection up to scores that tie only after scaling (rare): the recipe's

@@ -256,8 +256,8 @@ pub enum Module {
         cfg: MmaConfig,
         /// Skip-softmax compiled in (its test would cost the dense kernel registers).
         skip: bool,
-        /// N:M sparse softmax's M compiled in (0: none).
-        nm: u32,
+        /// N:M sparse softmax's (N, M) compiled in ((0, 0): none).
+        nm: (u32, u32),
         /// V → NVFP4: V read from f16 copies of its codes' values, the output times v_g.
         vnv: bool,
     },
@@ -284,8 +284,8 @@ impl Module {
                 cfg.q_in_shared as u32,
                 cfg.min_blocks,
                 if *skip { "-skip" } else { "" },
-                if *nm > 0 {
-                    format!("-nm{nm}")
+                if nm.1 > 0 {
+                    format!("-nm{}of{}", nm.0, nm.1)
                 } else {
                     String::new()
                 },
@@ -323,7 +323,8 @@ pub fn module_source(m: Module) -> String {
                 ("DP", dp),
                 ("BF16", bf16 as u32),
                 ("SKIP", skip as u32),
-                ("NM", nm),
+                ("NM", nm.1),
+                ("NM_N", nm.0),
                 ("VNV", vnv as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
@@ -353,8 +354,8 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     // (skip-softmax variants with Hopper's shapes only: the code path is the same.)
     let sm90 = MmaConfig::for_arch("sm_90a");
     let sm90_wide = MmaConfig::hopper_wide();
-    // (recipes, launch shape, skip-softmax, N:M's M, V → NVFP4), each over every dim and dtype.
-    let mut variants: Vec<(Vec<u32>, MmaConfig, bool, u32, bool)> = Vec::new();
+    // (recipes, launch shape, skip-softmax, N:M's (N, M), V → NVFP4), each over every dim and dtype.
+    let mut variants: Vec<(Vec<u32>, MmaConfig, bool, (u32, u32), bool)> = Vec::new();
     for (cfg, skip) in [
         (sm90, false),
         (sm90_wide, false),
@@ -365,17 +366,33 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         (MmaConfig::hopper_wgmma(), true),
         (MmaConfig::for_arch("sm_89"), true),
     ] {
-        variants.push((MMA_RECIPES.to_vec(), cfg, skip, 0, false));
+        variants.push((MMA_RECIPES.to_vec(), cfg, skip, (0, 0), false));
     }
     // N:M with ModelOpt's P modes; V → NVFP4 with the recipes that allow it.
-    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
+    // (N:M with each N of M = 4 and a few of M = 8: N is compiled in.)
+    let nms = [
+        (0, (2, 4)),
+        (4, (3, 8)),
+        (5, (2, 4)),
+        (0, (1, 4)),
+        (0, (3, 4)),
+        (0, (7, 8)),
+        (1, (1, 8)),
+    ];
+    for &(recipe, nm) in &nms[..4] {
         variants.push((vec![recipe], sm90, false, nm, false));
     }
-    variants.push((vec![0, 1, 4, 5], sm90, false, 0, true));
-    for (recipe, nm) in [(0, 4), (4, 8), (5, 4), (0, 8)] {
+    variants.push((vec![0, 1, 4, 5], sm90, false, (0, 0), true));
+    for (recipe, nm) in nms {
         variants.push((vec![recipe], MmaConfig::hopper_wgmma(), false, nm, false));
     }
-    variants.push((vec![0, 1, 4, 5], MmaConfig::hopper_wgmma(), false, 0, true));
+    variants.push((
+        vec![0, 1, 4, 5],
+        MmaConfig::hopper_wgmma(),
+        false,
+        (0, 0),
+        true,
+    ));
     for (recipes, cfg, skip, nm, vnv) in variants {
         for recipe in recipes {
             for dp in MMA_DIMS
@@ -409,7 +426,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                     ..MmaConfig::hopper_wgmma()
                 },
                 skip,
-                nm: 0,
+                nm: (0, 0),
                 vnv: false,
             });
         }
@@ -468,7 +485,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         bf16: s.dtype == DType::BF16,
         cfg,
         skip: s.skip_softmax.is_some(),
-        nm: s.nm_softmax.map_or(0, |n| n.m),
+        nm: s.nm_softmax.map_or((0, 0), |n| (n.n, n.m)),
         vnv: s.v_nvfp4.is_some(),
     })
 }
@@ -616,7 +633,7 @@ impl CudaAttention {
             bf16: false,
             cfg: MmaConfig::for_arch(self.arch),
             skip: false,
-            nm: 0,
+            nm: (0, 0),
             vnv: false,
         };
         let f = self.function(module, "probe_p_nvfp4")?;
