@@ -484,11 +484,19 @@ __device__ __forceinline__ float kth_largest(const float (&a)[L], const float (&
 #if NM
 #define NM_SPAN 2u  // n-tiles per selection step
 
-// τ (the NM_N-th largest) of the group of this thread's two scores; `tie`: the next one equals it.
+// τ (the NM_N-th largest) of the group of this thread's two scores; `tie` |= the next one
+// equals it. (Equal −∞ scores also count as a tie: harmless, the rank path then runs on a few
+// masked tiles, and the test stays one instruction.)
 __device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
     float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2], four[4];
 #pragma unroll
     for (u32 e = 0; e < 2u; e++) pair[e] = __shfl_xor_sync(0xffffffffu, own[e], 1);
+    if (NM == 4u && NM_N == 2u) {
+        // 2:4: the 2nd and 3rd largest are max(a, b) and min(a, b), equal when a = b.
+        float a = fminf(own[0], pair[0]), b = fmaxf(own[1], pair[1]);
+        tie |= a == b;
+        return fmaxf(a, b);
+    }
     float tau, next;
     if (NM == 4u) {
         tau = kth_largest(own, pair, NM_N);
@@ -502,7 +510,7 @@ __device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
         tau = kth_largest(four, other, NM_N);
         next = kth_largest(four, other, NM_N + 1u);
     }
-    tie = tau == next && tau != NEG_INF;
+    tie |= tau == next;
     return tau;
 }
 
@@ -559,11 +567,7 @@ __device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], 
 #pragma unroll
         for (u32 n = 0; n < NM_SPAN; n++)
 #pragma unroll
-            for (u32 i = 0; i < 2u; i++) {
-                bool t_i;
-                tau[n][i] = nm_threshold(s[n0 + n][2u * i], s[n0 + n][2u * i + 1u], t_i);
-                tie |= t_i;
-            }
+            for (u32 i = 0; i < 2u; i++) tau[n][i] = nm_threshold(s[n0 + n][2u * i], s[n0 + n][2u * i + 1u], tie);
         if (__any_sync(0xffffffffu, tie)) {
             nm_by_rank(P, s, n0, rows, key0, offset);
             continue;
