@@ -927,9 +927,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     // derived from it (the wgmma descriptors) live in uniform registers.
     u32 tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid / 32u, 0), lane = tid % 32u;
     u32 g = lane / 4u, t = lane % 4u;
-    u32 bh = blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
+    // The grid: (query blocks, b·h), or (FLAG_HEAVY_FIRST, causal) (b·h, query blocks) walked
+    // from the last query block, the heaviest, so that the grid ends on light blocks.
+    bool heavy_first = (P.flags & FLAG_HEAVY_FIRST) != 0u;
+    u32 bh = heavy_first ? blockIdx.x : blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
     u32 hkv = h / P.group, bkv = b * P.heads_kv + hkv;
-    u32 row0 = blockIdx.x * BQT;
+    u32 row0 = (heavy_first ? gridDim.y - 1u - blockIdx.y : blockIdx.x) * BQT;
     bool causal = (P.flags & FLAG_CAUSAL) != 0u;
     i32 offset = (i32)P.seq_kv - (i32)P.seq_q;
     u32 last_row = min(row0 + BQT, P.seq_q) - 1u;

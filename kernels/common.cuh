@@ -37,6 +37,7 @@ struct Params {
 #define FLAG_MASK 4u
 #define FLAG_SMOOTH 8u
 #define FLAG_VNVFP4 16u
+#define FLAG_HEAVY_FIRST 32u  // attention_mma: grid (b·h, query blocks), last query block first
 #define TINY_BITS 0x0f800000u
 #define E4M3_NAN 0x7fu
 #define E4M3_MAX_CODE 0x7eu

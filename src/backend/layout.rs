@@ -86,6 +86,8 @@ pub const FLAG_LSE: u32 = 2;
 pub const FLAG_MASK: u32 = 4;
 pub const FLAG_SMOOTH: u32 = 8;
 pub const FLAG_VNVFP4: u32 = 16;
+/// The tensor-core kernel's grid is (b·h, query blocks), last query block first (CUDA, causal).
+pub const FLAG_HEAVY_FIRST: u32 = 32;
 pub const MODE_Q: u32 = 0;
 pub const MODE_K: u32 = 1;
 

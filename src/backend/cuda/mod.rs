@@ -944,7 +944,7 @@ impl CudaAttention {
             ));
         };
         let s = &plan.spec;
-        let p = params(plan, layout);
+        let mut p = params(plan, layout);
         let (b, hq, hk, nq, nk) = (
             s.batch as u32,
             s.heads_q as u32,
@@ -1105,12 +1105,24 @@ impl CudaAttention {
             smem as i32,
         )
         .map_err(cuda_err("shared memory attribute"))?;
+        // Causal: the grid is (b·h, query blocks), walked from the last query block, so the
+        // heaviest blocks (most visible keys) of every head start first and the grid ends on
+        // light ones: a shorter tail (longest-processing-time first). Otherwise (query blocks,
+        // b·h): a head's blocks run together and share its K/V in L2.
+        let (q_blocks, heads) = (
+            (s.seq_q as u32).div_ceil(16 * cfg.warps * cfg.m_tiles),
+            (s.batch * s.heads_q) as u32,
+        );
+        let heavy_first = s.causal && q_blocks <= 65535;
+        if heavy_first {
+            p.flags |= FLAG_HEAVY_FIRST;
+        }
         let cfg = LaunchConfig {
-            grid_dim: (
-                (s.seq_q as u32).div_ceil(16 * cfg.warps * cfg.m_tiles),
-                (s.batch * s.heads_q) as u32,
-                1,
-            ),
+            grid_dim: if heavy_first {
+                (heads, q_blocks, 1)
+            } else {
+                (q_blocks, heads, 1)
+            },
             block_dim: (cfg.threads(), 1, 1),
             shared_mem_bytes: smem,
         };
