@@ -148,6 +148,15 @@ __device__ __forceinline__ u32 f32_to_f16_bits(float x) {
     return sign | min(round_minifloat(a, 10u, -14), 0x7c00u);
 }
 
+// E4M3 code → f16 bits, exactly (every E4M3 value is an f16): a normal code's exponent moves
+// from bias 7 to 15 (+8); a subnormal m·2^-9 is an f16 normal; NaN as f32_to_f16_bits gives it.
+__device__ __forceinline__ u32 e4m3_to_f16_bits(u32 c) {
+    u32 sign = (c & 0x80u) << 8, a = c & 0x7fu;
+    if (a == E4M3_NAN) return sign | 0x7e00u;
+    if (a >= 8u) return sign | ((a << 7) + (8u << 10));
+    return sign | (a == 0u ? 0u : f32_to_f16_bits(__fmul_rn((float)a, 0.001953125f)));
+}
+
 __device__ __forceinline__ u32 f32_to_bf16_bits(float x) {
     u32 b = f2u(x);
     u32 sign = (b >> 16) & 0x8000u;
