@@ -309,8 +309,14 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
             float lo = p[2u * kk + r / 2u][2u * (r % 2u)], hi = p[2u * kk + r / 2u][2u * (r % 2u) + 1u];
             if (RECIPE == R_INT8_FP8 || RECIPE == R_FP8P)
                 pa[kk][r] = e4m3_pair<PV_BF16>(__fmul_rn(lo, mul), __fmul_rn(hi, mul));
-            else
-                pa[kk][r] = pack16<PV_BF16>(lo, hi);  // Exact, Int8QkF16Pv: RNE to 16 bits; NVFP4: exact
+            else {
+                // Exact, Int8QkF16Pv: RNE to the 16-bit type (NVFP4: exact). With V → NVFP4 the
+                // product runs in f16 even for bf16 inputs, but P is still the input dtype's:
+                // rounded to bf16 first (then exact in f16 down to 2^-17; below, p is < 2^-17
+                // of the row max and a second rounding is far inside the tolerance).
+                if (VNV && BF16 && (RECIPE == R_EXACT || RECIPE == R_INT8_F16)) round_dtype_pair(lo, hi);
+                pa[kk][r] = pack16<PV_BF16>(lo, hi);
+            }
         }
 }
 

@@ -17,6 +17,10 @@ fn codes_are_bit_identical_and_outputs_agree() {
         (Recipe::nvfp4p(), Some(4.0), DType::BF16, true),
         (Recipe::fp8p(), Some(2.5), DType::F32, false),
         (Recipe::Int8QkF16Pv, None, DType::F16, true),
+        // bf16 with a 16-bit P: P is the input dtype's (bf16) though P·V runs in f16 (the
+        // tensor-core kernel rounded P to f16 only, until the seventh session).
+        (Recipe::Int8QkF16Pv, Some(4.0), DType::BF16, false),
+        (Recipe::Exact, None, DType::BF16, true),
     ] {
         let spec = AttentionSpec::new(1, 4, 200, 96)
             .with_kv(2, 333)
