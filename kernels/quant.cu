@@ -18,6 +18,14 @@ __device__ __forceinline__ float qk_value(const Params& P, const void* src, cons
     return x;
 }
 
+// f16 bits → f32 by the hardware conversion: exact (a NaN comes out as the canonical NaN, as
+// every f32 operation after it would make it anyway).
+__device__ __forceinline__ float cvt_f16(u32 bits) {
+    float x;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));
+    return x;
+}
+
 // The K mean in two passes (the CPU's order, in parallel): each 64-token block's sum per channel,
 // partials [b·hk][block][d]; then the partials in block order, divided by N.
 #define MEAN_BLOCK 64u
@@ -41,7 +49,7 @@ extern "C" __global__ void k_block_sums(Params P, const void* src, u32* ws) {
         for (u32 i = 0; i < MEAN_BLOCK; i++) bits[i] = s16[i * P.kv_st];
 #pragma unroll
         for (u32 i = 0; i < MEAN_BLOCK; i++)
-            sum = __fadd_rn(sum, P.dtype == DT_F16 ? f16_bits_to_f32(bits[i]) : ftz(u2f(bits[i] << 16)));  // = load_elem
+            sum = __fadd_rn(sum, P.dtype == DT_F16 ? cvt_f16(bits[i]) : ftz(u2f(bits[i] << 16)));  // = load_elem
     } else {
         for (; t < t_end; t++) sum = __fadd_rn(sum, load_elem(src, row0 + t * P.kv_st, P.dtype));
     }
@@ -111,12 +119,13 @@ __device__ __forceinline__ float sub_ftz(float a, float b) {
     return y;
 }
 
-// int8_round for finite |y| < 2^23 (here |y| ≤ 127·(1 + 2^-23)): half away from zero, saturated
-// at 127. a − trunc(a) is exact, so the tie test is too.
-__device__ __forceinline__ i32 int8_round_finite(float y) {
+// int8_round for finite |y| < 2^22 (here |y| ≤ 127·(1 + 2^-23)) as the code's byte: half away
+// from zero, saturated at 127. a − trunc(a) is exact, so the tie test is too; the signed
+// integer n reaches the byte through 1.5·2^23 + n (exact), not a float → int conversion.
+__device__ __forceinline__ u32 int8_byte_finite(float y) {
     float a = fabsf(y), t = truncf(a);
-    i32 n = min((i32)t + (a - t >= 0.5f ? 1 : 0), 127);
-    return y < 0.0f ? -n : n;
+    float n = fminf(t + (a - t >= 0.5f ? 1.0f : 0.0f), 127.0f);
+    return (u32)__float_as_int(copysignf(n, y) + 12582912.0f) & 0xffu;
 }
 
 // Q's LSE shift sm_scale·q·mean(K) (q_delta's value, any summation order: it only enters the
@@ -133,6 +142,85 @@ __device__ __forceinline__ void q_delta_rows(const Params& P, const void* src, u
         for (u32 c = lane; c < P.head_dim; c += 32u) d = fmaf(mul_ftz(load_elem(src, row + c, P.dtype), P.fold), u2f(mean[c]), d);
         for (u32 o = 16u; o > 0u; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
         if (lane == 0u) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
+    }
+}
+
+// int8_qk's fast path (see there): each chunk loaded once, coalesced, kept in registers for
+// both passes. IS_Q: values q·fold (and, SMOOTH, Q's LSE shift q·mean(K)); else k, minus mean(K)
+// when SMOOTH. F16: f16 input (else bf16). The same values and codes as the general path.
+template <bool IS_Q, bool F16, bool SMOOTH>
+__device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned short* src, u32* ws, u32* red, u32 bh, u32 g, u32 t0,
+                                               u32 per, u32 inter, u32 n, u32 tstride, const u32* mean) {
+    u32 lid = threadIdx.x, nthreads = blockDim.x;
+    u32 cpr = P.head_dim / 8u, dw = P.dp / 4u;
+    u32 c0 = (lid & (cpr - 1u)) * 8u;  // this thread's channels, in every chunk it holds
+    // Chunk i of this thread is row r0 + i·rstep of the group (cpr, a power of two, divides
+    // the block): shifts, not divisions.
+    u32 cshift = __ffs(cpr) - 1u, r0 = lid >> cshift, rstep = nthreads >> cshift;
+    float mu[8];
+#pragma unroll
+    for (u32 k = 0; k < 8u; k++) mu[k] = SMOOTH ? u2f(mean[c0 + k]) : 0.0f;
+    auto value16 = [&](u32 bits, u32 k) -> float {
+        float x = F16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
+        if (IS_Q) return mul_ftz(x, P.fold);
+        return SMOOTH ? sub_ftz(x, mu[k]) : x;
+    };
+    uint4 buf[QK_CHUNKS];
+    u32 amax = 0u;
+#pragma unroll
+    for (u32 i = 0; i < QK_CHUNKS; i++) {
+        u32 r = r0 + i * rstep, t = t0 + r * inter;
+        buf[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (r < per && t < n) buf[i] = *(const uint4*)(src + t * tstride + c0);
+    }
+#pragma unroll
+    for (u32 i = 0; i < QK_CHUNKS; i++) {
+        u32 r = r0 + i * rstep, t = t0 + r * inter;
+        const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+        bool in = r < per && t < n;  // (a zero chunk past the end is not 0 once smoothed)
+        float d = 0.0f;
+        u32 m = 0u;
+#pragma unroll
+        for (u32 k = 0; k < 8u; k++) {
+            float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
+            m = max(m, abs_bits(x));
+            if (IS_Q && SMOOTH) d = fmaf(x, mu[k], d);
+        }
+        if (in) amax = max(amax, m);
+        if (IS_Q && SMOOTH && i * rstep < per) {  // uniform across the block
+#pragma unroll
+            for (u32 o = 16u; o > 0u; o >>= 1)
+                if (o < cpr) d += __shfl_xor_sync(0xffffffffu, d, o);
+            if ((lid & (cpr - 1u)) == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
+        }
+    }
+    float inv = group_scale(P, ws, red, amax, IS_Q, g);
+    u32 off = IS_Q ? P.off_qcodes : P.off_kcodes;
+#pragma unroll
+    for (u32 i = 0; i < QK_CHUNKS; i++) {
+        u32 r = r0 + i * rstep, t = t0 + r * inter;
+        if (r < per && t < n) {
+            u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+            // Recompute the values from the raw chunk: kept from the first pass they would be
+            // 64 live floats (spills) instead of 32 words.
+#pragma unroll
+            for (u32 k = 0; k < 4u; k++) asm volatile("" : "+r"(w[k]));
+            u32 codes[2] = {0u, 0u};
+#pragma unroll
+            for (u32 k = 0; k < 8u; k++) {
+                float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
+                codes[k / 4u] |= int8_byte_finite(mul_ftz(x, inv)) << (8u * (k % 4u));
+            }
+            // A zero, tiny or non-finite group (inv = 0) has zero codes: x·0 is ±0 for finite x.
+            if (!(inv > 0.0f)) codes[0] = codes[1] = 0u;
+            *(uint2*)(ws + off + (bh * n + t) * dw + c0 / 4u) = make_uint2(codes[0], codes[1]);
+        }
+    }
+    // Codes of the padded channels (head_dim..dp) are zero.
+    u32 padw = dw - P.head_dim / 4u;
+    for (u32 e = lid; e < per * padw; e += nthreads) {
+        u32 t = t0 + (e / padw) * inter;
+        if (t < n) ws[off + (bh * n + t) * dw + P.head_dim / 4u + e % padw] = 0u;
     }
 }
 
@@ -166,74 +254,25 @@ extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const voi
     };
     // Fast path: 16-bit inputs whose rows are whole 16-byte chunks (8 channels), a group that
     // fits QK_CHUNKS chunks per thread, and a row's chunks on a power-of-two run of lanes that
-    // divides the block (so each thread always holds the same 8 channels): each chunk is
-    // loaded once, coalesced, and kept in registers for both passes. The same values and codes
-    // as the general path below.
+    // divides the block (so each thread always holds the same 8 channels): int8_qk_chunks,
+    // specialised on Q/K, f16/bf16 and smoothing.
     u32 cpr = P.head_dim / 8u, nchunks = per * cpr;
     bool fast = P.dtype != DT_F32 && P.head_dim % 8u == 0u && base % 8u == 0u && tstride % 8u == 0u &&
                 ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * nthreads && cpr <= 32u && (cpr & (cpr - 1u)) == 0u &&
                 nthreads % cpr == 0u;
     if (fast) {
-        u32 c0 = (lid % cpr) * 8u;  // this thread's channels, in every chunk it holds
-        float mu[8];
-#pragma unroll
-        for (u32 k = 0; k < 8u; k++) mu[k] = (smooth || shift) ? u2f(mean[c0 + k]) : 0.0f;
-        auto value16 = [&](u32 bits, u32 k) -> float {
-            float x;
-            if (P.dtype == DT_F16) asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));  // exact
-            else x = ftz(u2f(bits << 16));
-            if (is_q) return mul_ftz(x, P.fold);
-            return smooth ? sub_ftz(x, mu[k]) : x;
-        };
-        uint4 buf[QK_CHUNKS];
-        u32 amax = 0u;
-#pragma unroll
-        for (u32 i = 0; i < QK_CHUNKS; i++) {
-            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
-            buf[i] = make_uint4(0u, 0u, 0u, 0u);
-            if (e < nchunks && t < n) buf[i] = *(const uint4*)((const unsigned short*)src + base + t * tstride + c0);
-        }
-#pragma unroll
-        for (u32 i = 0; i < QK_CHUNKS; i++) {
-            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
-            const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
-            bool in = e < nchunks && t < n;  // (a zero chunk past the end is not 0 once smoothed)
-            float d = 0.0f;
-#pragma unroll
-            for (u32 k = 0; k < 8u; k++) {
-                float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
-                if (in) amax = max(amax, abs_bits(x));
-                if (shift) d = fmaf(x, mu[k], d);
-            }
-            if (shift && i * nthreads < nchunks) {  // uniform across the warp
-#pragma unroll
-                for (u32 o = 16u; o > 0u; o >>= 1)
-                    if (o < cpr) d += __shfl_xor_sync(0xffffffffu, d, o);
-                if (lid % cpr == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
-            }
-        }
-        float inv = group_scale(P, ws, red, amax, is_q, bh * ng + gi);
-        bool finite = inv > 0.0f;
-        u32 off = is_q ? P.off_qcodes : P.off_kcodes;
-#pragma unroll
-        for (u32 i = 0; i < QK_CHUNKS; i++) {
-            u32 e = lid + i * nthreads, t = t0 + (e / cpr) * inter;
-            if (e < nchunks && t < n) {
-                const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
-                u32 codes[2] = {0u, 0u};
-#pragma unroll
-                for (u32 k = 0; k < 8u; k++) {
-                    float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
-                    if (finite) codes[k / 4u] |= ((u32)int8_round_finite(mul_ftz(x, inv)) & 0xffu) << (8u * (k % 4u));
-                }
-                *(uint2*)(ws + off + (bh * n + t) * dw + c0 / 4u) = make_uint2(codes[0], codes[1]);
-            }
-        }
-        // Codes of the padded channels (head_dim..dp) are zero.
-        u32 padw = dw - P.head_dim / 4u;
-        for (u32 e = lid; e < per * padw; e += nthreads) {
-            u32 t = t0 + (e / padw) * inter;
-            if (t < n) ws[off + (bh * n + t) * dw + P.head_dim / 4u + e % padw] = 0u;
+        const unsigned short* s16 = (const unsigned short*)src + base;
+        u32 g = bh * ng + gi;
+        bool f16 = P.dtype == DT_F16, smoothing = (P.flags & FLAG_SMOOTH) != 0u;
+        switch ((is_q ? 4u : 0u) | (f16 ? 2u : 0u) | (smoothing ? 1u : 0u)) {
+            case 0u: int8_qk_chunks<false, false, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 1u: int8_qk_chunks<false, false, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 2u: int8_qk_chunks<false, true, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 3u: int8_qk_chunks<false, true, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 4u: int8_qk_chunks<true, false, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 5u: int8_qk_chunks<true, false, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 6u: int8_qk_chunks<true, true, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            default: int8_qk_chunks<true, true, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
         }
         return;
     }
