@@ -135,8 +135,8 @@ __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
         lo = u2f(h2 << 16);
         hi = u2f(h2 & 0xffff0000u);
     } else {
-        asm("cvt.f32.f16 %0, %1;\n" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
-        asm("cvt.f32.f16 %0, %1;\n" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
+        lo = cvt_f16(h2 & 0xffffu);
+        hi = cvt_f16(h2 >> 16);
     }
 }
 
@@ -190,8 +190,8 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
     for (u32 h = 0; h < 2u; h++) {
         u32 h2;
         asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"((unsigned short)(codes >> (16u * h))));
-        asm("cvt.f32.f16 %0, %1;\n" : "=f"(out[2u * h]) : "h"((unsigned short)(h2 & 0xffffu)));
-        asm("cvt.f32.f16 %0, %1;\n" : "=f"(out[2u * h + 1u]) : "h"((unsigned short)(h2 >> 16)));
+        out[2u * h] = cvt_f16(h2 & 0xffffu);
+        out[2u * h + 1u] = cvt_f16(h2 >> 16);
     }
 #else
 #pragma unroll
@@ -473,6 +473,9 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
 // boundary, which the key order must break): then the warp counts ranks instead (rare, except
 // for inputs with repeated scores).
 
+#if NM
+#define NM_SPAN 2u  // n-tiles per selection step
+
 // The k-th largest (1-based, compiled in) of two lists sorted in descending order:
 // max over i + j = k of min(a_i, b_j), with a_0 = b_0 = +∞.
 template <u32 L>
@@ -487,14 +490,11 @@ __device__ __forceinline__ float kth_largest(const float (&a)[L], const float (&
     return best;
 }
 
-#if NM
-#define NM_SPAN 2u  // n-tiles per selection step
-
 // τ (the NM_N-th largest) of the group of this thread's two scores; `tie` |= the next one
 // equals it. (Equal −∞ scores also count as a tie: harmless, the rank path then runs on a few
 // masked tiles, and the test stays one instruction.)
 __device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
-    float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2], four[4];
+    float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2];
 #pragma unroll
     for (u32 e = 0; e < 2u; e++) pair[e] = __shfl_xor_sync(0xffffffffu, own[e], 1);
     if (NM == 4u && NM_N == 2u) {
@@ -508,7 +508,7 @@ __device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
         tau = kth_largest(own, pair, NM_N);
         next = kth_largest(own, pair, NM_N + 1u);
     } else {
-        float other[4];
+        float four[4], other[4];
 #pragma unroll
         for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(own, pair, k + 1u);
 #pragma unroll
@@ -562,8 +562,8 @@ __device__ __forceinline__ void nm_by_rank(const Params& P, float (&s)[NT_S][4],
 }
 
 // `dense_near`: some key of this tile may be a sink or recent key for one of these rows (a
-// warp-uniform test, so the per-key window test runs only on the few tiles near them). Half a
-// tile at a time (fewer live thresholds: registers).
+// warp-uniform test, so the per-key window test runs only on the few tiles near them). NM_SPAN
+// n-tiles at a time (fewer live thresholds: no spills at two blocks per SM).
 __device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
     u32 t = threadIdx.x % 4u;
 #pragma unroll

@@ -140,6 +140,14 @@ __device__ __forceinline__ float f16_bits_to_f32(u32 h) {
     return u2f(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+// f16 bits → f32 by the hardware conversion: exact (a NaN comes out as the canonical NaN, as
+// every f32 operation after it would make it anyway).
+__device__ __forceinline__ float cvt_f16(u32 bits) {
+    float x;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));
+    return x;
+}
+
 __device__ __forceinline__ u32 f32_to_f16_bits(float x) {
     u32 b = f2u(x);
     u32 sign = (b >> 16) & 0x8000u;

@@ -18,14 +18,6 @@ __device__ __forceinline__ float qk_value(const Params& P, const void* src, cons
     return x;
 }
 
-// f16 bits → f32 by the hardware conversion: exact (a NaN comes out as the canonical NaN, as
-// every f32 operation after it would make it anyway).
-__device__ __forceinline__ float cvt_f16(u32 bits) {
-    float x;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"((unsigned short)bits));
-    return x;
-}
-
 // The K mean in two passes (the CPU's order, in parallel): each 64-token block's sum per channel,
 // partials [b·hk][block][d]; then the partials in block order, divided by N.
 #define MEAN_BLOCK 64u
