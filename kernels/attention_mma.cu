@@ -25,15 +25,27 @@
 #define BK 64u
 #define BQT (16u * MT * WARPS)
 #define CONSUMERS (32u * WARPS)  // the warps that own query rows
-#define THREADS (CONSUMERS + (WGMMA ? 32u : 0u))  // WGMMA: plus one producer warp that issues the copies
+// WGMMA: plus one producer warp that issues the copies; PV_FP8 a whole producer warpgroup (one
+// warp works), so that registers can move to the consumers (KERNEL_REGS).
+#define THREADS (CONSUMERS + (PV_FP8 ? 128u : WGMMA ? 32u : 0u))
 #define NEG_INF __int_as_float(0xff800000)
 // FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
 #define QK_BF16 (BF16 && RECIPE != R_NVFP4)
 #define PV_BF16 (BF16 && RECIPE != R_INT8_FP8 && RECIPE != R_NVFP4 && !VNV)
 #define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
+// Int8QkFp8Pv on wgmma multiplies P·V on the FP8 tensor cores: P as E4M3 codes, V as the
+// transposed FP8 codes (v_fp8_transpose). Hopper's FP8 MMA adds into its accumulator with
+// fewer bits than f32 (about 22), so each tile's P·V gets a fresh accumulator that is then
+// added to O in f32 (SageAttention 2's two-level accumulation): no error growth with length.
+// Head dim 128 only: at 64 the two-blocks-per-SM kernel has 104 registers per consumer for
+// it and spills (measured 10.7 → 11.7 ms at H=48 N=16384; one block per SM: 13.9).
+#define PV_FP8 (WGMMA && RECIPE == R_INT8_FP8 && !VNV && DP == 128u)
 #define QK_BYTES (INT8_QK ? DP : 2u * DP)   // one Q/K row in shared memory and registers
-#define V_BYTES (2u * DP)
+#define V_BYTES (PV_FP8 ? DP : 2u * DP)     // (PV_FP8: the tile is DP channel rows of BK key bytes)
+#define P_ELEM (PV_FP8 ? 1u : 2u)           // bytes per P value fed to P·V
+#define PV_KEYS (PV_FP8 ? 32u : 16u)        // keys per P·V step (wgmma)
+#define PV_STEPS (BK / PV_KEYS)
 #define KSTEPS (QK_BYTES / 32u)            // 32 bytes of the head dim per QK mma
 #define NT_S (BK / 8u)                     // n-tiles of S (8 keys each)
 #define NT_O (DP / 8u)                     // n-tiles of O (8 channels each)
@@ -139,6 +151,15 @@ __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
         hi = cvt_f16(h2 >> 16);
     }
 }
+
+#if __CUDA_ARCH__ >= 890
+// Two values → their E4M3 codes (RNE, saturating at ±448), lo in bits 0-7.
+__device__ __forceinline__ u32 e4m3x2_codes(float lo, float hi) {
+    unsigned short e;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
+    return e;
+}
+#endif
 
 // Two values → E4M3 (RNE, saturating at ±448) → their values as one packed 16-bit register.
 // sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
@@ -301,6 +322,22 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
 __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
     if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) p_nvfp4(p, row_mul);
     float mul = RECIPE == R_INT8_FP8 ? 448.0f : P.inv_g;
+#if PV_FP8
+    // E4M3 codes, 32 keys per P·V step; register r of step kk is row g + 8(r%2) of the 16-key
+    // chunk c = 2kk + r/2, bytes (keys 2t, 2t+1 of n-tile 2c, keys 2t, 2t+1 of n-tile 2c+1):
+    // stmatrix puts them at bytes 4t..4t+3 of the chunk's row, so P's key order within a chunk
+    // is 0 1 8 9 2 3 10 11 4 5 12 13 6 7 14 15, and Vᵀ's keys are stored in that order
+    // (v_fp8_transpose).
+#pragma unroll
+    for (u32 kk = 0; kk < PV_STEPS; kk++)
+#pragma unroll
+        for (u32 r = 0; r < 4u; r++) {
+            u32 c = 2u * kk + r / 2u, i = r % 2u;
+            pa[kk][r] = e4m3x2_codes(__fmul_rn(p[2u * c][2u * i], mul), __fmul_rn(p[2u * c][2u * i + 1u], mul)) |
+                        (e4m3x2_codes(__fmul_rn(p[2u * c + 1u][2u * i], mul), __fmul_rn(p[2u * c + 1u][2u * i + 1u], mul)) << 16);
+        }
+    return;
+#endif
 #pragma unroll
     for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
@@ -449,9 +486,15 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
                 tma_load(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), (i32)(kt * BK), (i32)hkv, (i32)b,
                          bar);
+            if (PV_FP8) {  // Vᵀ: boxes of 64 channels × 64 keys
 #pragma unroll
-            for (u32 p = 0; p < V_BYTES / 128u; p++)
-                tma_load(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
+                for (u32 p = 0; p < DP / 64u; p++)
+                    tma_load(smem_addr(stage) + K_TILE + p * 64u * BK, vmap, (i32)(kt * BK), (i32)(p * 64u), (i32)hkv, (i32)b, bar);
+            } else {
+#pragma unroll
+                for (u32 p = 0; p < V_BYTES / 128u; p++)
+                    tma_load(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
+            }
         } else {
             mbar_arrive(bar);
         }
@@ -624,34 +667,53 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const u32 (&a)[4], u32 b0,
 
 // acc = Q·Kᵀ for the warp's MT m-tiles (products only, no scales).
 #if WGMMA
-// P (the warpgroup's 64 rows × BK keys, 16-bit, K-major) and V for the 16 keys of step kk.
-#define P_TILE (64u * BK * 2u)
+// P (the warpgroup's 64 rows × BK keys, 16-bit or (PV_FP8) E4M3, K-major) and V for the
+// PV_KEYS keys of P·V step kk (two 16-byte core matrices of P either way).
+#define P_TILE (64u * BK * P_ELEM)
 // Descriptor bases and the byte step of k-step ks / kk (desc_at).
-__device__ __forceinline__ Desc p_desc(u32 pbase) { return wg_desc(pbase, 128u, 8u * BK * 2u); }
+__device__ __forceinline__ Desc p_desc(u32 pbase) { return wg_desc(pbase, 128u, 8u * BK * P_ELEM); }
 __device__ __forceinline__ u32 p_step(u32 kk) { return kk * 256u; }
 // Swizzled panels of [rows][PANEL B] (V: [keys][128 B]); a k-step is 32 bytes into a panel row,
-// an 8-row group (SBO) 8 panel rows.
-__device__ __forceinline__ Desc v_desc(u32 vbase) { return wg_desc(vbase, 64u * 128u, 1024u, SW_128B); }
-__device__ __forceinline__ u32 v_step(u32 kk) { return kk * 16u * 128u; }
+// an 8-row group (SBO) 8 panel rows. PV_FP8's Vᵀ: [channels][64 key bytes], 64-byte swizzle,
+// K-major like INT8's K at head dim 64.
+__device__ __forceinline__ Desc v_desc(u32 vbase) {
+    return PV_FP8 ? wg_desc(vbase, 16u, 8u * BK, SW_64B) : wg_desc(vbase, 64u * 128u, 1024u, SW_128B);
+}
+__device__ __forceinline__ u32 v_step(u32 kk) { return PV_FP8 ? kk * 32u : kk * 16u * 128u; }
 __device__ __forceinline__ Desc qk_desc(u32 base) { return wg_desc(base, 16u, 8u * PANEL, QK_SWIZZLE); }
 __device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
     return (ks / (PANEL / 32u)) * rows * PANEL + (ks % (PANEL / 32u)) * 32u;
 }
 
-// This warp's P fragments into the warpgroup's P tile, one stmatrix per 16 keys: register r of
-// step kk holds keys 16kk + 8(r/2) + 2t, +1 of row g + 8(r%2), i.e. matrix r of the x4 store,
-// whose row addresses lanes 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128
-// contiguous bytes): free of bank conflicts.
+// This warp's P fragments into the warpgroup's P tile, one stmatrix per P·V step: register r
+// of step kk is row g + 8(r%2) of 16-byte chunk 2kk + r/2 (16-bit P: keys 16kk + 8(r/2) + 2t,
+// +1; FP8 P: see p_fragments), i.e. matrix r of the x4 store, whose row addresses lanes
+// 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128 contiguous bytes): free of bank
+// conflicts.
 __device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned char* ptile) {
     u32 lane = threadIdx.x % 32u, r = lane / 8u;
     u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
-    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * 2u);
+    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * P_ELEM);
 #pragma unroll
-    for (u32 kk = 0; kk < BK / 16u; kk++)
+    for (u32 kk = 0; kk < PV_STEPS; kk++)
         asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at + kk * 256u), "r"(pa[kk][0]),
                      "r"(pa[kk][1]), "r"(pa[kk][2]), "r"(pa[kk][3])
                      : "memory");
 }
+
+// acc (+)= P·V of one tile, issued (the caller fences and commits). PV_FP8: acc is the tile's
+// own accumulator, overwritten by the first step.
+__device__ __forceinline__ void pv_steps(u32 pbase, u32 vbase, float (&acc)[NT_O][4]) {
+    Desc pd = p_desc(pbase), vd = v_desc(vbase);
+#pragma unroll
+    for (u32 kk = 0; kk < PV_STEPS; kk++) {
+        if (PV_FP8)
+            wgmma_pv8(acc, desc_at(pd, p_step(kk)), desc_at(vd, v_step(kk)), kk > 0u);
+        else
+            wgmma_pv(acc, desc_at(pd, p_step(kk)), desc_at(vd, v_step(kk)));
+    }
+}
+
 #endif
 
 // The previous tile's P·V, which WGMMA issues behind this tile's QK (unused by mma.sync).
@@ -660,9 +722,10 @@ struct PvBehind {
     u32 pbase, vbase;  // the warpgroup's P tile, and V, in shared memory
 };
 
+// (WGMMA: `pv_acc` takes the previous tile's P·V: O, or PV_FP8's tile accumulator.)
 template <typename Acc>
 __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4], u32 qlane, u32 kbase, Acc (&acc)[MT][NT_S][4],
-                                            PvBehind pv, float (&o)[MT][NT_O][4]) {
+                                            PvBehind pv, float (&pv_acc)[MT][NT_O][4]) {
 #if WGMMA
     // The warpgroup's 64 rows × 64 keys in KSTEPS wgmma, 32 bytes of the head dim each
     // (2 core matrices along K); `qlane` is the warpgroup's Q tile here. Then the previous
@@ -676,10 +739,8 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
     // P·V's group is committed even when empty, so that every path waits the same way: ptxas
     // serializes every wgmma (C7514) when some path could read an accumulator early.
     if (pv.on) {
-        Desc pd = p_desc(pv.pbase), vd = v_desc(pv.vbase);
         wg_fence();
-#pragma unroll
-        for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], desc_at(pd, p_step(kk)), desc_at(vd, v_step(kk)));
+        pv_steps(pv.pbase, pv.vbase, pv_acc[0]);
     }
     wg_commit();
     wg_wait<1>();
@@ -714,16 +775,16 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
 // Returns the factor the tile's scores still need (folded into the softmax's row scale): 1, or
 // INT8's σk when one scale covers the whole tile.
 __device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
-                                         const float* kscale, float (&s)[MT][NT_S][4], PvBehind pv, float (&o)[MT][NT_O][4]) {
+                                         const float* kscale, float (&s)[MT][NT_S][4], PvBehind pv, float (&pv_acc)[MT][NT_O][4]) {
     u32 lane = threadIdx.x % 32u, t = lane % 4u;
     // Q from shared memory: matrices (rows 0-7, bytes 0-15), (rows 8-15, 0-15), (0-7, 16-31), (8-15, 16-31).
     u32 qlane = WGMMA ? qbase : qbase + (lane % 8u + ((lane / 8u) & 1u) * 8u) * K_STRIDE + (lane / 16u) * 16u;
     if (!INT8_QK) {
-        qk_products(qreg, qlane, kbase, s, pv, o);
+        qk_products(qreg, qlane, kbase, s, pv, pv_acc);
         return 1.0f;
     }
     i32 acc[MT][NT_S][4];
-    qk_products(qreg, qlane, kbase, acc, pv, o);
+    qk_products(qreg, qlane, kbase, acc, pv, pv_acc);
     // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
     // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
     // One σk per tile (K groups of whole tiles; key 0's is valid, as visited tiles start inside
@@ -744,6 +805,38 @@ __device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][
     return one_scale && kscale[0] > 0.0f ? kscale[0] : 1.0f;
 }
 
+// o *= oscale per row. Once the row maxima settle, oscale is 1 on most tiles: skip the
+// multiplies then (the test is warp-uniform, so no divergence).
+__device__ __forceinline__ void rescale(float (&o)[NT_O][4], const float (&oscale)[2]) {
+    if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[n][e] *= oscale[e / 2u];
+    }
+}
+
+#if WGMMA
+// PV_FP8: o = (o + the finished tile's product)·oscale; otherwise o·oscale (rescale).
+__device__ __forceinline__ void add_tile_pv(float (&o)[NT_O][4], const float (&tile)[NT_O][4], bool added, const float (&oscale)[2]) {
+    if (!PV_FP8 || !added) {
+        rescale(o, oscale);
+        return;
+    }
+    if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[n][e] = (o[n][e] + tile[n][e]) * oscale[e / 2u];
+    } else {
+#pragma unroll
+        for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+            for (u32 e = 0; e < 4u; e++) o[n][e] += tile[n][e];
+    }
+}
+#endif
+
 // O += P·V for the warp's MT m-tiles: ldmatrix.trans gives the B fragments of two channel n-tiles.
 __device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vbase, float (&o)[MT][NT_O][4]) {
     u32 lane = threadIdx.x % 32u;
@@ -763,14 +856,18 @@ __device__ __forceinline__ void pv_tile(const u32 (&pa)[MT][BK / 16u][4], u32 vb
 }
 
 #if WGMMA
-// O += P·V of the warpgroup, P and V from shared memory.
-__device__ __forceinline__ void pv_tile_wg(u32 pbase, u32 vbase, float (&o)[MT][NT_O][4]) {
+// O += P·V of the warpgroup, P and V from shared memory (PV_FP8: through the tile accumulator).
+__device__ __forceinline__ void pv_tile_wg(u32 pbase, u32 vbase, float (&o)[MT][NT_O][4], float (&tile)[MT][NT_O][4]) {
     wg_fence();
-#pragma unroll
-    for (u32 kk = 0; kk < BK / 16u; kk++) wgmma_pv(o[0], desc_at(p_desc(pbase), p_step(kk)), desc_at(v_desc(vbase), v_step(kk)));
+    pv_steps(pbase, vbase, PV_FP8 ? tile[0] : o[0]);
     wg_commit();
     wg_wait<0>();
     acc_fence(o[0]);
+    if (PV_FP8) {
+        acc_fence(tile[0]);
+        const float one[2] = {1.0f, 1.0f};
+        add_tile_pv(o[0], tile[0], true, one);
+    }
 }
 #endif
 
@@ -889,17 +986,6 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     return true;
 }
 
-// o *= oscale per row. Once the row maxima settle, oscale is 1 on most tiles: skip the
-// multiplies then (the test is warp-uniform, so no divergence).
-__device__ __forceinline__ void rescale(float (&o)[NT_O][4], const float (&oscale)[2]) {
-    if (__any_sync(0xffffffffu, oscale[0] != 1.0f || oscale[1] != 1.0f)) {
-#pragma unroll
-        for (u32 n = 0; n < NT_O; n++)
-#pragma unroll
-            for (u32 e = 0; e < 4u; e++) o[n][e] *= oscale[e / 2u];
-    }
-}
-
 // ---- the kernel ----------------------------------------------------------------------------
 
 // Where the 16-bit operands live (elements): the caller's tensors, or f16 copies of codes.
@@ -907,6 +993,17 @@ struct Strides16 {
     u32 q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
 };
 
+// Registers: PV_FP8 holds a second O-sized accumulator and needs ~200 registers per consumer
+// thread. Warps are spread over an SM's four sub-partitions of 16 Ki registers each, so 9 warps
+// (3 on one) cap every thread at 168. PV_FP8 runs 12 warps instead and moves registers with
+// setmaxnreg (all warps of a warpgroup together): the producer warpgroup gives up to 40, the
+// consumers take 232 (per sub-partition 2 · 232 + 40 ≤ 512 per lane), as CUTLASS's
+// warp-specialized kernels do.
+// The consumers can only take what the producers give back: from the launch's R registers
+// (168 for one block per SM, 80 for two), 8 (C − R) ≤ 4 (R − P); with two blocks C = 104,
+// P = 32. (An inc the pool cannot cover waits forever.)
+#define PV_FP8_CONSUMER_REGS (MINB == 1u ? 232 : 104)
+#define PV_FP8_PRODUCER_REGS (MINB == 1u ? 40 : 32)
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params P, const void* q_in, const void* k_in, const void* v_in,
                                                                     Strides16 S16, const u32* ws, const u32* mask,
                                                                     unsigned short* o_out, float* lse_out,
@@ -958,10 +1055,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     src.v_row = 2u * S16.v_st;
 
 #if WGMMA
-    if (warp == WARPS) {
-        produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv);
+    if (warp >= WARPS) {
+#if PV_FP8
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PV_FP8_PRODUCER_REGS));
+#endif
+        if (warp == WARPS) produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv);
         return;
     }
+#if PV_FP8
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(PV_FP8_CONSUMER_REGS));
+#endif
 #endif
 
     // This thread's rows (g and g+8 of each m-tile), and Q as A fragments from global memory
@@ -1061,6 +1164,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     // next barrier ORs over the warpgroup.
     PvBehind pv = {false, 0u, 0u};
     bool kept = false;
+    // PV_FP8: each tile's P·V into its own accumulator, added to o once done (PV_FP8's comment).
+    float otile[MT][NT_O][4];
+#pragma unroll
+    for (u32 n = 0; n < NT_O; n++)
+#pragma unroll
+        for (u32 e = 0; e < 4u; e++) otile[0][n][e] = 0.0f;
+    float(&pv_acc)[MT][NT_O][4] = PV_FP8 ? otile : o;
     unsigned char* ptiles = stages + STAGES * STAGE_BYTES + (warp / 4u) * P_TILE;
     for (u32 j = 0; kb < P.k_blocks; j++) {
         unsigned char* st = stages + (j % STAGES) * STAGE_BYTES;
@@ -1070,17 +1180,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             pv.on = warpgroup_barrier_or(kept);
         else
             warpgroup_barrier();
-        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, o);
+        float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, pv_acc);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
         kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
         fence_async_smem();  // for the wgmma that reads it after the next barrier
-        wg_wait<0>();        // P(j−1)·V(j−1) (if any) is in o
-        acc_fence(o[0]);
+        wg_wait<0>();        // P(j−1)·V(j−1) (if any) is in pv_acc
+        acc_fence(pv_acc[0]);
         if (j > 0u && lane == 0u) mbar_arrive(empty + 8u * ((j - 1u) % STAGES));
-        rescale(o[0], oscale);
+        add_tile_pv(o[0], otile[0], pv.on, oscale);
         pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
         kb = kn;
     }
@@ -1090,7 +1200,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         else
             warpgroup_barrier();
     }
-    if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o);
+    if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o, otile);
 #else
     // Two stages: the next visited tile is copied into the other stage while this one computes.
     u32 stage = 0u;
@@ -1201,6 +1311,33 @@ extern "C" __global__ void v_fp8_to_f16(Params P, const u32* ws, unsigned short*
     for (u32 k = 0; k < 4u; k++)
         half[k] = e4m3_to_f16_bits(byte_of(code[k / 2u], 2u * k)) | (e4m3_to_f16_bits(byte_of(code[k / 2u], 2u * k + 1u)) << 16);
     *(uint4*)(v16 + 8u * (size_t)id) = make_uint4(half[0], half[1], half[2], half[3]);
+}
+
+// FP8 V codes [bkv][seq_kv][DP] → Vᵀ [bkv][DP][np64] (np64: seq_kv rounded up to 64, zero
+// codes past seq_kv) for PV_FP8's P·V, whose 8-bit wgmma reads V K-major. Within each 16 keys
+// the order is P's in shared memory (p_fragments): position p holds key
+// 2(p/4) + p%2 + 8((p/2)%2). A block transposes 64 keys × 64 channels through shared memory;
+// grid (np64 / 64, DP / 64, b·hk), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) v_fp8_transpose(Params P, const u32* ws, unsigned char* vt) {
+    __shared__ u32 tile[64][17];  // [key][word of 4 channels], padded against bank conflicts
+    u32 k0 = blockIdx.x * 64u, c0 = blockIdx.y * 64u, bkv = blockIdx.z;
+    u32 np64 = gridDim.x * 64u;
+#pragma unroll
+    for (u32 i = 0; i < 4u; i++) {  // read: a key's 64 channels are 16 consecutive words
+        u32 e = threadIdx.x + 256u * i, key = e / 16u, w = e % 16u;
+        tile[key][w] = k0 + key < P.seq_kv ? ws[P.off_vcodes + ((bkv * P.seq_kv + k0 + key) * DP + c0) / 4u + w] : 0u;
+    }
+    __syncthreads();
+#pragma unroll
+    for (u32 i = 0; i < 4u; i++) {  // write: a channel's 64 keys are 16 consecutive words
+        u32 e = threadIdx.x + 256u * i, c = e / 16u, w = e % 16u, out = 0u;
+#pragma unroll
+        for (u32 b = 0; b < 4u; b++) {
+            u32 pos = 4u * (w % 4u) + b, key = 16u * (w / 4u) + 2u * (pos / 4u) + pos % 2u + 8u * ((pos / 2u) % 2u);
+            out |= byte_of(tile[key][c / 4u], c % 4u) << (8u * b);
+        }
+        *(u32*)(vt + ((size_t)bkv * DP + c0 + c) * np64 + k0 + 4u * w) = out;
+    }
 }
 
 // NVFP4 Q or K codes → f16 rows of DP values (exact: every E2M1·E4M3 product is an f16).

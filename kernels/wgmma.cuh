@@ -186,4 +186,15 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[DP / 8u][4], u64 pd, u64 vd)
         asm volatile(PV_ASM("f16") : PV_OPS(o) : "l"(pd), "l"(vd), "r"(1u));
 }
 
+// FP8 P·V (PV_FP8) over 32 keys: 8-bit wgmma takes both operands K-major only, so V comes as
+// Vᵀ tiles ([DP channels][64 keys], attention_mma.cu). `accumulate` false on a tile's first step:
+// the tile's product gets its own accumulator (see PV_FP8).
+__device__ __forceinline__ void wgmma_pv8(float (&o)[DP / 8u][4], u64 pd, u64 vd, u32 accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " PV_FLAG ", 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n" PV_N "k32.f32.e4m3.e4m3 {" PV_ACC "}, " PV_TAIL ", 1, 1;\n}\n"
+        : PV_OPS(o)
+        : "l"(pd), "l"(vd), "r"(accumulate));
+}
+
 #endif  // WGMMA

@@ -400,6 +400,49 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
     }
 }
 
+/// Int8QkFp8Pv's P·V on Hopper's FP8 tensor cores over long key sequences, against the CUDA-core
+/// kernel. The FP8 MMA adds into its accumulator with fewer bits than f32, which over tens of
+/// thousands of keys of a positive-mean V loses percents; the kernel gives each tile's product
+/// its own accumulator and sums the tiles in f32, so it must stay within the recipe's
+/// same-numerics tolerance (as in `tensor_cores_match_cuda_cores`). (Head dim 64 runs P·V in
+/// f16 on the same codes: the same bound.)
+#[test]
+fn fp8_pv_sums_long_sequences_in_f32() {
+    use common::matrix::tolerance;
+    use tessera::backend::cuda::{CudaAttention, Module};
+    use tessera::metrics::Accuracy;
+    let Some(c) = cuda() else { return };
+    let simt = CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    let mut rng = Rng::new(fresh_seed("fp8 pv long"));
+    let recipe = Recipe::Int8QkFp8Pv {
+        granularity: QkGranularity::PerThread,
+    };
+    for (nq, nk, d, causal) in [
+        (256usize, 32768usize, 128usize, false),
+        (200, 20000, 64, true),
+    ] {
+        let spec = AttentionSpec::new(1, 2, nq, d)
+            .with_kv(1, nk)
+            .with_causal(causal)
+            .with_recipe(recipe);
+        let plan = spec.plan().unwrap();
+        let (q, k, _) = qkv(&spec, &mut rng, 1.0);
+        let v = tensor(spec.dtype, plan.kv_len, |_| 1.0 + 0.25 * rng.normal());
+        let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+        let mma = c.attention();
+        let kernel = mma.kernel_for(&plan);
+        assert!(matches!(kernel, Module::Mma { .. }), "{}", kernel.label());
+        let (o_mma, _) = run_poisoned_cuda(&spec, &q, &k, &v);
+        let acc = Accuracy::of(&o_mma, &o_simt);
+        let (tol_l1, _) = tolerance(recipe, spec.dtype);
+        let ctx = format!("{} nq{nq} nk{nk} d{d} causal={causal}", kernel.label());
+        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        eprintln!("{ctx}: {acc}");
+    }
+}
+
 /// The tensor-core kernel's NVFP4 P quantizer against the CPU, bit for bit. Rounding (a
 /// faithful quotient and a magic-number FMA, with MUFU's approximate reciprocal) against the
 /// exact E2M1 of a / s: every positive E4M3 scale (subnormal ones included: their blocks

@@ -226,9 +226,16 @@ impl MmaConfig {
         }
     }
 
-    /// Threads per block (kernels: `THREADS`): the row-owning warps, plus wgmma's TMA producer warp.
-    pub fn threads(&self) -> u32 {
-        32 * self.warps + if self.wgmma { 32 } else { 0 }
+    /// Threads per block (kernels: `THREADS`): the row-owning warps, plus wgmma's TMA producer
+    /// warp, or with FP8 P·V (Int8QkFp8Pv on wgmma at head dim 128) a producer warpgroup, whose registers
+    /// setmaxnreg hands to the consumers.
+    pub fn threads(&self, fp8_pv: bool) -> u32 {
+        32 * self.warps
+            + match (self.wgmma, fp8_pv) {
+                (false, _) => 0,
+                (true, false) => 32,
+                (true, true) => 128,
+            }
     }
 
     /// The head dims (padded) the wgmma shape runs: K and V come by the tensor copy engine in
@@ -978,7 +985,21 @@ impl CudaAttention {
         let q_rows = (hq * nq * dp, nq * dp, dp);
         let kv_rows = (hk * nk * dp, nk * dp, dp);
         let (mut q16, mut k16, mut v16) = (None, None, None);
-        if recipe == 2 {
+        // Int8QkFp8Pv on wgmma at head dim 128 multiplies P·V on the FP8 tensor cores, which read V transposed
+        // (kernels/attention_mma.cu, PV_FP8): [b·hk][dp][np64] codes, np64 = nk rounded up to 64
+        // (held in a u16 buffer: np64 is even).
+        let pv_fp8 = recipe == 2 && !vnv && cfg.wgmma && dp == 128;
+        let np64 = nk.div_ceil(64).max(1) * 64;
+        if pv_fp8 {
+            let mut v = scratch(b * hk * dp * np64 / 2)?;
+            let grid = LaunchConfig {
+                grid_dim: (np64 / 64, dp / 64, b * hk),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            convert("v_fp8_transpose", &mut v, grid, None)?;
+            v16 = Some(v);
+        } else if recipe == 2 && !vnv {
             let mut v = scratch(b * hk * nk * dp)?;
             convert("v_fp8_to_f16", &mut v, threads(b * hk * nk * dp / 8), None)?;
             v16 = Some(v);
@@ -1075,7 +1096,20 @@ impl CudaAttention {
                 } else {
                     rows16(ptr16(&k16, qkv[1]), ks, hk, nk)?
                 };
-                Ok((k, rows16(ptr16(&v16, qkv[2]), vs, hk, nk)?))
+                let v = if pv_fp8 {
+                    // Vᵀ: rows of np64 key bytes, one per channel; boxes of 64 keys (64-byte swizzle).
+                    let (d, n, h) = (dp as u64, np64 as u64, hk as u64);
+                    TmaMap::rows(
+                        ptr16(&v16, qkv[2]),
+                        1,
+                        [n, d, h, b as u64],
+                        [n, d * n, h * d * n],
+                        64,
+                    )?
+                } else {
+                    rows16(ptr16(&v16, qkv[2]), vs, hk, nk)?
+                };
+                Ok((k, v))
             })();
             match maps {
                 Ok((k, v)) => (kmap, vmap) = (k, v),
@@ -1105,6 +1139,20 @@ impl CudaAttention {
             smem as i32,
         )
         .map_err(cuda_err("shared memory attribute"))?;
+        if pv_fp8 {
+            // The kernel moves registers from its producer warpgroup to its consumers
+            // (setmaxnreg): that only balances when it launches with the most registers its
+            // bounds allow (kernels/attention_mma.cu, PV_FP8_CONSUMER_REGS); with fewer the
+            // consumers would wait forever. ptxas gives such kernels exactly that.
+            let want = (65536 / (cfg.min_blocks * cfg.threads(true))) / 8 * 8;
+            let regs = f.num_regs().map_err(cuda_err("register count"))?;
+            if regs as u32 != want {
+                return Err(Error::Cuda(format!(
+                    "{}: launches with {regs} registers per thread, not the {want} its register hand-over needs",
+                    kernel.label()
+                )));
+            }
+        }
         // Causal: the grid is (b·h, query blocks), walked from the last query block, so the
         // heaviest blocks (most visible keys) of every head start first and the grid ends on
         // light ones: a shorter tail (longest-processing-time first). Otherwise (query blocks,
@@ -1124,7 +1172,7 @@ impl CudaAttention {
             } else {
                 (q_blocks, heads, 1)
             },
-            block_dim: (cfg.threads(), 1, 1),
+            block_dim: (cfg.threads(pv_fp8), 1, 1),
             shared_mem_bytes: smem,
         };
         let mut l = stream.launch_builder(&f);
@@ -1385,7 +1433,10 @@ mod tests {
             128 * 256 + 3 * (2 * 64 * 256 + 1024) + 2 * 2 * 8192 + 1024
         );
         let sync = MmaConfig::parse("4,2,1,1").unwrap();
-        assert_eq!((wg.threads(), sync.threads()), (288, 128));
+        assert_eq!(
+            (wg.threads(false), wg.threads(true), sync.threads(false)),
+            (288, 384, 128)
+        );
         assert_eq!(
             sync.shared_bytes(0, 128),
             128 * 272 + 2 * (2 * 64 * 272 + 256)
