@@ -152,15 +152,6 @@ __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
     }
 }
 
-#if __CUDA_ARCH__ >= 890
-// Two values → their E4M3 codes (RNE, saturating at ±448), lo in bits 0-7.
-__device__ __forceinline__ u32 e4m3x2_codes(float lo, float hi) {
-    unsigned short e;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
-    return e;
-}
-#endif
-
 // Two values → E4M3 (RNE, saturating at ±448) → their values as one packed 16-bit register.
 // sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
 template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {

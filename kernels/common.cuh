@@ -84,6 +84,18 @@ __device__ __forceinline__ u32 e4m3_from_f32(float x) {
     return sign | code;
 }
 
+// Two values → their E4M3 codes (RNE, saturating at ±448; = e4m3_from_f32 on finite values),
+// lo in bits 0-7: one conversion on sm_89+.
+__device__ __forceinline__ u32 e4m3x2_codes(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short e;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
+    return e;
+#else
+    return e4m3_from_f32(lo) | (e4m3_from_f32(hi) << 8);
+#endif
+}
+
 __device__ __forceinline__ float e4m3_to_f32(u32 c) {
     u32 sign = (c & 0x80u) << 24;
     if ((c & 0x7fu) == E4M3_NAN) return f32_nan();

@@ -98,6 +98,30 @@ __device__ __forceinline__ float group_scale(const Params& P, u32* ws, u32* red,
     return gs_inv;
 }
 
+// group_scale for a group held by `tpg` threads (a power of two; the block holds
+// blockDim.x / tpg groups side by side): a shuffle tree, plus shared memory across the warps
+// of a group when it spans several (then every thread of the block must call this). Each
+// thread computes 127/amax itself; the group's first thread writes the scale (if `live`).
+__device__ __forceinline__ float group_scale_of(const Params& P, u32* ws, u32* red, u32 amax, bool is_q, u32 slot, u32 tpg, bool live) {
+    u32 lid = threadIdx.x;
+#pragma unroll
+    for (u32 o = 16u; o > 0u; o >>= 1)
+        if (o < tpg) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (tpg > 32u) {
+        if (lid % 32u == 0u) red[lid / 32u] = amax;
+        __syncthreads();
+        u32 w0 = (lid / tpg) * (tpg / 32u);
+        for (u32 w = 0; w < tpg / 32u; w++) amax = max(amax, red[w0 + w]);
+    }
+    float inv = 0.0f;
+    if (!non_finite(amax) && amax >= TINY_BITS) inv = div_rn(127.0f, u2f(amax));
+    if (live && lid % tpg == 0u) {
+        float scale = non_finite(amax) ? f32_nan() : amax >= TINY_BITS ? div_rn(u2f(amax), 127.0f) : 0.0f;
+        ws[(is_q ? P.off_qscales : P.off_kscales) + slot] = f2u(scale);
+    }
+    return inv;
+}
+
 // f32 multiply / subtract with subnormal results flushed (= ftz(__fmul_rn(a, b)) and
 // ftz(__fsub_rn(a, b)) for normal or zero inputs, in one instruction).
 __device__ __forceinline__ float mul_ftz(float a, float b) {
@@ -140,10 +164,12 @@ __device__ __forceinline__ void q_delta_rows(const Params& P, const void* src, u
 // int8_qk's fast path (see there): each chunk loaded once, coalesced, kept in registers for
 // both passes. IS_Q: values q·fold (and, SMOOTH, Q's LSE shift q·mean(K)); else k, minus mean(K)
 // when SMOOTH. F16: f16 input (else bf16). The same values and codes as the general path.
+// The group is held by `tpg` threads (this thread is lid of them); a group past the end
+// (!live) loads and stores nothing but joins the shuffles and barriers.
 template <bool IS_Q, bool F16, bool SMOOTH>
 __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned short* src, u32* ws, u32* red, u32 bh, u32 g, u32 t0,
-                                               u32 per, u32 inter, u32 n, u32 tstride, const u32* mean) {
-    u32 lid = threadIdx.x, nthreads = blockDim.x;
+                                               u32 per, u32 inter, u32 n, u32 tstride, const u32* mean, u32 lid, u32 tpg, bool live) {
+    u32 nthreads = tpg;
     u32 cpr = P.head_dim / 8u, dw = P.dp / 4u;
     u32 c0 = (lid & (cpr - 1u)) * 8u;  // this thread's channels, in every chunk it holds
     // Chunk i of this thread is row r0 + i·rstep of the group (cpr, a power of two, divides
@@ -163,13 +189,13 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
     for (u32 i = 0; i < QK_CHUNKS; i++) {
         u32 r = r0 + i * rstep, t = t0 + r * inter;
         buf[i] = make_uint4(0u, 0u, 0u, 0u);
-        if (r < per && t < n) buf[i] = *(const uint4*)(src + t * tstride + c0);
+        if (live && r < per && t < n) buf[i] = *(const uint4*)(src + t * tstride + c0);
     }
 #pragma unroll
     for (u32 i = 0; i < QK_CHUNKS; i++) {
         u32 r = r0 + i * rstep, t = t0 + r * inter;
         const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
-        bool in = r < per && t < n;  // (a zero chunk past the end is not 0 once smoothed)
+        bool in = live && r < per && t < n;  // (a zero chunk past the end is not 0 once smoothed)
         float d = 0.0f;
         u32 m = 0u;
 #pragma unroll
@@ -179,19 +205,19 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
             if (IS_Q && SMOOTH) d = fmaf(x, mu[k], d);
         }
         if (in) amax = max(amax, m);
-        if (IS_Q && SMOOTH && i * rstep < per) {  // uniform across the block
+        if (IS_Q && SMOOTH && i * rstep < per) {  // uniform across the block (all groups alike)
 #pragma unroll
             for (u32 o = 16u; o > 0u; o >>= 1)
                 if (o < cpr) d += __shfl_xor_sync(0xffffffffu, d, o);
             if ((lid & (cpr - 1u)) == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
         }
     }
-    float inv = group_scale(P, ws, red, amax, IS_Q, g);
+    float inv = group_scale_of(P, ws, red, amax, IS_Q, g, tpg, live);
     u32 off = IS_Q ? P.off_qcodes : P.off_kcodes;
 #pragma unroll
     for (u32 i = 0; i < QK_CHUNKS; i++) {
         u32 r = r0 + i * rstep, t = t0 + r * inter;
-        if (r < per && t < n) {
+        if (live && r < per && t < n) {
             u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
             // Recompute the values from the raw chunk: kept from the first pass they would be
             // 64 live floats (spills) instead of 32 words.
@@ -210,15 +236,17 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
     }
     // Codes of the padded channels (head_dim..dp) are zero.
     u32 padw = dw - P.head_dim / 4u;
-    for (u32 e = lid; e < per * padw; e += nthreads) {
+    for (u32 e = lid; live && e < per * padw; e += nthreads) {
         u32 t = t0 + (e / padw) * inter;
         if (t < n) ws[off + (bh * n + t) * dw + P.head_dim / 4u + e % padw] = 0u;
     }
 }
 
-// INT8 Q or K: one block per token group (the host launches 256 threads); amax is a max over
-// bit patterns, so the reduction order does not matter. With K smoothing the Q pass also writes
-// Q's LSE shift (q_delta's job, done here while Q is in registers).
+// INT8 Q or K. A block of 256 threads quantizes P.count groups of tokens (the host's choice,
+// int8_groups_per_block: small groups, e.g. SageAttention 2's per-warp 32 queries, would leave
+// most of a block idle behind two barriers); amax is a max over bit patterns, so the reduction
+// order does not matter. With K smoothing the Q pass also writes Q's LSE shift (q_delta's
+// job, done here while Q is in registers).
 extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const void* src, u32* ws) {
     __shared__ u32 red[32];
     u32 lid = threadIdx.x, nthreads = blockDim.x;
@@ -226,67 +254,82 @@ extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const voi
     u32 n = is_q ? P.seq_q : P.seq_kv;
     u32 block = is_q ? P.q_gblock : P.k_gblock, inter = is_q ? P.q_ginter : P.k_ginter;
     u32 ng = group_count(n, block, inter);
-    u32 wg = blockIdx.x;
-    if (wg >= heads_of_mode(P) * P.batch * ng) return;  // uniform across the block
-    u32 bh = wg / ng, gi = wg % ng;
-    u32 t0 = (gi / inter) * block + gi % inter;
+    u32 heads = heads_of_mode(P), total = heads * P.batch * ng;
+    u32 gpb = max(P.count, 1u), tpg = nthreads / gpb;
     u32 per = block / inter, dw = P.dp / 4u;
-    // qk_value, with the index arithmetic hoisted out of the loops.
-    u32 heads = heads_of_mode(P), b = bh / heads, h = bh % heads;
-    u32 base = is_q ? b * P.q_sb + h * P.q_sh : b * P.kv_sb + h * P.kv_sh;
     u32 tstride = is_q ? P.q_st : P.kv_st;
     bool smooth = !is_q && (P.flags & FLAG_SMOOTH);
     bool shift = is_q && (P.flags & FLAG_SMOOTH);  // write Q's LSE shift
-    u32 bkv = is_q ? (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group : bh;
-    const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
-    auto value = [&](u32 t, u32 c) -> float {
-        float x = load_elem(src, base + t * tstride + c, P.dtype);
-        if (is_q) return ftz(__fmul_rn(x, P.fold));
-        return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
-    };
     // Fast path: 16-bit inputs whose rows are whole 16-byte chunks (8 channels), a group that
-    // fits QK_CHUNKS chunks per thread, and a row's chunks on a power-of-two run of lanes that
-    // divides the block (so each thread always holds the same 8 channels): int8_qk_chunks,
-    // specialised on Q/K, f16/bf16 and smoothing.
+    // fits QK_CHUNKS chunks per thread of its tpg, and a row's chunks on a power-of-two run of
+    // lanes within the group's (so each thread always holds the same 8 channels):
+    // int8_qk_chunks, specialised on Q/K, f16/bf16 and smoothing. (Every head's base offset is
+    // a multiple of 8 elements when both head strides are.)
     u32 cpr = P.head_dim / 8u, nchunks = per * cpr;
-    bool fast = P.dtype != DT_F32 && P.head_dim % 8u == 0u && base % 8u == 0u && tstride % 8u == 0u &&
-                ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * nthreads && cpr <= 32u && (cpr & (cpr - 1u)) == 0u &&
-                nthreads % cpr == 0u;
+    u32 sb = is_q ? P.q_sb : P.kv_sb, sh = is_q ? P.q_sh : P.kv_sh;
+    bool fast = P.dtype != DT_F32 && P.head_dim % 8u == 0u && sb % 8u == 0u && sh % 8u == 0u && tstride % 8u == 0u &&
+                ((size_t)src & 15u) == 0u && nchunks <= QK_CHUNKS * tpg && cpr <= 32u && (cpr & (cpr - 1u)) == 0u &&
+                cpr <= tpg && (tpg & (tpg - 1u)) == 0u && tpg * gpb == nthreads;
     if (fast) {
-        const unsigned short* s16 = (const unsigned short*)src + base;
-        u32 g = bh * ng + gi;
+        u32 wg = blockIdx.x * gpb + lid / tpg;
+        bool live = wg < total;
+        u32 gw = live ? wg : 0u, bh = gw / ng, gi = gw % ng;
+        u32 t0 = (gi / inter) * block + gi % inter;
+        u32 b = bh / heads, h = bh % heads;
+        u32 bkv = is_q ? (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group : bh;
+        const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
+        const unsigned short* s16 = (const unsigned short*)src + (b * sb + h * sh);
         bool f16 = P.dtype == DT_F16, smoothing = (P.flags & FLAG_SMOOTH) != 0u;
+        u32 l = lid % tpg;
+#define INT8_QK_CASE(Q, F, S) int8_qk_chunks<Q, F, S>(P, s16, ws, red, bh, gw, t0, per, inter, n, tstride, mean, l, tpg, live)
         switch ((is_q ? 4u : 0u) | (f16 ? 2u : 0u) | (smoothing ? 1u : 0u)) {
-            case 0u: int8_qk_chunks<false, false, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 1u: int8_qk_chunks<false, false, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 2u: int8_qk_chunks<false, true, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 3u: int8_qk_chunks<false, true, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 4u: int8_qk_chunks<true, false, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 5u: int8_qk_chunks<true, false, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            case 6u: int8_qk_chunks<true, true, false>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
-            default: int8_qk_chunks<true, true, true>(P, s16, ws, red, bh, g, t0, per, inter, n, tstride, mean); break;
+            case 0u: INT8_QK_CASE(false, false, false); break;
+            case 1u: INT8_QK_CASE(false, false, true); break;
+            case 2u: INT8_QK_CASE(false, true, false); break;
+            case 3u: INT8_QK_CASE(false, true, true); break;
+            case 4u: INT8_QK_CASE(true, false, false); break;
+            case 5u: INT8_QK_CASE(true, false, true); break;
+            case 6u: INT8_QK_CASE(true, true, false); break;
+            default: INT8_QK_CASE(true, true, true); break;
         }
+#undef INT8_QK_CASE
         return;
     }
-    u32 amax = 0u;
-    for (u32 e = lid; e < per * P.head_dim; e += nthreads) {
-        u32 t = t0 + (e / P.head_dim) * inter;
-        if (t < n) amax = max(amax, abs_bits(value(t, e % P.head_dim)));
-    }
-    float inv = group_scale(P, ws, red, amax, is_q, bh * ng + gi);
-    bool finite = inv > 0.0f;
-    u32 off = is_q ? P.off_qcodes : P.off_kcodes;
-    for (u32 e = lid; e < per * dw; e += nthreads) {
-        u32 t = t0 + (e / dw) * inter;
-        if (t >= n) continue;
-        u32 w = e % dw, word = 0u;
-        for (u32 k = 0; k < 4u; k++) {
-            u32 c = w * 4u + k;
-            if (c < P.head_dim && finite) word |= ((u32)int8_round(__fmul_rn(value(t, c), inv)) & 0xffu) << (8u * k);
+    // General path: the block's groups one after another, each by the whole block.
+    for (u32 k = 0; k < gpb; k++) {
+        u32 wg = blockIdx.x * gpb + k;
+        if (wg >= total) return;  // uniform across the block
+        u32 bh = wg / ng, gi = wg % ng;
+        u32 t0 = (gi / inter) * block + gi % inter;
+        u32 b = bh / heads, h = bh % heads;
+        u32 base = b * sb + h * sh;
+        u32 bkv = is_q ? (bh / P.heads_q) * P.heads_kv + (bh % P.heads_q) / P.group : bh;
+        const u32* mean = ws + P.off_kmean + bkv * P.head_dim;
+        auto value = [&](u32 t, u32 c) -> float {  // qk_value, with the index arithmetic hoisted
+            float x = load_elem(src, base + t * tstride + c, P.dtype);
+            if (is_q) return ftz(__fmul_rn(x, P.fold));
+            return smooth ? ftz(__fsub_rn(x, u2f(mean[c]))) : x;
+        };
+        u32 amax = 0u;
+        for (u32 e = lid; e < per * P.head_dim; e += nthreads) {
+            u32 t = t0 + (e / P.head_dim) * inter;
+            if (t < n) amax = max(amax, abs_bits(value(t, e % P.head_dim)));
         }
-        ws[off + (bh * n + t) * dw + w] = word;
+        float inv = group_scale(P, ws, red, amax, is_q, wg);
+        bool finite = inv > 0.0f;
+        u32 off = is_q ? P.off_qcodes : P.off_kcodes;
+        for (u32 e = lid; e < per * dw; e += nthreads) {
+            u32 t = t0 + (e / dw) * inter;
+            if (t >= n) continue;
+            u32 w = e % dw, word = 0u;
+            for (u32 kk = 0; kk < 4u; kk++) {
+                u32 c = w * 4u + kk;
+                if (c < P.head_dim && finite) word |= ((u32)int8_round(__fmul_rn(value(t, c), inv)) & 0xffu) << (8u * kk);
+            }
+            ws[off + (bh * n + t) * dw + w] = word;
+        }
+        if (shift) q_delta_rows(P, src, ws, bh, t0, per, inter);
     }
-    if (shift) q_delta_rows(P, src, ws, bh, t0, per, inter);
 }
 
 // FP8 V scale per channel (the step quant_steps calls fp8_v_scale; WGSL walks each channel's
@@ -334,6 +377,76 @@ extern "C" __global__ void fp8_v_codes(Params P, const void* src, u32* ws) {
         }
     }
     ws[P.off_vcodes + id] = word;
+}
+
+// fp8_v_amax and fp8_v_codes for 16-bit V whose rows are whole 16-byte chunks (8 channels;
+// the host checks strides and alignment): a thread takes one chunk of consecutive tokens,
+// 16-byte loads, its 8 channels' factors loaded once. Same bits as the general kernels.
+#define V_AMAX_ROWS 64u  // tokens per thread (one 64-token block)
+#define V_CODE_ROWS 4u
+__device__ __forceinline__ void chunk_values(uint4 x, bool f16, float (&v)[8]) {
+    const u32 w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (u32 k = 0; k < 8u; k++) {
+        u32 bits = (w[k / 2u] >> (16u * (k % 2u))) & 0xffffu;
+        v[k] = f16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
+    }
+}
+
+extern "C" __global__ void fp8_v_amax_chunks(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 cpr = P.head_dim / 8u, nb = (P.seq_kv + V_AMAX_ROWS - 1u) / V_AMAX_ROWS;
+    if (id >= P.batch * P.heads_kv * nb * cpr) return;
+    u32 ch = id % cpr, blk = (id / cpr) % nb, bh = id / cpr / nb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
+    const unsigned short* row = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + ch * 8u;
+    u32 t0 = blk * V_AMAX_ROWS, rows = min(V_AMAX_ROWS, P.seq_kv - t0);
+    u32 amax[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+    for (u32 r0 = 0; r0 < rows; r0 += 8u) {
+        uint4 x[8];
+#pragma unroll
+        for (u32 i = 0; i < 8u; i++) x[i] = r0 + i < rows ? *(const uint4*)(row + (t0 + r0 + i) * P.kv_st) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (u32 i = 0; i < 8u; i++) {
+            float v[8];
+            chunk_values(x[i], P.dtype == DT_F16, v);
+#pragma unroll
+            for (u32 k = 0; k < 8u; k++) amax[k] = max(amax[k], abs_bits(v[k]));
+        }
+    }
+#pragma unroll
+    for (u32 k = 0; k < 8u; k++) atomicMax(ws + P.off_vinv + bh * P.dp + ch * 8u + k, amax[k]);
+}
+
+extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws) {
+    u32 id = linear_id();
+    u32 cpr = P.dp / 8u, nrb = (P.seq_kv + V_CODE_ROWS - 1u) / V_CODE_ROWS;
+    if (id >= P.batch * P.heads_kv * nrb * cpr) return;
+    u32 ch = id % cpr, rb = (id / cpr) % nrb, bh = id / cpr / nrb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv, c0 = ch * 8u;
+    // A channel with a zero or NaN scale (inv = 0) has zero codes; padded channels too.
+    float inv[8];
+    u32 keep[2] = {0u, 0u};
+#pragma unroll
+    for (u32 k = 0; k < 8u; k++) {
+        inv[k] = c0 + k < P.head_dim ? u2f(ws[P.off_vinv + bh * P.dp + c0 + k]) : 0.0f;
+        if (inv[k] > 0.0f) keep[k / 4u] |= 0xffu << (8u * (k % 4u));
+    }
+    const unsigned short* row = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + c0;
+#pragma unroll
+    for (u32 r = 0; r < V_CODE_ROWS; r++) {
+        u32 t = rb * V_CODE_ROWS + r;
+        if (t >= P.seq_kv) break;
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (c0 < P.head_dim) chunk_values(*(const uint4*)(row + t * P.kv_st), P.dtype == DT_F16, v);
+        u32 codes[2];
+#pragma unroll
+        for (u32 k = 0; k < 2u; k++)
+            codes[k] = (e4m3x2_codes(__fmul_rn(v[4u * k], inv[4u * k]), __fmul_rn(v[4u * k + 1u], inv[4u * k + 1u])) |
+                        (e4m3x2_codes(__fmul_rn(v[4u * k + 2u], inv[4u * k + 2u]), __fmul_rn(v[4u * k + 3u], inv[4u * k + 3u])) << 16)) &
+                       keep[k];
+        *(uint2*)(ws + P.off_vcodes + ((bh * P.seq_kv + t) * P.dp + c0) / 4u) = make_uint2(codes[0], codes[1]);
+    }
 }
 
 __device__ void nvfp4_store(const float* xs, u32* ws, u32 code_off, u32 scale_at) {

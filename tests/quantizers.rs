@@ -316,11 +316,15 @@ fn edge_tensors_on(w: &dyn Backend) {
         5.0,
         0.25,
     ];
-    for recipe in RECIPES {
+    // 16-bit too: CUDA reads whole 16-byte chunks of those (a path of its own).
+    for (recipe, dtype) in RECIPES
+        .into_iter()
+        .flat_map(|r| [DType::F32, DType::F16, DType::BF16].map(|d| (r, d)))
+    {
         for poison in [None, Some(f32::NAN), Some(f32::INFINITY)] {
             let spec = AttentionSpec::new(1, 2, 150, 64)
                 .with_kv(1, 90)
-                .with_dtype(DType::F32)
+                .with_dtype(dtype)
                 .with_recipe(recipe);
             let plan = spec.plan().unwrap();
             let gen = |n: usize, rng: &mut Rng| -> Vec<f32> {
@@ -343,13 +347,27 @@ fn edge_tensors_on(w: &dyn Backend) {
                 k[100] = p;
                 v[200] = p;
             }
-            let ctx = format!("{} {} poison {poison:?}", w.describe(), recipe.name());
-            let got = w
-                .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
-                .unwrap();
-            let want = CpuBackend
-                .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
-                .unwrap();
+            let ctx = format!(
+                "{} {} {dtype:?} poison {poison:?}",
+                w.describe(),
+                recipe.name()
+            );
+            let (got, want, q) = if dtype == DType::F32 {
+                let got = w
+                    .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
+                    .unwrap();
+                let want = CpuBackend
+                    .quantize(&plan, Tensor::F32(&q), Tensor::F32(&k), Tensor::F32(&v))
+                    .unwrap();
+                (got, want, q)
+            } else {
+                let [q, k, v] = [&q, &k, &v].map(|x| TensorBuf::from_f32(dtype, x));
+                let got = w.quantize(&plan, q.view(), k.view(), v.view()).unwrap();
+                let want = CpuBackend
+                    .quantize(&plan, q.view(), k.view(), v.view())
+                    .unwrap();
+                (got, want, q.view().to_f32())
+            };
             assert_same(&got, &want, &delta_bounds(&plan, &q, &want), &ctx);
         }
     }

@@ -521,6 +521,23 @@ pub struct CudaAttention {
     mma: Option<MmaConfig>,
 }
 
+/// Quantization groups per 256-thread block of int8_qk (kernels/quant.cu): a group of `rows`
+/// tokens gets the smallest power-of-two run of threads that holds its 16-byte chunks at
+/// QK_CHUNKS = 8 per thread and at least one row's chunks, so that small groups (SageAttention
+/// 2's per-warp and per-thread scales: 32 or 4 tokens) share a block instead of leaving most of
+/// it idle. Head dims that are not whole chunks take the general path: one group per block.
+fn int8_groups_per_block(rows: u32, head_dim: u32) -> u32 {
+    if head_dim % 8 != 0 || head_dim / 8 > 32 || !(head_dim / 8).is_power_of_two() {
+        return 1;
+    }
+    let cpr = head_dim / 8;
+    let tpg = (rows * cpr)
+        .div_ceil(8)
+        .next_power_of_two()
+        .max(cpr.next_power_of_two());
+    (256 / tpg).max(1)
+}
+
 fn threads(n: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(64).max(1), 1, 1),
@@ -755,20 +772,41 @@ impl CudaAttention {
                 .memset_zeros(&mut ws.slice_mut(layout.vinv as usize..layout.vinv as usize + chans))
                 .map_err(cuda_err("memset"))?;
         }
-        let mut launch =
-            |name: &str, mode: u32, src: &CudaTensor, cfg: LaunchConfig| -> Result<()> {
-                let f = self.function(Module::Quant, name)?;
-                let p = Params { mode, ..base };
-                let mut l = stream.launch_builder(&f);
-                l.arg(&p);
-                match src {
-                    CudaTensor::Bits16(x) => l.arg(*x),
-                    CudaTensor::F32(x) => l.arg(*x),
-                };
-                l.arg(&mut ws);
-                // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
-                unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
+        // (`count`: int8_qk's groups per block, 0 elsewhere.)
+        let mut launch = |name: &str,
+                          mode: u32,
+                          src: &CudaTensor,
+                          cfg: LaunchConfig,
+                          count: u32|
+         -> Result<()> {
+            let f = self.function(Module::Quant, name)?;
+            let p = Params {
+                mode,
+                count,
+                ..base
             };
+            let mut l = stream.launch_builder(&f);
+            l.arg(&p);
+            match src {
+                CudaTensor::Bits16(x) => l.arg(*x),
+                CudaTensor::F32(x) => l.arg(*x),
+            };
+            l.arg(&mut ws);
+            // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
+            unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
+        };
+        // 16-bit V in whole 16-byte chunks (8 channels): the FP8 V passes load 16 bytes at a time.
+        let v_chunks = {
+            use cudarc::driver::DevicePtr;
+            let st = &plan.kv;
+            let ptr = match v {
+                CudaTensor::Bits16(x) => x.device_ptr(stream).0,
+                CudaTensor::F32(_) => 1,
+            };
+            plan.spec.head_dim % 8 == 0
+                && [st.batch, st.head, st.token].iter().all(|x| x % 8 == 0)
+                && ptr % 16 == 0
+        };
         for step in steps {
             let src = match step.src {
                 Source::Q => q,
@@ -780,9 +818,32 @@ impl CudaAttention {
                 // N = 16384): amax per 64-token block in parallel instead, then the scales.
                 let s = &plan.spec;
                 let chans = (s.batch * s.heads_kv) as u32 * padded_dim(s.head_dim) as u32;
-                let blocks = (s.batch * s.heads_kv * s.seq_kv.div_ceil(64) * s.head_dim) as u32;
-                launch("fp8_v_amax", step.mode, src, threads(blocks))?;
-                launch("fp8_v_scale_from_amax", step.mode, src, threads(chans))?;
+                let rows = (s.batch * s.heads_kv * s.seq_kv.div_ceil(64)) as u32;
+                if v_chunks {
+                    launch(
+                        "fp8_v_amax_chunks",
+                        step.mode,
+                        src,
+                        threads(rows * s.head_dim as u32 / 8),
+                        0,
+                    )?;
+                } else {
+                    launch(
+                        "fp8_v_amax",
+                        step.mode,
+                        src,
+                        threads(rows * s.head_dim as u32),
+                        0,
+                    )?;
+                }
+                launch("fp8_v_scale_from_amax", step.mode, src, threads(chans), 0)?;
+                continue;
+            }
+            if step.entry == "fp8_v_codes" && v_chunks {
+                let s = &plan.spec;
+                let n = (s.batch * s.heads_kv * s.seq_kv.div_ceil(4) * padded_dim(s.head_dim) / 8)
+                    as u32;
+                launch("fp8_v_codes_chunks", step.mode, src, threads(n), 0)?;
                 continue;
             }
             if step.entry == "q_delta" && plan.spec.recipe.int8_qk() {
@@ -798,17 +859,33 @@ impl CudaAttention {
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                launch("q_delta", step.mode, src, cfg)?;
+                launch("q_delta", step.mode, src, cfg, 0)?;
                 continue;
             }
-            // int8_qk takes any multiple of 32 threads per group: 256 keep the SMs busy.
-            let width = if step.entry == "int8_qk" { 256 } else { 64 };
+            if step.entry == "int8_qk" {
+                // 256 threads, several small groups per block.
+                let s = &plan.spec;
+                let g = if step.mode == 0 {
+                    s.recipe.q_groups()
+                } else {
+                    s.recipe.k_groups()
+                };
+                let rows = g.map_or(1, |g| g.block / g.interleave) as u32;
+                let gpb = int8_groups_per_block(rows, s.head_dim as u32);
+                let cfg = LaunchConfig {
+                    grid_dim: (step.workgroups().div_ceil(gpb), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch(step.entry, step.mode, src, cfg, gpb)?;
+                continue;
+            }
             let cfg = LaunchConfig {
                 grid_dim: (step.workgroups(), 1, 1),
-                block_dim: (width, 1, 1),
+                block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch(step.entry, step.mode, src, cfg)?;
+            launch(step.entry, step.mode, src, cfg, 0)?;
         }
         Ok((ws, layout))
     }
@@ -1356,7 +1433,7 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_modules, tensor_core_fit, MmaConfig};
+    use super::{all_modules, int8_groups_per_block, tensor_core_fit, MmaConfig};
     use crate::{AttentionSpec, DType, Recipe};
 
     /// What `kernel_for` picks by default on each arch is among the modules the compile check
@@ -1393,6 +1470,24 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn int8_groups_share_blocks() {
+        // (rows, head dim) → groups per block: per-warp Q (32), K (64), Int8QkF16Pv's Q (128),
+        // per-thread (4 rows), head dim 64, and the general path's head dims.
+        for (rows, d, gpb) in [
+            (32, 128, 4),
+            (64, 128, 2),
+            (128, 128, 1),
+            (4, 128, 16),
+            (32, 64, 8),
+            (128, 64, 2),
+            (32, 96, 1),
+            (32, 56, 1),
+        ] {
+            assert_eq!(int8_groups_per_block(rows, d), gpb, "rows {rows} d {d}");
         }
     }
 
