@@ -135,18 +135,16 @@ impl MmaConfig {
     }
 
     /// The default for `plan` on `arch`. sm_90a, head dims padding to 128 or 64: `hopper_wgmma`;
-    /// at 64 two blocks per SM except for Exact and Fp8P
+    /// at 64 two blocks per SM except for Exact
     /// (measured on the H100 at H=48 N=16384: exact 286 → 424 TOPS over 8 × 1 mma.sync; the
-    /// other recipes 8–22% faster with two blocks, exact and fp8-p 1–3% slower). Other Hopper
+    /// other recipes 8–22% faster with two blocks, exact 1–3% slower; fp8-p was too until
+    /// its one-block build slowed to 12.0 ms (eighth session; 8.4 ms with two blocks). Other Hopper
     /// plans at 128: `hopper_wide`, measured 3–13% faster than 8 × 1 for every recipe but Nvfp4
     /// (+3%, its per-row factor state) (docs/benchmarks.md, tuning log).
     pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
         let dp = padded_dim(plan.spec.head_dim);
         if arch == "sm_90a" && (dp == 128 || dp == 64) {
-            let light = matches!(
-                plan.spec.recipe,
-                crate::Recipe::Exact | crate::Recipe::Fp8P { .. }
-            );
+            let light = plan.spec.recipe == crate::Recipe::Exact;
             return MmaConfig {
                 min_blocks: if dp == 64 && !light { 2 } else { 1 },
                 ..MmaConfig::hopper_wgmma()
@@ -420,9 +418,8 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
             }
         }
     }
-    // sm_90a's default at head dim 64 for all but Exact and Fp8P: two wgmma blocks per SM
-    // (`for_plan`).
-    for recipe in [1, 2, 3, 4] {
+    // sm_90a's default at head dim 64 for all but Exact: two wgmma blocks per SM (`for_plan`).
+    for recipe in [1, 2, 3, 4, 5] {
         for (bf16, skip) in [(false, false), (true, false), (false, true), (true, true)] {
             mods.push(Module::Mma {
                 recipe,
