@@ -221,18 +221,36 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 //    whose ulp is the step (0.5 below 2, 1 below 4, 2 below 8; 4 or more past 8, which
 //    saturates anyway), so the FMA's RNE is the E2M1 rounding, ties to even (C is an even
 //    multiple of the step); subtracting C is exact.
-// 3. Saturate at 6 and scale. s = 0 (an all-tiny block) gives 0; a NaN s gives NaN.
-__device__ __forceinline__ float e2m1_times_scale(float a, float s, float rcp_s) {
+// 3. Saturate at 6 and scale (e2m1_pair_times_scale). s = 0 (an all-tiny block) gives 0; a
+//    NaN s gives NaN.
+// Steps 1 and 2: the E2M1 value of a / s before saturation.
+__device__ __forceinline__ float e2m1_unsaturated(float a, float s, float rcp_s) {
     float q0 = __fmul_rn(a, rcp_s);
     float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
     float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
-    float v = __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
-    // (Saturation is not only for a caller's amax below p: a block of tiny p gets a subnormal
-    // E4M3 scale, up to 1.5× below max / 6, so q reaches 9.)
-    return __fmul_rn(fminf(v, 6.0f), s);
+    return __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
 }
 
-// 1/s for e2m1_times_scale: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
+// Step 3 for two values of one block, in the packed 16-bit pair the P·V MMA reads (lo first):
+// pack (exact for E2M1 values; a larger value stays ≥ 6, possibly ∞), min 6, times s2 = (s, s)
+// by an FMA with −0 (exact: every E2M1·E4M3 product is an f16 and a bf16 value; +0 stays +0).
+// Two values per instruction instead of an f32 min and multiply each, then a pack.
+// (Saturation is not only for a caller's amax below p: a block of tiny p gets a subnormal E4M3
+// scale, up to 1.5× below max / 6, so q reaches 9.)
+template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(float v0, float v1, u32 s2) {
+    u32 v = pack16<IS_BF16>(v0, v1), r;
+    if (IS_BF16)
+        asm("{\n.reg .b32 t;\nmin.bf16x2 t, %1, %3;\nfma.rn.bf16x2 %0, t, %2, %4;\n}\n"
+            : "=r"(r)
+            : "r"(v), "r"(s2), "r"(0x40C040C0u), "r"(0x80008000u));
+    else
+        asm("{\n.reg .b32 t;\nmin.f16x2 t, %1, %3;\nfma.rn.f16x2 %0, t, %2, %4;\n}\n"
+            : "=r"(r)
+            : "r"(v), "r"(s2), "r"(0x46004600u), "r"(0x80008000u));
+    return r;
+}
+
+// 1/s for e2m1_unsaturated: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
 __device__ __forceinline__ float scale_rcp(float s) {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(s));
@@ -246,8 +264,9 @@ __device__ __forceinline__ float scale_rcp(float s) {
 // p ≥ 0 (so is every a = p·mul, NaN aside), so maxima compare raw bits; a NaN wins and makes
 // the scale NaN.
 // mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
-// to the input dtype.
-__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2]) {
+// to the input dtype. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
+// row g + 8i.
+__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], u32 (&pk)[NT_S][2]) {
     // Block j = 2·blk + half: keys 16·blk.., row g + 8·half; element i of it is p[2blk + i/2][2half + i%2].
     u32 amax[8];
 #pragma unroll
@@ -290,28 +309,36 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
         float s = scale[j], r = scale_rcp(s);
-        u32 blk = j / 2u, half = j % 2u;
+        u32 blk = j / 2u, half = j % 2u, s2 = pack16<PV_BF16>(s, s);
 #pragma unroll
-        for (u32 i = 0; i < 4u; i++) {
-            float& a = p[2u * blk + i / 2u][2u * half + i % 2u];
-            a = e2m1_times_scale(a, s, r);
-        }
+        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++)
+            pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(p[n][2u * half], s, r), e2m1_unsaturated(p[n][2u * half + 1u], s, r), s2);
     }
 }
 
-// Test probe (tests/cuda.rs): per i, the P·V operand value e2m1_times_scale gives for
-// (a[i], s[i]), and the scale code scale_code_pair gives a block whose max is a[i] (as bits).
+// Test probe (tests/cuda.rs): per i, the P·V operand value the kernel gives for (a[i], s[i])
+// (f16 pair path, read back exactly), and the scale code scale_code_pair gives a block whose max
+// is a[i] (as bits).
 extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, u32 n) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    out[i] = e2m1_times_scale(a[i], s[i], scale_rcp(s[i]));
+    float r = scale_rcp(s[i]), v = e2m1_unsaturated(a[i], s[i], r);
+    out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, pack16<false>(s[i], s[i])) & 0xffffu);
     codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
 }
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
 // in the recipe's format divided by the constant factor applied at the end.
 __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
-    if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) p_nvfp4(p, row_mul);
+    if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) {
+        u32 pk[NT_S][2];
+        p_nvfp4(p, row_mul, pk);
+#pragma unroll
+        for (u32 kk = 0; kk < BK / 16u; kk++)
+#pragma unroll
+            for (u32 r = 0; r < 4u; r++) pa[kk][r] = pk[2u * kk + r / 2u][r % 2u];
+        return;
+    }
     float mul = RECIPE == R_INT8_FP8 ? 448.0f : P.inv_g;
 #if PV_FP8
     // E4M3 codes, 32 keys per P·V step; register r of step kk is row g + 8(r%2) of the 16-key
