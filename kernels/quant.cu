@@ -87,32 +87,13 @@ extern "C" __global__ void q_delta(Params P, const void* src, u32* ws) {
 
 #define QK_CHUNKS 8u
 
-// The block's amax (over bit patterns: order-free) → the group's scale, written to the
-// workspace; returns 127/amax (0 for a zero, tiny or non-finite group, whose codes are all 0).
-__device__ __forceinline__ float group_scale(const Params& P, u32* ws, u32* red, u32 amax, bool is_q, u32 slot) {
-    __shared__ float gs_inv;
-    u32 lid = threadIdx.x;
-    for (u32 o = 16u; o > 0u; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lid % 32u == 0u) red[lid / 32u] = amax;
-    __syncthreads();
-    if (lid == 0u) {
-        u32 a = 0u;
-        for (u32 w = 0; w < blockDim.x / 32u; w++) a = max(a, red[w]);
-        float inv = 0.0f, scale = 0.0f;
-        if (non_finite(a)) scale = f32_nan();
-        else if (a >= TINY_BITS) { inv = div_rn(127.0f, u2f(a)); scale = div_rn(u2f(a), 127.0f); }
-        gs_inv = inv;
-        ws[(is_q ? P.off_qscales : P.off_kscales) + slot] = f2u(scale);
-    }
-    __syncthreads();
-    return gs_inv;
-}
-
-// group_scale for a group held by `tpg` threads (a power of two; the block holds
+// A group's amax (over bit patterns: order-free) → its scale, written to the workspace by the
+// group's first thread (if `live`); returns 127/amax (0 for a zero, tiny or non-finite group,
+// whose codes are all 0). The group is held by `tpg` threads (a power of two; the block holds
 // blockDim.x / tpg groups side by side): a shuffle tree, plus shared memory across the warps
-// of a group when it spans several (then every thread of the block must call this). Each
-// thread computes 127/amax itself; the group's first thread writes the scale (if `live`).
-__device__ __forceinline__ float group_scale_of(const Params& P, u32* ws, u32* red, u32 amax, bool is_q, u32 slot, u32 tpg, bool live) {
+// of a group when it spans several (then every thread of the block must call this, and
+// `red` is free again only after a later barrier).
+__device__ __forceinline__ float group_scale(const Params& P, u32* ws, u32* red, u32 amax, bool is_q, u32 slot, u32 tpg, bool live) {
     u32 lid = threadIdx.x;
 #pragma unroll
     for (u32 o = 16u; o > 0u; o >>= 1)
@@ -222,7 +203,7 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
             if ((lid & (cpr - 1u)) == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
         }
     }
-    float inv = group_scale_of(P, ws, red, amax, IS_Q, g, tpg, live);
+    float inv = group_scale(P, ws, red, amax, IS_Q, g, tpg, live);
     u32 off = IS_Q ? P.off_qcodes : P.off_kcodes;
 #pragma unroll
     for (u32 i = 0; i < QK_CHUNKS; i++) {
@@ -325,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const voi
             u32 t = t0 + (e / P.head_dim) * inter;
             if (t < n) amax = max(amax, abs_bits(value(t, e % P.head_dim)));
         }
-        float inv = group_scale(P, ws, red, amax, is_q, wg);
+        float inv = group_scale(P, ws, red, amax, is_q, wg, nthreads, true);
         bool finite = inv > 0.0f;
         u32 off = is_q ? P.off_qcodes : P.off_kcodes;
         for (u32 e = lid; e < per * dw; e += nthreads) {
@@ -339,6 +320,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const voi
             ws[off + (bh * n + t) * dw + w] = word;
         }
         if (shift) q_delta_rows(P, src, ws, bh, t0, per, inter);
+        __syncthreads();  // `red` is reused by the next group
     }
 }
 
