@@ -26,7 +26,7 @@
 #define BQT (16u * MT * WARPS)
 #define CONSUMERS (32u * WARPS)  // the warps that own query rows
 // WGMMA: plus one producer warp that issues the copies; PV_FP8 a whole producer warpgroup (one
-// warp works), so that registers can move to the consumers (KERNEL_REGS).
+// warp works), so that registers can move to the consumers (PV_FP8_CONSUMER_REGS).
 #define THREADS (CONSUMERS + (PV_FP8 ? 128u : WGMMA ? 32u : 0u))
 #define NEG_INF __int_as_float(0xff800000)
 // FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
