@@ -175,6 +175,24 @@ __device__ __forceinline__ float div6_rn(float x) {
     return __fmaf_rn(__fmaf_rn(-q, 6.0f, x), y, q);
 }
 
+// ρ / 2688 correctly rounded for ρ in [2^-60, 1] (checked there exhaustively), the same way.
+__device__ __forceinline__ float div2688_rn(float rho) {
+    const float y = 1.0f / 2688.0f;
+    float q = __fmul_rn(rho, y);
+    return __fmaf_rn(__fmaf_rn(-q, 2688.0f, rho), y, q);
+}
+
+// a / b correctly rounded where neither the operands nor the quotient leave the normal range
+// (nor come near its ends): __fdiv_rn's fast path (a refined reciprocal, one residual step)
+// without its range check and the branch to its slow path.
+__device__ __forceinline__ float div_normal_rn(float a, float b) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(b));
+    r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+    float q = __fmul_rn(a, r);
+    return __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
+}
+
 // Two block maxima → their NVFP4 scale codes, E4M3(max / 6) (lo in bits 0-7, hi in 8-15); NaN
 // or ∞ → the NaN code, below TINY → 0 (nvfp4_scale_code). sm_89+ rounds in hardware.
 __device__ __forceinline__ u32 scale_code_pair(u32 amax_lo, u32 amax_hi) {
@@ -928,13 +946,14 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], float (&F)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
-    float alpha[2], m_use[2], tmax[2];
+    float alpha[2], m_use[2], tmax[2], smax[2];
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
         float mx = NEG_INF;
 #pragma unroll
         for (u32 n = 0; n < NT_S; n++) mx = fmaxf(mx, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
-        tmax[i] = quad_max(mx) * scale[i];
+        smax[i] = quad_max(mx);
+        tmax[i] = smax[i] * scale[i];
     }
     if (SKIP) {
         // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
@@ -981,23 +1000,20 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     oscale[0] = alpha[0];
     oscale[1] = alpha[1];
     if (RECIPE == R_NVFP4) {
-        // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here).
+        // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here, the p
+        // of its largest score: the same instruction on the same operands).
         // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f.
-        // A tile whose f is below 2^-40·F adds under 2^-40 of O: dropped (P' = 0),
-        // which keeps F/f, hence o, finite.
+        // A tile whose f is below 2^-40·F adds under 2^-40 of O, and one whose ρ is below 2^-60
+        // under 2^-60 of it: dropped (P' = 0), which keeps F/f, hence o, and 2688/ρ finite.
+        // No branch: F/f is taken as F·(2688/ρ), an ulp from it (only o's bookkeeping).
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
-            float rho = 0.0f;
-#pragma unroll
-            for (u32 n = 0; n < NT_S; n++) rho = fmaxf(rho, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
-            rho = quad_max(rho);
-            float f = rho > 0.0f ? div_rn(rho, 2688.0f) : 0.0f;
-            row_mul[i] = 0.0f;
-            if (f > 0.0f && f >= F[i] * 0x1p-40f) {
-                row_mul[i] = div_rn(2688.0f, rho);
-                oscale[i] = alpha[i] * __fdiv_rn(F[i], f);
-                F[i] = f;
-            }
+            float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
+            float f = div2688_rn(rho), mul = div_normal_rn(2688.0f, fmaxf(rho, 0x1p-60f));
+            bool use = rho >= 0x1p-60f && f >= F[i] * 0x1p-40f;
+            row_mul[i] = use ? mul : 0.0f;
+            oscale[i] = use ? alpha[i] * (F[i] * mul) : alpha[i];
+            F[i] = use ? f : F[i];
         }
     }
     p_fragments(P, s, pa, row_mul);
