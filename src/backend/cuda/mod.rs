@@ -121,6 +121,21 @@ impl MmaConfig {
         }
     }
 
+    /// `hopper_wgmma` with three consumer warpgroups (192 query rows per block, 13 warps): the
+    /// sm_90a default at head dim 128 (TESSERA_MMA_CONFIG=12,1,1,1,1). The kernels there are
+    /// bound by their warps' CUDA-core work and latency, not the tensor cores: a third warpgroup
+    /// gives each scheduler a third warp to issue from (ptxas fits them in 128 registers, no
+    /// spills). Measured on the H200 at H=24 N=16384: exact 6.48 → 5.75 ms, int8qk-f16pv 7.03 →
+    /// 5.99, fp8-p 6.81 → 5.76, nvfp4-p 9.99 → 9.27 (docs/benchmarks.md, ninth session).
+    /// Int8QkFp8Pv's FP8 P·V keeps two (`tensor_core_fit`): its second accumulator needs the
+    /// registers a producer warpgroup hands over.
+    pub fn hopper_wgmma3() -> MmaConfig {
+        MmaConfig {
+            warps: 12,
+            ..MmaConfig::hopper_wgmma()
+        }
+    }
+
     /// Hopper's mma.sync shape at head dim 128: 4 warps × 2 m-tiles (each K/V fragment feeds two
     /// mma), Q in shared memory, one block per SM.
     pub fn hopper_wide() -> MmaConfig {
@@ -134,8 +149,8 @@ impl MmaConfig {
         }
     }
 
-    /// The default for `plan` on `arch`. sm_90a, head dims padding to 128 or 64: `hopper_wgmma`;
-    /// at 64 two blocks per SM except for Exact
+    /// The default for `plan` on `arch`. sm_90a: `hopper_wgmma3` at head dim 128, `hopper_wgmma`
+    /// at 64 with two blocks per SM except for Exact
     /// (measured on the H100 at H=48 N=16384: exact 286 → 424 TOPS over 8 × 1 mma.sync; the
     /// other recipes 8–22% faster with two blocks, exact 1–3% slower; fp8-p was too until
     /// its one-block build slowed to 12.0 ms (eighth session; 8.4 ms with two blocks). Other Hopper
@@ -143,7 +158,10 @@ impl MmaConfig {
     /// (+3%, its per-row factor state) (docs/benchmarks.md, tuning log).
     pub fn for_plan(arch: &str, plan: &Plan) -> MmaConfig {
         let dp = padded_dim(plan.spec.head_dim);
-        if arch == "sm_90a" && (dp == 128 || dp == 64) {
+        if arch == "sm_90a" && dp == 128 {
+            return MmaConfig::hopper_wgmma3();
+        }
+        if arch == "sm_90a" && dp == 64 {
             let light = plan.spec.recipe == crate::Recipe::Exact;
             return MmaConfig {
                 min_blocks: if dp == 64 && !light { 2 } else { 1 },
@@ -170,7 +188,7 @@ impl MmaConfig {
             && if wg == 0 {
                 w * mt * 16 == 128
             } else {
-                mt == 1 && (w == 4 || w == 8) && q != 0
+                mt == 1 && (w == 4 || w == 8 || w == 12) && q != 0
             };
         ok.then_some(MmaConfig {
             warps: w,
@@ -390,7 +408,24 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     variants.push((vec![0, 1, 4, 5], sm90, false, (0, 0), true));
     for (recipe, nm) in nms {
         variants.push((vec![recipe], MmaConfig::hopper_wgmma(), false, nm, false));
+        variants.push((vec![recipe], MmaConfig::hopper_wgmma3(), false, nm, false));
     }
+    for skip in [false, true] {
+        variants.push((
+            vec![0, 1, 3, 4, 5],
+            MmaConfig::hopper_wgmma3(),
+            skip,
+            (0, 0),
+            false,
+        ));
+    }
+    variants.push((
+        vec![0, 1, 2, 4, 5],
+        MmaConfig::hopper_wgmma3(),
+        false,
+        (0, 0),
+        true,
+    ));
     variants.push((
         vec![0, 1, 4, 5],
         MmaConfig::hopper_wgmma(),
@@ -403,6 +438,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
             for dp in MMA_DIMS
                 .into_iter()
                 .filter(|&d| !cfg.wgmma || MmaConfig::wgmma_dim(d))
+                .filter(|&d| cfg.warps <= 8 || d == 128)
             {
                 for bf16 in [false, true] {
                     mods.push(Module::Mma {
@@ -483,6 +519,16 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
     if strides.iter().any(|x| x % 8 != 0) {
         return Err("strides that are not multiples of 8 elements (16-byte rows)".into());
     }
+    // Two consumer warpgroups (128 rows) for FP8 P·V (Int8QkFp8Pv on wgmma at 128), whose
+    // producer warpgroup's registers go to them (setmaxnreg), which a third could not be given;
+    // and for block masks, whose rows are 128 queries (a block reads one mask row).
+    let fp8_pv = recipe == 2 && cfg.wgmma && dp == 128 && s.v_nvfp4.is_none();
+    let block_mask = matches!(s.sparsity, crate::Sparsity::BlockMask(_));
+    let cfg = if (fp8_pv || block_mask) && cfg.warps > 8 {
+        MmaConfig { warps: 8, ..cfg }
+    } else {
+        cfg
+    };
     Ok(Module::Mma {
         recipe,
         dp,
