@@ -409,11 +409,14 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
 #[test]
 fn fp8_pv_sums_long_sequences_in_f32() {
     use common::matrix::tolerance;
-    use tessera::backend::cuda::{CudaAttention, Module};
+    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
     use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
+    let two_groups = CudaAttention::new(c.attention().context())
+        .unwrap()
+        .with_mma_config(MmaConfig::hopper_wgmma());
     let mut rng = Rng::new(fresh_seed("fp8 pv long"));
     let recipe = Recipe::Int8QkFp8Pv {
         granularity: QkGranularity::PerThread,
@@ -430,16 +433,19 @@ fn fp8_pv_sums_long_sequences_in_f32() {
         let (q, k, _) = qkv(&spec, &mut rng, 1.0);
         let v = tensor(spec.dtype, plan.kv_len, |_| 1.0 + 0.25 * rng.normal());
         let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-        let mma = c.attention();
-        let kernel = mma.kernel_for(&plan);
-        assert!(matches!(kernel, Module::Mma { .. }), "{}", kernel.label());
-        let (o_mma, _) = run_poisoned_cuda(&spec, &q, &k, &v);
-        let acc = Accuracy::of(&o_mma, &o_simt);
-        let (tol_l1, _) = tolerance(recipe, spec.dtype);
-        let ctx = format!("{} nq{nq} nk{nk} d{d} causal={causal}", kernel.label());
-        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
-        eprintln!("{ctx}: {acc}");
+        // The default shape, and on sm_90a the two-warpgroup wgmma shape, which alone runs P·V
+        // on the FP8 tensor cores at head dim 128 (the default's three warpgroups run it in f16).
+        for mma in [c.attention(), &two_groups] {
+            let kernel = mma.kernel_for(&plan);
+            assert!(matches!(kernel, Module::Mma { .. }), "{}", kernel.label());
+            let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
+            let acc = Accuracy::of(&o_mma, &o_simt);
+            let (tol_l1, _) = tolerance(recipe, spec.dtype);
+            let ctx = format!("{} nq{nq} nk{nk} d{d} causal={causal}", kernel.label());
+            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            eprintln!("{ctx}: {acc}");
+        }
     }
 }
 

@@ -127,8 +127,10 @@ impl MmaConfig {
     /// gives each scheduler a third warp to issue from (ptxas fits them in 128 registers, no
     /// spills). Measured on the H200 at H=24 N=16384: exact 6.48 → 5.75 ms, int8qk-f16pv 7.03 →
     /// 5.99, fp8-p 6.81 → 5.76, nvfp4-p 9.99 → 9.27 (docs/benchmarks.md, ninth session).
-    /// Int8QkFp8Pv's FP8 P·V keeps two (`tensor_core_fit`): its second accumulator needs the
-    /// registers a producer warpgroup hands over.
+    /// Int8QkFp8Pv runs its P·V in f16 here (E4M3 values are f16 values): FP8 P·V's per-tile
+    /// accumulator needs the registers that only the two-warpgroup shape's producer warpgroup
+    /// can hand over (TESSERA_MMA_CONFIG=8,1,1,1,1 runs it). Block masks keep two warpgroups
+    /// (`tensor_core_fit`).
     pub fn hopper_wgmma3() -> MmaConfig {
         MmaConfig {
             warps: 12,
@@ -412,7 +414,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     }
     for skip in [false, true] {
         variants.push((
-            vec![0, 1, 3, 4, 5],
+            MMA_RECIPES.to_vec(),
             MmaConfig::hopper_wgmma3(),
             skip,
             (0, 0),
@@ -519,12 +521,9 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
     if strides.iter().any(|x| x % 8 != 0) {
         return Err("strides that are not multiples of 8 elements (16-byte rows)".into());
     }
-    // Two consumer warpgroups (128 rows) for FP8 P·V (Int8QkFp8Pv on wgmma at 128), whose
-    // producer warpgroup's registers go to them (setmaxnreg), which a third could not be given;
-    // and for block masks, whose rows are 128 queries (a block reads one mask row).
-    let fp8_pv = recipe == 2 && cfg.wgmma && dp == 128 && s.v_nvfp4.is_none();
+    // Block masks: rows of 128 queries, and a block reads one mask row: two warpgroups.
     let block_mask = matches!(s.sparsity, crate::Sparsity::BlockMask(_));
-    let cfg = if (fp8_pv || block_mask) && cfg.warps > 8 {
+    let cfg = if block_mask && cfg.warps > 8 {
         MmaConfig { warps: 8, ..cfg }
     } else {
         cfg
@@ -1108,7 +1107,9 @@ impl CudaAttention {
         // Int8QkFp8Pv on wgmma at head dim 128 multiplies P·V on the FP8 tensor cores, which read V transposed
         // (kernels/attention_mma.cu, PV_FP8): [b·hk][dp][np64] codes, np64 = nk rounded up to 64
         // (held in a u16 buffer: np64 is even).
-        let pv_fp8 = recipe == 2 && !vnv && cfg.wgmma && dp == 128;
+        // FP8 P·V (kernels: PV_FP8) on the two-warpgroup wgmma shape only: its per-tile
+        // accumulator needs the registers its producer warpgroup hands over.
+        let pv_fp8 = recipe == 2 && !vnv && cfg.wgmma && dp == 128 && cfg.warps == 8;
         let np64 = nk.div_ceil(64).max(1) * 64;
         if pv_fp8 {
             let mut v = scratch(b * hk * dp * np64 / 2)?;
