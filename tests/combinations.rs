@@ -30,7 +30,10 @@ fn options_combine_on_every_backend() {
             MaskKind::None
         };
         let dtype = [DType::F16, DType::BF16][case % 2];
-        let mut spec = AttentionSpec::new(1, 4, 300, 64)
+        // Head dims 64 and 128 (on sm_90a the wgmma kernel runs two and three warpgroups
+        // there), each recipe at both, with and without N:M and skip-softmax.
+        let d = [64, 128][(case ^ (case >> 2) ^ (case >> 3)) & 1];
+        let mut spec = AttentionSpec::new(1, 4, 300, d)
             .with_kv(2, 450)
             .with_dtype(dtype)
             .with_causal(causal)
@@ -51,7 +54,7 @@ fn options_combine_on_every_backend() {
         let want = reference(&plan, &q.to_f32(), &k.to_f32(), &v.to_f32(), None);
         for b in gpu_backends() {
             let ctx = format!(
-                "{} {} nm={nm} skip={skip} v_nvfp4={v_nvfp4} causal={causal} {mask:?} {dtype:?}",
+                "{} {} d{d} nm={nm} skip={skip} v_nvfp4={v_nvfp4} causal={causal} {mask:?} {dtype:?}",
                 b.describe(),
                 recipe.name()
             );
