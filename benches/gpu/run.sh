@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, after benches/gpu/pack.sh here (device tool:
+# carry [".gpu"]):
+#   bash benches/gpu/run.sh tests            every test binary (TESSERA_REQUIRE_GPU=1), 280 s each at most
+#   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
+#   bash benches/gpu/run.sh flash            SDPA flash on the benchmark shapes
+# Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128 flash
+set -uo pipefail
+[ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
+source .gpu/env.sh
+export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests)
+      for t in .gpu/bin/test-*; do
+        n=$(basename "$t")
+        timeout 280 "$t" --include-ignored > "/tmp/$n.log" 2>&1
+        echo "$n rc $?"
+        grep -E "test result|FAILED|panicked" "/tmp/$n.log" | head -8
+      done ;;
+    bench)
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash ]]; do args+=("$2"); shift; done
+      [ ${#args[@]} -eq 0 ] && args=(--dense)
+      timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
+    flash) timeout 120 python3 benches/sdpa_flash.py ;;
+    *) echo "run.sh: unknown step $1" >&2 ;;
+  esac
+  shift
+done
