@@ -38,8 +38,10 @@
 // transposed FP8 codes (v_fp8_transpose). Hopper's FP8 MMA adds into its accumulator with
 // fewer bits than f32 (about 22), so each tile's P·V gets a fresh accumulator that is then
 // added to O in f32 (SageAttention 2's two-level accumulation): no error growth with length.
-// Head dim 128 only: at 64 the two-blocks-per-SM kernel has 104 registers per consumer for
-// it and spills (measured 10.7 → 11.7 ms at H=48 N=16384; one block per SM: 13.9).
+// Head dim 128 and two consumer warpgroups only: at 64 the two-blocks-per-SM kernel has 104
+// registers per consumer for it and spills (measured 10.7 → 11.7 ms at H=48 N=16384; one
+// block per SM: 13.9), and three warpgroups have 128 registers, no producer warpgroup to
+// take more from (hopper_wgmma3 runs P·V in f16 from the codes' f16 copy instead).
 #define PV_FP8 (WGMMA && RECIPE == R_INT8_FP8 && !VNV && DP == 128u && WARPS == 8u)
 #define QK_BYTES (INT8_QK ? DP : 2u * DP)   // one Q/K row in shared memory and registers
 #define V_BYTES (PV_FP8 ? DP : 2u * DP)     // (PV_FP8: the tile is DP channel rows of BK key bytes)

@@ -166,7 +166,7 @@ impl MmaConfig {
         if arch == "sm_90a" && dp == 64 {
             let light = plan.spec.recipe == crate::Recipe::Exact;
             return MmaConfig {
-                min_blocks: if dp == 64 && !light { 2 } else { 1 },
+                min_blocks: if light { 1 } else { 2 },
                 ..MmaConfig::hopper_wgmma()
             };
         }
