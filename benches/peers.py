@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peers on tessera's benchmark shapes, and one table with tessera's ratio to each.
 
-    python3 benches/peers.py [path/to/tessera-bench-binary] [--quick] [-- bench args, e.g. --no-wgpu]
+    python3 benches/peers.py [path/to/tessera-bench-binary] [--quick] [--flash-only] [-- bench args, e.g. --no-wgpu]
 
 Runs SDPA (flash, cuDNN, efficient backends), FlexAttention (dense, and with the same
 block-mask sparsity as tessera's masked rows), SageAttention 1 and NVIDIA ModelOpt's attention
@@ -20,6 +20,8 @@ import triton
 own_args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
 bench_args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
 quick = "--quick" in own_args
+# --flash-only: SDPA flash as the one peer (issue 3's "faster than flash" line), no wheels, no flex.
+flash_only = "--flash-only" in own_args
 shapes = [(24, 4096, 128), (24, 16384, 128), (24, 32768, 128), (48, 16384, 64)]
 if quick:
     shapes = shapes[:1]
@@ -70,10 +72,14 @@ except Exception as e:  # noqa: BLE001
     flex = None
     print(f"FlexAttention unavailable: {e}", file=sys.stderr)
 
+if flash_only:
+    extra, flex = {}, None
+
 for h, n, d in shapes:
     q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
     for causal in (False, True):
-        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        sdpa = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION))
+        for name, backend in sdpa[:1] if flash_only else sdpa:
             try:
                 with sdpa_kernel(backend):
                     ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))

@@ -3,8 +3,8 @@
 # carry [".gpu"]):
 #   bash benches/gpu/run.sh tests            every test binary (TESSERA_REQUIRE_GPU=1), 280 s each at most
 #   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
-#   bash benches/gpu/run.sh flash            SDPA flash on the benchmark shapes
-# Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128 flash
+#   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
+# Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 set -uo pipefail
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
 source .gpu/env.sh
@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
       args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
-    flash) timeout 120 python3 benches/sdpa_flash.py ;;
+    flash) timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense ;;
     *) echo "run.sh: unknown step $1" >&2 ;;
   esac
   shift
