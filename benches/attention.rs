@@ -1,7 +1,8 @@
 //! tessera's speed on the GPU machine: per shape and recipe, the median kernel time over many
 //! runs after warm-up (CUDA events; for WGSL, wall time around submit + wait) and the TOPS
 //! (4·B·H·Nq·Nk·D / time, half when causal). Prints a table, and JSON lines with --json for
-//! benches/peers.py.
+//! benches/peers.py. Filters: --shape H,N,D, --recipe NAME, --no-wgpu, --dense; --vnv adds V →
+//! NVFP4 to every call; --skip and --nm time skip-softmax and N:M sparse softmax instead.
 //!   cargo bench --bench attention -- [--json] [--quick]
 
 use half::f16;
@@ -216,6 +217,15 @@ fn main() {
     let only_recipes = values("--recipe");
     let no_wgpu = args.iter().any(|a| a == "--no-wgpu");
     let dense_only = args.iter().any(|a| a == "--dense");
+    // --vnv: every call with V → NVFP4 (rows labelled recipe+vnv).
+    let v_nvfp4 = args.iter().any(|a| a == "--vnv");
+    let label = |r: Recipe| -> &'static str {
+        if v_nvfp4 {
+            Box::leak(format!("{}+vnv", r.name()).into_boxed_str())
+        } else {
+            r.name()
+        }
+    };
     let mut rows = Vec::new();
     // Skip-softmax on clustered tokens: dense, λ so small nothing is skipped (the test's own
     // cost), and λ = 0.1; the fraction of tiles skipped comes from one host-API run.
@@ -313,13 +323,16 @@ fn main() {
                     if keep < 1.0 {
                         spec.sparsity = block_mask(&spec, keep, 7);
                     }
+                    if v_nvfp4 {
+                        spec = spec.with_v_nvfp4(None);
+                    }
                     let reps = if n >= 16384 { 5 } else { 20 };
                     #[cfg(feature = "cuda")]
                     if let Some(c) = &cuda {
                         if let Some(ms) = time_cuda(c, &spec, reps) {
                             rows.push(Row {
                                 backend: "cuda",
-                                recipe: recipe.name(),
+                                recipe: label(recipe),
                                 n,
                                 h,
                                 d,
@@ -334,7 +347,7 @@ fn main() {
                         if let Some(ms) = time_wgpu(w, &spec, 5) {
                             rows.push(Row {
                                 backend: "wgpu",
-                                recipe: recipe.name(),
+                                recipe: label(recipe),
                                 n,
                                 h,
                                 d,

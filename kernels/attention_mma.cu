@@ -231,26 +231,7 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 #endif
 }
 
-// E2M1(a / s) · s for a ≥ 0 and an E4M3 block scale s, bit-exact without comparing a against
-// seven thresholds (which cost ~14 instructions per value):
-// 1. q = a / s, faithfully rounded: q0 = a·rcp(s) is within ~1.5 ulp, one FMA residual step
-//    brings it within 0.5 ulp + 2⁻²² ulp. Every E2M1 midpoint m (0.25, 0.75, …, 5) has few
-//    bits; a ≠ m·s puts a / s at least 0.53 ulp(m) from m (a's own ulp over s, s of 4 bits),
-//    so q lies on the same side of every midpoint as a / s, and equals m on an exact tie.
-// 2. Round q to the E2M1 step by adding C = 2²²·max(2^⌊log2 q⌋, 1): C + q lands in the binade
-//    whose ulp is the step (0.5 below 2, 1 below 4, 2 below 8; 4 or more past 8, which
-//    saturates anyway), so the FMA's RNE is the E2M1 rounding, ties to even (C is an even
-//    multiple of the step); subtracting C is exact.
-// 3. Saturate at 6 and scale (e2m1_pair_times_scale). s = 0 (an all-tiny block) gives 0; a
-//    NaN s gives NaN.
-// Steps 1 and 2: the E2M1 value of a / s before saturation.
-__device__ __forceinline__ float e2m1_unsaturated(float a, float s, float rcp_s) {
-    float q0 = __fmul_rn(a, rcp_s);
-    float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
-    float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
-    return __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
-}
-
+// E2M1(a / s) · s: e2m1_unsaturated (common.cuh), then step 3:
 // Step 3 for two values of one block, in the packed 16-bit pair the P·V MMA reads (lo first):
 // pack (exact for E2M1 values; a larger value stays ≥ 6, possibly ∞), min 6, times s2 = (s, s)
 // by an FMA with −0 (exact: every E2M1·E4M3 product is an f16 and a bf16 value; +0 stays +0).
@@ -268,13 +249,6 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
             : "=r"(r)
             : "r"(v), "r"(s2), "r"(0x46004600u), "r"(0x80008000u));
     return r;
-}
-
-// 1/s for e2m1_unsaturated: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
-__device__ __forceinline__ float scale_rcp(float s) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(s));
-    return s > 0.0f ? r : 0.0f;
 }
 
 // Nvfp4P on one m-tile. A group of 16 keys of a row is n-tiles 2i and 2i+1: a thread holds 4 of

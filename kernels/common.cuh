@@ -177,6 +177,25 @@ __device__ __forceinline__ u32 e4m3_to_f16_bits(u32 c) {
     return sign | (a == 0u ? 0u : f32_to_f16_bits(__fmul_rn((float)a, 0.001953125f)));
 }
 
+// Two E4M3 codes (bits 0-7, 8-15) → their f16 values, packed (lo first): exact; one conversion
+// on sm_89+. (Not for the NaN code: the V passes never write it.)
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 codes) {
+#if __CUDA_ARCH__ >= 890
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"((unsigned short)codes));
+    return h2;
+#else
+    return e4m3_to_f16_bits(codes & 0xffu) | (e4m3_to_f16_bits((codes >> 8) & 0xffu) << 16);
+#endif
+}
+
+// Two f32 → f16 bits, packed (lo first), round to nearest even: the hardware conversion.
+__device__ __forceinline__ u32 f16x2_bits(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ u32 f32_to_bf16_bits(float x) {
     u32 b = f2u(x);
     u32 sign = (b >> 16) & 0x8000u;
@@ -207,4 +226,31 @@ __device__ __forceinline__ u32 nvfp4_scale_code(u32 amax) {
     if (non_finite(amax)) return E4M3_NAN;
     if (amax < TINY_BITS) return 0u;
     return e4m3_from_f32(div_rn(u2f(amax), 6.0f));
+}
+
+// 1/s for e2m1_unsaturated: MUFU's approximation (≤ 1 ulp), 0 for a zero or NaN scale (q = 0).
+__device__ __forceinline__ float scale_rcp(float s) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(s));
+    return s > 0.0f ? r : 0.0f;
+}
+
+// E2M1(a / s) · s for a ≥ 0 and an E4M3 block scale s, bit-exact without comparing a against
+// seven thresholds (which cost ~14 instructions per value):
+// 1. q = a / s, faithfully rounded: q0 = a·rcp(s) is within ~1.5 ulp, one FMA residual step
+//    brings it within 0.5 ulp + 2⁻²² ulp. Every E2M1 midpoint m (0.25, 0.75, …, 5) has few
+//    bits; a ≠ m·s puts a / s at least 0.53 ulp(m) from m (a's own ulp over s, s of 4 bits),
+//    so q lies on the same side of every midpoint as a / s, and equals m on an exact tie.
+// 2. Round q to the E2M1 step by adding C = 2²²·max(2^⌊log2 q⌋, 1): C + q lands in the binade
+//    whose ulp is the step (0.5 below 2, 1 below 4, 2 below 8; 4 or more past 8, which
+//    saturates anyway), so the FMA's RNE is the E2M1 rounding, ties to even (C is an even
+//    multiple of the step); subtracting C is exact.
+// 3. Saturate at 6 and scale (attention_mma.cu's e2m1_pair_times_scale), or take the code
+//    (quant.cu's e2m1_code). s = 0 (an all-tiny block) gives 0; a NaN s gives NaN.
+// Steps 1 and 2: the E2M1 value of a / s before saturation.
+__device__ __forceinline__ float e2m1_unsaturated(float a, float s, float rcp_s) {
+    float q0 = __fmul_rn(a, rcp_s);
+    float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
+    float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
+    return __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
 }

@@ -374,7 +374,9 @@ extern "C" __global__ void fp8_v_codes(Params P, const void* src, u32* ws) {
 // fp8_v_amax and fp8_v_codes for 16-bit V whose rows are whole 16-byte chunks (8 channels;
 // the host checks strides and alignment): a thread takes one chunk of consecutive tokens,
 // 16-byte loads, its 8 channels' factors loaded once. Same bits as the general kernels.
-#define V_AMAX_ROWS 64u  // tokens per thread (one 64-token block)
+// Tokens per thread: one 64-token block. (16, for more threads at N = 4096, measured slower:
+// 54 vs 44 µs under ncu, four times the atomics on the same channel words.)
+#define V_AMAX_ROWS 64u
 #define V_CODE_ROWS 4u
 __device__ __forceinline__ void chunk_values(uint4 x, bool f16, float (&v)[8]) {
     const u32 w[4] = {x.x, x.y, x.z, x.w};
@@ -410,7 +412,9 @@ extern "C" __global__ void fp8_v_amax_chunks(Params P, const void* src, u32* ws)
     for (u32 k = 0; k < 8u; k++) atomicMax(ws + P.off_vinv + bh * P.dp + ch * 8u + k, amax[k]);
 }
 
-extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws) {
+// `v16` (null: none): also the codes' f16 values, rows [b·hk][seq_kv][dp] (exact), which the
+// tensor-core kernel reads when it multiplies P·V in f16 (else a separate v_fp8_to_f16 pass).
+extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws, unsigned short* v16) {
     u32 id = linear_id();
     u32 cpr = P.dp / 8u, nrb = (P.seq_kv + V_CODE_ROWS - 1u) / V_CODE_ROWS;
     if (id >= P.batch * P.heads_kv * nrb * cpr) return;
@@ -438,6 +442,12 @@ extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws
                         (e4m3x2_codes(__fmul_rn(v[4u * k + 2u], inv[4u * k + 2u]), __fmul_rn(v[4u * k + 3u], inv[4u * k + 3u])) << 16)) &
                        keep[k];
         *(uint2*)(ws + P.off_vcodes + ((bh * P.seq_kv + t) * P.dp + c0) / 4u) = make_uint2(codes[0], codes[1]);
+        if (v16) {
+            u32 h[4];
+#pragma unroll
+            for (u32 k = 0; k < 4u; k++) h[k] = e4m3x2_to_f16x2(codes[k / 2u] >> (16u * (k % 2u)));
+            *(uint4*)(v16 + (size_t)(bh * P.seq_kv + t) * P.dp + c0) = make_uint4(h[0], h[1], h[2], h[3]);
+        }
     }
 }
 
@@ -493,4 +503,124 @@ extern "C" __global__ void pack_out(Params P, const float* src, unsigned short* 
     if (id >= P.count) return;
     float x = src[id];
     dst[id] = (unsigned short)(P.dtype == DT_F16 ? f32_to_f16_bits(x) : f32_to_bf16_bits(x));
+}
+
+// ---- NVFP4 with the f16 copy, one pass per tensor --------------------------------------------
+// For 16-bit inputs whose rows are whole 16-byte chunks (the FP8 V passes' condition, head dim a
+// multiple of 8): the codes and scales nvfp4_qk / nvfp4_v write, the same bits, and in the same
+// pass the f16 copy of the values (E2M1 · E4M3, exact) that the tensor-core kernel reads, rows
+// [b·h][n][dp] (else nvfp4_qk_to_f16 / nvfp4_v_to_f16 make it from the codes). The E2M1 code by
+// quotient and rounding (e2m1_unsaturated) instead of seven comparisons per value.
+
+// The E2M1 code of x / s (s: the block's scale value, 0 for a zero or NaN block, r = scale_rcp(s)):
+// = e2m1_code_of_ratio(x, s). |x| is clamped to 8s first (q ≥ 8 saturates either way; the clamp
+// keeps the rounding constant finite).
+__device__ __forceinline__ u32 e2m1_code(float x, float s, float r) {
+    float v = e2m1_unsaturated(fminf(u2f(abs_bits(x)), 8.0f * s), s, r);
+    u32 code = (u32)fminf(v <= 2.0f ? 2.0f * v : v + 2.0f, 7.0f);  // 0, .5, …, 2 → 0-4; 3, 4 → 5, 6; 6+ → 7
+    return code == 0u || !(s > 0.0f) ? 0u : code | ((f2u(x) >> 28) & 8u);
+}
+
+// E2M1 code → its value times the block's scale value (NaN for a NaN block, as the copy passes give).
+__device__ __forceinline__ float e2m1_times(u32 code, float s) { return e2m1_to_f32(code) * s; }
+
+// 16 values of one block → codes (4 words) and the scale code; `vals` becomes the copy's values.
+__device__ __forceinline__ u32 nvfp4_block_fast(float (&vals)[16], u32 (&words)[4]) {
+    u32 amax = 0u;
+#pragma unroll
+    for (u32 i = 0; i < 16u; i++) amax = max(amax, abs_bits(vals[i]));
+    u32 sc = nvfp4_scale_code(amax);
+    float s_val = e4m3_to_f32(sc), s = sc != E4M3_NAN ? s_val : 0.0f, r = scale_rcp(s);
+#pragma unroll
+    for (u32 w = 0; w < 4u; w++) words[w] = 0u;
+#pragma unroll
+    for (u32 i = 0; i < 16u; i++) {
+        u32 code = e2m1_code(vals[i], s, r);
+        words[i / 4u] |= code << (8u * (i % 4u));
+        vals[i] = e2m1_times(code, s_val);
+    }
+    return sc;
+}
+
+// Q or K (P.mode): one thread per 16-value block of a row (two 16-byte loads; the codes as one
+// 16-byte store, the scale word, the copy as two 16-byte stores).
+extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsigned short* out) {
+    u32 id = linear_id();
+    bool is_q = P.mode == MODE_Q;
+    u32 n = is_q ? P.seq_q : P.seq_kv, heads = heads_of_mode(P), nb = P.dp / 16u;
+    if (id >= P.batch * heads * n * nb) return;
+    u32 blk = id % nb, row = id / nb, t = row % n, bh = row / n;
+    u32 b = bh / heads, h = bh % heads;
+    const unsigned short* in = (const unsigned short*)src + (is_q ? b * P.q_sb + h * P.q_sh + t * P.q_st : b * P.kv_sb + h * P.kv_sh + t * P.kv_st);
+    float xs[16];
+#pragma unroll
+    for (u32 half = 0; half < 2u; half++) {
+        u32 c0 = blk * 16u + 8u * half;
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (c0 < P.head_dim) chunk_values(*(const uint4*)(in + c0), P.dtype == DT_F16, v);
+#pragma unroll
+        for (u32 k = 0; k < 8u; k++) {
+            u32 c = c0 + k;
+            float x = v[k];  // = qk_value
+            if (c >= P.head_dim) x = 0.0f;
+            else if (is_q) x = ftz(__fmul_rn(x, P.fold));
+            else if (P.flags & FLAG_SMOOTH) x = ftz(__fsub_rn(x, u2f(ws[P.off_kmean + bh * P.head_dim + c])));
+            xs[8u * half + k] = x;
+        }
+    }
+    u32 words[4];
+    u32 sc = nvfp4_block_fast(xs, words);
+    *(uint4*)(ws + (is_q ? P.off_qcodes : P.off_kcodes) + row * (P.dp / 4u) + blk * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
+    ws[(is_q ? P.off_qscales : P.off_kscales) + id] = sc;
+    u32 hv[8];
+#pragma unroll
+    for (u32 k = 0; k < 8u; k++) hv[k] = f16x2_bits(xs[2u * k], xs[2u * k + 1u]);
+    uint4* o = (uint4*)(out + (size_t)row * P.dp + blk * 16u);
+    o[0] = make_uint4(hv[0], hv[1], hv[2], hv[3]);
+    o[1] = make_uint4(hv[4], hv[5], hv[6], hv[7]);
+}
+
+// V (the Nvfp4 recipe's, or V → NVFP4's, v · (1/g)): one thread per 8 channels × one 16-token
+// group (sixteen 16-byte loads, the codes of each channel as nvfp4_v lays them out, the copy's
+// rows as 16-byte stores).
+extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsigned short* out) {
+    u32 id = linear_id();
+    u32 cpr = P.dp / 8u, nb = P.np / 16u;
+    if (id >= P.batch * P.heads_kv * nb * cpr) return;
+    u32 ch = id % cpr, tb = (id / cpr) % nb, bh = id / cpr / nb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv, c0 = ch * 8u;
+    const unsigned short* in = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + c0;
+    uint4 x[16];
+#pragma unroll
+    for (u32 i = 0; i < 16u; i++) {
+        u32 t = tb * 16u + i;
+        x[i] = t < P.seq_kv && c0 < P.head_dim ? *(const uint4*)(in + (size_t)t * P.kv_st) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    u32 copy[16][4];  // the copy's rows: 8 channels of token i as 4 words
+#pragma unroll
+    for (u32 kp = 0; kp < 4u; kp++) {  // channels 2kp, 2kp + 1: one word of each copy row
+        float xs[2][16];
+#pragma unroll
+        for (u32 e = 0; e < 2u; e++) {
+#pragma unroll
+            for (u32 i = 0; i < 16u; i++) {
+                const u32 w[4] = {x[i].x, x[i].y, x[i].z, x[i].w};
+                u32 bits = (w[kp] >> (16u * e)) & 0xffffu;
+                float v = P.dtype == DT_F16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
+                xs[e][i] = ftz(__fmul_rn(v, P.v_inv_g));
+            }
+            u32 words[4], chan = bh * P.dp + c0 + 2u * kp + e;
+            u32 sc = nvfp4_block_fast(xs[e], words);
+#pragma unroll
+            for (u32 w = 0; w < 4u; w++) ws[P.off_vcodes + chan * (P.np / 4u) + tb * 4u + w] = words[w];
+            ws[P.off_vscales + chan * nb + tb] = sc;
+        }
+#pragma unroll
+        for (u32 i = 0; i < 16u; i++) copy[i][kp] = f16x2_bits(xs[0][i], xs[1][i]);
+    }
+#pragma unroll
+    for (u32 i = 0; i < 16u; i++) {
+        u32 t = tb * 16u + i;
+        if (t < P.seq_kv) *(uint4*)(out + ((size_t)bh * P.seq_kv + t) * P.dp + c0) = make_uint4(copy[i][0], copy[i][1], copy[i][2], copy[i][3]);
+    }
 }

@@ -12,9 +12,14 @@ use tessera::*;
 
 #[test]
 fn every_kernel_compiles_for_sm80_sm89_sm90a() {
-    if let Err(why) = availability() {
-        assert!(!gpu_required(), "TESSERA_REQUIRE_GPU=1 but {why}");
-        eprintln!("skipped: {why}");
+    // Needs NVRTC only, not a driver or GPU: it runs wherever libnvrtc loads.
+    if !nvrtc::present() {
+        let why = availability().err().unwrap_or_default();
+        assert!(
+            !gpu_required(),
+            "TESSERA_REQUIRE_GPU=1 but no NVRTC ({why})"
+        );
+        eprintln!("skipped: no NVRTC library (libnvrtc.so) found");
         return;
     }
     // Every (arch, module) pair, compiled in parallel (NVRTC is thread-safe per program).

@@ -4,6 +4,7 @@
 #   bash benches/gpu/run.sh tests            every test binary (TESSERA_REQUIRE_GPU=1), 280 s each at most
 #   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
 #   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
+#   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 set -uo pipefail
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
@@ -14,14 +15,18 @@ while [ $# -gt 0 ]; do
     tests)
       for t in .gpu/bin/test-*; do
         n=$(basename "$t")
-        timeout 280 "$t" --include-ignored > "/tmp/$n.log" 2>&1
+        timeout 280 "$t" --include-ignored --nocapture > "/tmp/$n.log" 2>&1
         echo "$n rc $?"
-        grep -E "test result|FAILED|panicked" "/tmp/$n.log" | head -8
+        grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
       done ;;
     bench)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
+    profile)
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile ]]; do args+=("$2"); shift; done
+      timeout 300 ncu --metrics gpu__time_duration.sum --csv .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" 2>&1 |
+        python3 benches/gpu/kernel_times.py ;;
     flash) timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense ;;
     *) echo "run.sh: unknown step $1" >&2 ;;
   esac

@@ -580,6 +580,32 @@ fn int8_groups_per_block(rows: u32, head_dim: u32) -> u32 {
     (256 / tpg).max(1)
 }
 
+/// What a call needs from the quantizer passes besides the workspace: Q's LSE shift (only an
+/// LSE reads it), and f16 copies of code values for the tensor-core kernel.
+#[derive(Clone, Copy, Default)]
+struct Wants {
+    qdelta: bool,
+    q16: bool,
+    k16: bool,
+    v16: bool,
+}
+
+/// f16 copies of the values of codes the tensor cores cannot read directly (FP8 V; the Nvfp4
+/// recipe's Q, K, V; V → NVFP4), rows [b·h][n][dp], exact. A quantizer pass writes one on the
+/// way where its input allows (16-byte rows); the rest come from conversion passes.
+#[derive(Default)]
+struct Copies {
+    q: Option<CudaSlice<u16>>,
+    k: Option<CudaSlice<u16>>,
+    v: Option<CudaSlice<u16>>,
+}
+
+/// Int8QkFp8Pv multiplies P·V on the FP8 tensor cores (reading V transposed) on the
+/// two-warpgroup wgmma shape at head dim 128 (kernels: PV_FP8).
+fn fp8_pv(recipe: u32, vnv: bool, cfg: MmaConfig, dp: u32) -> bool {
+    recipe == 2 && !vnv && cfg.wgmma && dp == 128 && cfg.warps == 8
+}
+
 fn threads(n: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(64).max(1), 1, 1),
@@ -791,16 +817,17 @@ impl CudaAttention {
         self.enqueue(stream, &plan, q, k, v, o, lse).map(|_| ())
     }
 
-    /// The quantization kernels; returns the workspace and its layout.
+    /// The quantization kernels; returns the workspace, its layout, and the f16 copies of code
+    /// values that `wants` asks for and the passes could write on the way (see `Copies`).
     fn quantize(
         &self,
         stream: &Arc<CudaStream>,
         plan: &Plan,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-    ) -> Result<(CudaSlice<u32>, Workspace)> {
+        [q, k, v]: [&CudaTensor; 3],
+        wants: Wants,
+    ) -> Result<(CudaSlice<u32>, Workspace, Copies)> {
         let layout = Workspace::new(plan);
+        let mut copies = Copies::default();
         // SAFETY: every word the kernels read is written by an earlier kernel in this stream.
         let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
             .map_err(cuda_err("alloc workspace"))?;
@@ -814,12 +841,14 @@ impl CudaAttention {
                 .memset_zeros(&mut ws.slice_mut(layout.vinv as usize..layout.vinv as usize + chans))
                 .map_err(cuda_err("memset"))?;
         }
-        // (`count`: int8_qk's groups per block, 0 elsewhere.)
+        // (`count`: int8_qk's groups per block, 0 elsewhere; `out`: the f16 copy a pass also
+        // writes, as a device address, 0 for none, for the kernels that take one.)
         let mut launch = |name: &str,
                           mode: u32,
                           src: &CudaTensor,
                           cfg: LaunchConfig,
-                          count: u32|
+                          count: u32,
+                          out: Option<u64>|
          -> Result<()> {
             let f = self.function(Module::Quant, name)?;
             let p = Params {
@@ -834,14 +863,18 @@ impl CudaAttention {
                 CudaTensor::F32(x) => l.arg(*x),
             };
             l.arg(&mut ws);
-            // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*).
+            if let Some(o) = &out {
+                l.arg(o);
+            }
+            // SAFETY: the argument list matches the kernel's signature (Params, const void*, u32*
+            // [, unsigned short*]); `out` is a live allocation of the copy's size or 0.
             unsafe { l.launch(cfg) }.map_err(cuda_err(name)).map(|_| ())
         };
-        // 16-bit V in whole 16-byte chunks (8 channels): the FP8 V passes load 16 bytes at a time.
-        let v_chunks = {
+        // 16-bit operands in whole 16-byte chunks (8 channels): the FP8 V passes and the
+        // NVFP4 passes with copies load 16 bytes at a time.
+        let chunked = |t: &CudaTensor, st: &crate::spec::Strides| {
             use cudarc::driver::DevicePtr;
-            let st = &plan.kv;
-            let ptr = match v {
+            let ptr = match t {
                 CudaTensor::Bits16(x) => x.device_ptr(stream).0,
                 CudaTensor::F32(_) => 1,
             };
@@ -849,25 +882,86 @@ impl CudaAttention {
                 && [st.batch, st.head, st.token].iter().all(|x| x % 8 == 0)
                 && ptr % 16 == 0
         };
+        // (Asked only by the passes that need it: each asks cudarc for a device address.)
+        let (q_chunks, k_chunks, v_chunks) = (
+            || chunked(q, &plan.q),
+            || chunked(k, &plan.kv),
+            || chunked(v, &plan.kv),
+        );
+        let s = &plan.spec;
+        let (b, hq, hk, nq, nk) = (
+            s.batch as u32,
+            s.heads_q as u32,
+            s.heads_kv as u32,
+            s.seq_q as u32,
+            s.seq_kv as u32,
+        );
+        let dp = padded_dim(s.head_dim) as u32;
+        let copy = |n: u32| -> Result<(CudaSlice<u16>, u64)> {
+            use cudarc::driver::DevicePtrMut;
+            // SAFETY: the pass that takes it writes all n elements before any read.
+            let mut c = unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))?;
+            let at = c.device_ptr_mut(stream).0;
+            Ok((c, at))
+        };
         for step in steps {
             let src = match step.src {
                 Source::Q => q,
                 Source::K => k,
                 Source::V => v,
             };
+            if step.entry == "nvfp4_qk" {
+                let (want, ok, rows) = if step.mode == 0 {
+                    (wants.q16, q_chunks(), b * hq * nq)
+                } else {
+                    (wants.k16, k_chunks(), b * hk * nk)
+                };
+                if want && ok {
+                    let (c, at) = copy(rows * dp)?;
+                    launch(
+                        "nvfp4_qk_f16",
+                        step.mode,
+                        src,
+                        threads(rows * dp / 16),
+                        0,
+                        Some(at),
+                    )?;
+                    *if step.mode == 0 {
+                        &mut copies.q
+                    } else {
+                        &mut copies.k
+                    } = Some(c);
+                    continue;
+                }
+            }
+            if step.entry == "nvfp4_v" && wants.v16 && v_chunks() {
+                let np = padded_dim(s.seq_kv) as u32;
+                let (c, at) = copy(b * hk * nk * dp)?;
+                launch(
+                    "nvfp4_v_f16",
+                    step.mode,
+                    src,
+                    threads(b * hk * (np / 16) * (dp / 8)),
+                    0,
+                    Some(at),
+                )?;
+                copies.v = Some(c);
+                continue;
+            }
             if step.entry == "fp8_v_scale" {
                 // One thread per channel walking every token is latency-bound (~7 ms at
                 // N = 16384): amax per 64-token block in parallel instead, then the scales.
                 let s = &plan.spec;
                 let chans = (s.batch * s.heads_kv) as u32 * padded_dim(s.head_dim) as u32;
                 let rows = (s.batch * s.heads_kv * s.seq_kv.div_ceil(64)) as u32;
-                if v_chunks {
+                if v_chunks() {
                     launch(
                         "fp8_v_amax_chunks",
                         step.mode,
                         src,
                         threads(rows * s.head_dim as u32 / 8),
                         0,
+                        None,
                     )?;
                 } else {
                     launch(
@@ -876,20 +970,43 @@ impl CudaAttention {
                         src,
                         threads(rows * s.head_dim as u32),
                         0,
+                        None,
                     )?;
                 }
-                launch("fp8_v_scale_from_amax", step.mode, src, threads(chans), 0)?;
+                launch(
+                    "fp8_v_scale_from_amax",
+                    step.mode,
+                    src,
+                    threads(chans),
+                    0,
+                    None,
+                )?;
                 continue;
             }
-            if step.entry == "fp8_v_codes" && v_chunks {
+            if step.entry == "fp8_v_codes" && v_chunks() {
                 let s = &plan.spec;
                 let n = (s.batch * s.heads_kv * s.seq_kv.div_ceil(4) * padded_dim(s.head_dim) / 8)
                     as u32;
-                launch("fp8_v_codes_chunks", step.mode, src, threads(n), 0)?;
+                let out = if wants.v16 {
+                    let (c, at) = copy(b * hk * nk * dp)?;
+                    copies.v = Some(c);
+                    at
+                } else {
+                    0
+                };
+                launch(
+                    "fp8_v_codes_chunks",
+                    step.mode,
+                    src,
+                    threads(n),
+                    0,
+                    Some(out),
+                )?;
                 continue;
             }
-            if step.entry == "q_delta" && plan.spec.recipe.int8_qk() {
-                // int8_qk's Q pass writes Q's LSE shift here (it holds Q in registers anyway).
+            if step.entry == "q_delta" && (plan.spec.recipe.int8_qk() || !wants.qdelta) {
+                // int8_qk's Q pass writes Q's LSE shift here (it holds Q in registers anyway);
+                // without an LSE output nothing reads it.
                 continue;
             }
             if step.entry == "q_delta" {
@@ -901,7 +1018,7 @@ impl CudaAttention {
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                launch("q_delta", step.mode, src, cfg, 0)?;
+                launch("q_delta", step.mode, src, cfg, 0, None)?;
                 continue;
             }
             if step.entry == "int8_qk" {
@@ -919,7 +1036,7 @@ impl CudaAttention {
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                launch(step.entry, step.mode, src, cfg, gpb)?;
+                launch(step.entry, step.mode, src, cfg, gpb, None)?;
                 continue;
             }
             let cfg = LaunchConfig {
@@ -927,9 +1044,9 @@ impl CudaAttention {
                 block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch(step.entry, step.mode, src, cfg, 0)?;
+            launch(step.entry, step.mode, src, cfg, 0, None)?;
         }
-        Ok((ws, layout))
+        Ok((ws, layout, copies))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -950,7 +1067,26 @@ impl CudaAttention {
                 s.batch * s.heads_q
             )));
         }
-        let (ws, layout) = self.quantize(stream, plan, &q, &k, &v)?;
+        let kernel = self.kernel_for(plan);
+        let wants = match kernel {
+            Module::Mma {
+                recipe,
+                dp,
+                cfg,
+                vnv,
+                ..
+            } => Wants {
+                qdelta: s.return_lse,
+                q16: recipe == 3,
+                k16: recipe == 3,
+                v16: recipe == 3 || vnv || (recipe == 2 && !fp8_pv(recipe, vnv, cfg, dp)),
+            },
+            _ => Wants {
+                qdelta: s.return_lse,
+                ..Wants::default()
+            },
+        };
+        let (ws, layout, mut copies) = self.quantize(stream, plan, [&q, &k, &v], wants)?;
         let p = params(plan, &layout);
         let dp = padded_dim(s.head_dim) as u32;
         // A block mask is uploaded per call (a host copy: not capturable in a CUDA graph). With no
@@ -968,7 +1104,6 @@ impl CudaAttention {
             Some(l) => l,
             None => lse_dummy.insert(unsafe { stream.alloc::<f32>(1) }.map_err(cuda_err("alloc"))?),
         };
-        let kernel = self.kernel_for(plan);
         let o = match (kernel, o) {
             (Module::Mma { .. }, CudaTensorMut::Bits16(out)) => {
                 self.enqueue_mma(
@@ -976,6 +1111,7 @@ impl CudaAttention {
                     plan,
                     kernel,
                     [&q, &k, &v],
+                    &mut copies,
                     &ws,
                     &layout,
                     mask,
@@ -1051,6 +1187,7 @@ impl CudaAttention {
         plan: &Plan,
         kernel: Module,
         qkv: [&CudaTensor; 3],
+        copies: &mut Copies,
         ws: &CudaSlice<u32>,
         layout: &Workspace,
         mask: &CudaSlice<u32>,
@@ -1103,14 +1240,11 @@ impl CudaAttention {
         };
         let q_rows = (hq * nq * dp, nq * dp, dp);
         let kv_rows = (hk * nk * dp, nk * dp, dp);
-        let (mut q16, mut k16, mut v16) = (None, None, None);
-        // Int8QkFp8Pv on wgmma at head dim 128 multiplies P·V on the FP8 tensor cores, which read V transposed
-        // (kernels/attention_mma.cu, PV_FP8): [b·hk][dp][np64] codes, np64 = nk rounded up to 64
-        // (held in a u16 buffer: np64 is even).
-        // FP8 P·V (kernels: PV_FP8) on the two-warpgroup wgmma shape only: its per-tile
-        // accumulator needs the registers its producer warpgroup hands over.
-        let pv_fp8 = recipe == 2 && !vnv && cfg.wgmma && dp == 128 && cfg.warps == 8;
+        // Int8QkFp8Pv's FP8 P·V reads V transposed (kernels/attention_mma.cu, PV_FP8):
+        // [b·hk][dp][np64] codes, np64 = nk rounded up to 64 (held in a u16 buffer: np64 is even).
+        let pv_fp8 = fp8_pv(recipe, vnv, cfg, dp);
         let np64 = nk.div_ceil(64).max(1) * 64;
+        let mut vt = None;
         if pv_fp8 {
             let mut v = scratch(b * hk * dp * np64 / 2)?;
             let grid = LaunchConfig {
@@ -1119,41 +1253,42 @@ impl CudaAttention {
                 shared_mem_bytes: 0,
             };
             convert("v_fp8_transpose", &mut v, grid, None)?;
-            v16 = Some(v);
-        } else if recipe == 2 && !vnv {
+            vt = Some(v);
+        } else if recipe == 2 && !vnv && copies.v.is_none() {
             let mut v = scratch(b * hk * nk * dp)?;
             convert("v_fp8_to_f16", &mut v, threads(b * hk * nk * dp / 8), None)?;
-            v16 = Some(v);
+            copies.v = Some(v);
         }
-        if recipe == 3 {
-            let (mut q, mut k, mut v) = (
-                scratch(b * hq * nq * dp)?,
-                scratch(b * hk * nk * dp)?,
-                scratch(b * hk * nk * dp)?,
-            );
+        // (8 values per thread)
+        if recipe == 3 && copies.q.is_none() {
+            let mut q = scratch(b * hq * nq * dp)?;
             let qa = [layout.qcodes, layout.qscales, b * hq * nq];
-            let ka = [layout.kcodes, layout.kscales, b * hk * nk];
-            // (8 values per thread)
             convert(
                 "nvfp4_qk_to_f16",
                 &mut q,
                 threads(b * hq * nq * dp / 8),
                 Some(qa),
             )?;
+            copies.q = Some(q);
+        }
+        if recipe == 3 && copies.k.is_none() {
+            let mut k = scratch(b * hk * nk * dp)?;
+            let ka = [layout.kcodes, layout.kscales, b * hk * nk];
             convert(
                 "nvfp4_qk_to_f16",
                 &mut k,
                 threads(b * hk * nk * dp / 8),
                 Some(ka),
             )?;
-            convert("nvfp4_v_to_f16", &mut v, v_nvfp4_grid, None)?;
-            (q16, k16, v16) = (Some(q), Some(k), Some(v));
+            copies.k = Some(k);
         }
-        if vnv {
+        if (recipe == 3 || vnv) && copies.v.is_none() {
             let mut v = scratch(b * hk * nk * dp)?;
             convert("nvfp4_v_to_f16", &mut v, v_nvfp4_grid, None)?;
-            v16 = Some(v);
+            copies.v = Some(v);
         }
+        let (q16, k16) = (&copies.q, &copies.k);
+        let v16 = if pv_fp8 { &vt } else { &copies.v };
         let user_q = (plan.q.batch as u32, plan.q.head as u32, plan.q.token as u32);
         let user_kv = (
             plan.kv.batch as u32,
@@ -1163,9 +1298,9 @@ impl CudaAttention {
         let pick =
             |scr: &Option<CudaSlice<u16>>, rows, user| if scr.is_some() { rows } else { user };
         let (qs, ks, vs) = (
-            pick(&q16, q_rows, user_q),
-            pick(&k16, kv_rows, user_kv),
-            pick(&v16, kv_rows, user_kv),
+            pick(q16, q_rows, user_q),
+            pick(k16, kv_rows, user_kv),
+            pick(v16, kv_rows, user_kv),
         );
         let strides = Strides16 {
             q: [qs.0, qs.1, qs.2],
@@ -1215,20 +1350,20 @@ impl CudaAttention {
                         dp.min(128),
                     )?
                 } else {
-                    rows16(ptr16(&k16, qkv[1]), ks, hk, nk)?
+                    rows16(ptr16(k16, qkv[1]), ks, hk, nk)?
                 };
                 let v = if pv_fp8 {
                     // Vᵀ: rows of np64 key bytes, one per channel; boxes of 64 keys (64-byte swizzle).
                     let (d, n, h) = (dp as u64, np64 as u64, hk as u64);
                     TmaMap::rows(
-                        ptr16(&v16, qkv[2]),
+                        ptr16(v16, qkv[2]),
                         1,
                         [n, d, h, b as u64],
                         [n, d * n, h * d * n],
                         64,
                     )?
                 } else {
-                    rows16(ptr16(&v16, qkv[2]), vs, hk, nk)?
+                    rows16(ptr16(v16, qkv[2]), vs, hk, nk)?
                 };
                 Ok((k, v))
             })();
@@ -1248,8 +1383,9 @@ impl CudaAttention {
                         nm,
                         vnv,
                     };
-                    return self
-                        .enqueue_mma(stream, plan, fallback, qkv, ws, layout, mask, out, lse);
+                    return self.enqueue_mma(
+                        stream, plan, fallback, qkv, copies, ws, layout, mask, out, lse,
+                    );
                 }
             }
         }
@@ -1298,7 +1434,7 @@ impl CudaAttention {
         };
         let mut l = stream.launch_builder(&f);
         l.arg(&p);
-        for (t, scr) in qkv.iter().zip([&q16, &k16, &v16]) {
+        for (t, scr) in qkv.iter().zip([q16, k16, v16]) {
             match (scr, t) {
                 (Some(x), _) => l.arg(x),
                 (None, CudaTensor::Bits16(x)) => l.arg(*x),
@@ -1466,9 +1602,17 @@ impl Backend for CudaBackend {
         let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let st = &self.stream;
         let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
-        let (ws, layout) = self
-            .attn
-            .quantize(st, plan, &view(&qd), &view(&kd), &view(&vd))?;
+        // Every pass the attention path may run, copies included (so that the bit-exact checks
+        // of the codes cover the passes that write copies too).
+        let wants = Wants {
+            qdelta: true,
+            q16: true,
+            k16: true,
+            v16: true,
+        };
+        let (ws, layout, _) =
+            self.attn
+                .quantize(st, plan, [&view(&qd), &view(&kd), &view(&vd)], wants)?;
         let words = st.clone_dtoh(&ws).map_err(cuda_err("download"))?;
         st.synchronize().map_err(cuda_err("synchronize"))?;
         Ok(unpack_workspace(plan, &layout, &words))
