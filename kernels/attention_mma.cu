@@ -260,6 +260,20 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
 // to the input dtype. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
 // row g + 8i.
+//
+// DIRECT (Nvfp4P, FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two, inv_g = 2688·2^-k): p
+// has at most 11 significant bits, so p·inv_g is exact; the block maxima are taken over p and
+// scaled once, and the quotient p·inv_g / s is one multiply, q = p·R with R = inv_g / s made
+// 2^-21 to 2^-19.6 too large (direct_factor): three instructions per value fewer. Exact because
+// a quotient of an 11-bit p and a 4-bit s (times 2688) that is not an E2M1 midpoint lies at
+// least 2^-14.78 (relative) from every midpoint, and the only midpoints it can equal are 0.75,
+// 1.75 and 3.5, whose ties go up: where R's excess puts them (tests/cuda.rs: the gap over every
+// significand pair on the CPU; every f16 p ≤ 1 with every E4M3 scale through the GPU probe).
+__device__ __forceinline__ float direct_factor(float inv_g, float s) {
+    return __fmul_rn(__fmul_rn(inv_g, scale_rcp(s)), 1.0f + 0x1p-20f);  // rcp: ≤ 1 ulp
+}
+
+template <bool DIRECT>
 __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], u32 (&pk)[NT_S][2]) {
     // Block j = 2·blk + half: keys 16·blk.., row g + 8·half; element i of it is p[2blk + i/2][2half + i%2].
     u32 amax[8];
@@ -273,7 +287,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
             if (RECIPE == R_NVFP4P) round_dtype_pair(pv[2u * half], pv[2u * half + 1u]);
 #pragma unroll
             for (u32 k = 2u * half; k < 2u * half + 2u; k++) {
-                pv[k] = __fmul_rn(pv[k], mul[half]);
+                if (!DIRECT) pv[k] = __fmul_rn(pv[k], mul[half]);
                 amax[j] = max(amax[j], f2u(pv[k]));
             }
         }
@@ -292,6 +306,10 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         u32 give = upper ? r1[i] : r1[2u + i], keep = upper ? r1[2u + i] : r1[i];
         r2[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 2));
     }
+    if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) r2[i] = f2u(__fmul_rn(u2f(r2[i]), mul[0]));
+    }
     // This thread's codes: blocks 4·odd + 2·upper + {0, 1}. All-gather them as bytes.
     u32 c2 = scale_code_pair(r2[0], r2[1]);
     u32 other = __shfl_xor_sync(0xffffffffu, c2, 2);
@@ -302,23 +320,31 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     e4m3x4_values(odd ? c4 : other, *(float(*)[4])&scale[4]);
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
-        float s = scale[j], r = scale_rcp(s);
+        float s = scale[j], r = DIRECT ? direct_factor(mul[0], s) : scale_rcp(s);
         u32 blk = j / 2u, half = j % 2u, s2 = pack16<PV_BF16>(s, s);
 #pragma unroll
-        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++)
-            pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(p[n][2u * half], s, r), e2m1_unsaturated(p[n][2u * half + 1u], s, r), s2);
+        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) {
+            float lo = p[n][2u * half], hi = p[n][2u * half + 1u];
+            if (DIRECT)
+                pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_round(__fmul_rn(lo, r)), e2m1_round(__fmul_rn(hi, r)), s2);
+            else
+                pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, s, r), e2m1_unsaturated(hi, s, r), s2);
+        }
     }
 }
 
 // Test probe (tests/cuda.rs): per i, the P·V operand value the kernel gives for (a[i], s[i])
-// (f16 pair path, read back exactly), and the scale code scale_code_pair gives a block whose max
-// is a[i] (as bits).
-extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, u32 n) {
+// (f16 pair path, read back exactly), the scale code scale_code_pair gives a block whose max
+// is a[i] (as bits), and the DIRECT path's value for p = a[i] with `inv_g`.
+extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, float* direct, float inv_g, u32 n) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float r = scale_rcp(s[i]), v = e2m1_unsaturated(a[i], s[i], r);
-    out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, pack16<false>(s[i], s[i])) & 0xffffu);
+    u32 s2 = pack16<false>(s[i], s[i]);
+    out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, s2) & 0xffffu);
     codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
+    float d = e2m1_round(__fmul_rn(a[i], direct_factor(inv_g, s[i])));
+    direct[i] = cvt_f16(e2m1_pair_times_scale<false>(d, d, s2) & 0xffffu);
 }
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
@@ -326,7 +352,10 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
 __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
     if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) {
         u32 pk[NT_S][2];
-        p_nvfp4(p, row_mul, pk);
+        if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT))
+            p_nvfp4<true>(p, row_mul, pk);
+        else
+            p_nvfp4<false>(p, row_mul, pk);
 #pragma unroll
         for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
@@ -1042,9 +1071,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     u32 g = lane / 4u, t = lane % 4u;
     // The grid: (query blocks, b·h), or (FLAG_HEAVY_FIRST, causal) (b·h, query blocks) walked
     // from the last query block, the heaviest, so that the grid ends on light blocks.
-    // (Not for Int8QkFp8Pv: the remap's registers slow its whole kernel by 6%, measured on the
-    // H100; the host never sets the flag for it.)
-    bool heavy_first = RECIPE != R_INT8_FP8 && (P.flags & FLAG_HEAVY_FIRST) != 0u;
+    // (Not with FP8 P·V: there the remap's registers slowed the whole kernel by 6%, measured on
+    // the H100; the host never sets the flag for it.)
+    bool heavy_first = !PV_FP8 && (P.flags & FLAG_HEAVY_FIRST) != 0u;
     u32 bh = heavy_first ? blockIdx.x : blockIdx.y, b = bh / P.heads_q, h = bh % P.heads_q;
     u32 hkv = h / P.group, bkv = b * P.heads_kv + hkv;
     u32 row0 = (heavy_first ? gridDim.y - 1u - blockIdx.y : blockIdx.x) * BQT;

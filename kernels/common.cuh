@@ -38,6 +38,7 @@ struct Params {
 #define FLAG_SMOOTH 8u
 #define FLAG_VNVFP4 16u
 #define FLAG_HEAVY_FIRST 32u  // attention_mma: grid (b·h, query blocks), last query block first
+#define FLAG_P_DIRECT 64u     // attention_mma: Nvfp4P's quotient by one multiply (p_nvfp4)
 #define TINY_BITS 0x0f800000u
 #define E4M3_NAN 0x7fu
 #define E4M3_MAX_CODE 0x7eu
@@ -247,10 +248,14 @@ __device__ __forceinline__ float scale_rcp(float s) {
 //    multiple of the step); subtracting C is exact.
 // 3. Saturate at 6 and scale (attention_mma.cu's e2m1_pair_times_scale), or take the code
 //    (quant.cu's e2m1_code). s = 0 (an all-tiny block) gives 0; a NaN s gives NaN.
+// Step 2: the E2M1 value of q ≥ 0 before saturation.
+__device__ __forceinline__ float e2m1_round(float q) {
+    float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
+    return __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
+}
+
 // Steps 1 and 2: the E2M1 value of a / s before saturation.
 __device__ __forceinline__ float e2m1_unsaturated(float a, float s, float rcp_s) {
     float q0 = __fmul_rn(a, rcp_s);
-    float q = __fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0);
-    float c = fmaxf(u2f(f2u(q) & 0x7f800000u), 1.0f);
-    return __fmaf_rn(c, -4194304.0f, __fmaf_rn(c, 4194304.0f, q));
+    return e2m1_round(__fmaf_rn(__fmaf_rn(-q0, s, a), rcp_s, q0));
 }

@@ -611,8 +611,8 @@ extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsig
             }
             u32 words[4], chan = bh * P.dp + c0 + 2u * kp + e;
             u32 sc = nvfp4_block_fast(xs[e], words);
-#pragma unroll
-            for (u32 w = 0; w < 4u; w++) ws[P.off_vcodes + chan * (P.np / 4u) + tb * 4u + w] = words[w];
+            // One 16-byte store (np is a multiple of 16, workspace offsets of 4 words).
+            *(uint4*)(ws + P.off_vcodes + chan * (P.np / 4u) + tb * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
             ws[P.off_vscales + chan * nb + tb] = sc;
         }
 #pragma unroll

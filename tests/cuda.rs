@@ -506,7 +506,7 @@ fn nvfp4_p_rounding_is_bit_exact_on_the_gpu() {
     ] {
         push(x, 1.0);
     }
-    let (got, codes) = c.attention().probe_p_nvfp4(&a, &s).unwrap();
+    let (got, codes, _) = c.attention().probe_p_nvfp4(&a, &s, 2688.0).unwrap();
     let mut bad = Vec::new();
     for (((&x, &sc), g), &code) in a.iter().zip(&s).zip(&got).zip(&codes) {
         let mut block = [0.0f32; 16];
@@ -532,4 +532,85 @@ fn nvfp4_p_rounding_is_bit_exact_on_the_gpu() {
         a.len(),
         bad[..bad.len().min(10)].join("\n")
     );
+}
+
+/// The reason Nvfp4P's direct quotient is exact (kernels/attention_mma.cu, p_nvfp4 DIRECT), on
+/// the CPU over every case: Q = 2688·p / s with p = i·2^e (i < 2^11: f16 and bf16 significands,
+/// subnormals too) and s = j·2^f (j in 8..16: E4M3 significands), every shift near the E2M1
+/// range. A Q that is not an E2M1 midpoint lies more than 2^-19 (relative) from every midpoint,
+/// beyond the kernel's factor excess (≤ 2^-19.6) plus the product's rounding (2^-24); the
+/// midpoints Q can equal are 0.75, 1.75 and 3.5 only, whose ties round up, as the excess does.
+#[test]
+fn nvfp4_p_direct_quotient_gap_holds() {
+    // 4·midpoints: 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.
+    let mids4 = [1u128, 3, 5, 7, 10, 14, 20];
+    let mut tied = std::collections::BTreeSet::new();
+    let mut checked = 0u64;
+    for i in 1u128..2048 {
+        for j in 8u128..16 {
+            for d in -40i32..=10 {
+                // 4Q = 10752·i·2^d / j, compared with M as A vs B: 4Q = M ⇔ A = B.
+                let (x, shift) = (10752 * i, d.unsigned_abs());
+                for &m in &mids4 {
+                    let (a, b) = if d >= 0 {
+                        (x << shift, m * j)
+                    } else {
+                        (x, (m * j) << shift)
+                    };
+                    if a > 2 * b || 2 * a < b {
+                        continue; // Q is more than a factor 2 from this midpoint
+                    }
+                    checked += 1;
+                    if a == b {
+                        tied.insert(m);
+                    } else {
+                        assert!(
+                            a.abs_diff(b) << 19 > b,
+                            "i {i} j {j} d {d}: 4Q within 2^-19 of {m}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100_000, "{checked}");
+    assert_eq!(tied.into_iter().collect::<Vec<_>>(), vec![3, 7, 14]);
+}
+
+/// Nvfp4P's direct quotient (FLAG_P_DIRECT: p·inv_g / s as one multiply by a slightly enlarged
+/// factor, attention_mma.cu) against the exact E2M1(p·inv_g / s)·s: every f16 p in [0, 1] (the
+/// rounded probabilities: at most 11 significant bits) with every positive E4M3 scale, for
+/// amax_P = 1, 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain).
+#[test]
+fn nvfp4_p_direct_quotient_is_exact_for_every_f16_p() {
+    use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
+    let Some(c) = cuda() else { return };
+    let ps: Vec<f32> = (0u16..=0x3c00)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect();
+    let scales: Vec<f32> = (1u8..0x7f).map(e4m3_to_f32).collect();
+    let (a, s): (Vec<f32>, Vec<f32>) = scales
+        .iter()
+        .flat_map(|&sc| ps.iter().map(move |&p| (p, sc)))
+        .unzip();
+    for inv_g in [2688.0f32, 5376.0, 1344.0] {
+        let (_, _, got) = c.attention().probe_p_nvfp4(&a, &s, inv_g).unwrap();
+        let bad: Vec<String> = a
+            .iter()
+            .zip(&s)
+            .zip(&got)
+            .filter_map(|((&p, &sc), g)| {
+                let want = e2m1_to_f32(e2m1_code_of_ratio(p * inv_g, sc)) * sc; // p·inv_g: exact
+                (g.to_bits() != want.to_bits())
+                    .then(|| format!("p = {p:e}, s = {sc:e}: GPU {g:e}, CPU {want:e}"))
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "inv_g {inv_g}: {} of {} differ:\n{}",
+            bad.len(),
+            a.len(),
+            bad[..bad.len().min(10)].join("\n")
+        );
+    }
 }

@@ -88,6 +88,9 @@ pub const FLAG_SMOOTH: u32 = 8;
 pub const FLAG_VNVFP4: u32 = 16;
 /// The tensor-core kernel's grid is (b·h, query blocks), last query block first (CUDA, causal).
 pub const FLAG_HEAVY_FIRST: u32 = 32;
+/// Nvfp4P on 16-bit inputs with a power-of-two amax_P (the default 1): p·inv_g is exact, and
+/// the tensor-core kernel takes p·inv_g / s as one multiply (kernels/attention_mma.cu).
+pub const FLAG_P_DIRECT: u32 = 64;
 pub const MODE_Q: u32 = 0;
 pub const MODE_K: u32 = 1;
 
@@ -201,6 +204,10 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         Recipe::Fp8P { amax_p } => (amax_p, crate::recipe::E4M3_MAX),
         _ => (1.0, NVFP4_RANGE),
     };
+    let power_of_two = amax_p.is_normal() && amax_p > 0.0 && amax_p.to_bits() & 0x7f_ffff == 0;
+    if matches!(s.recipe, Recipe::Nvfp4P { .. }) && s.dtype != DType::F32 && power_of_two {
+        flags |= FLAG_P_DIRECT;
+    }
     Params {
         batch: s.batch as u32,
         heads_q: s.heads_q as u32,

@@ -600,6 +600,15 @@ struct Copies {
     v: Option<CudaSlice<u16>>,
 }
 
+/// Nvfp4P's quotient by one multiply where FLAG_P_DIRECT allows (kernels/attention_mma.cu,
+/// p_nvfp4): off unless TESSERA_NVFP4P_DIRECT=1 until its GPU checks have run (the probe test
+/// `nvfp4_p_direct_quotient_is_exact_for_every_f16_p` and the matrices with the variable set);
+/// the CPU-side argument is `nvfp4_p_direct_quotient_gap_holds`.
+fn nvfp4p_direct() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_DIRECT").is_ok_and(|v| v == "1"))
+}
+
 /// Int8QkFp8Pv multiplies P·V on the FP8 tensor cores (reading V transposed) on the
 /// two-warpgroup wgmma shape at head dim 128 (kernels: PV_FP8).
 fn fp8_pv(recipe: u32, vnv: bool, cfg: MmaConfig, dp: u32) -> bool {
@@ -715,10 +724,16 @@ impl CudaAttention {
     }
 
     /// The tensor-core kernel's NVFP4 P quantizer on the GPU, for tests, which hold it to the
-    /// CPU bit for bit: per i, E2M1(a / s)·s (a ≥ 0, s an E4M3 value) and the block scale code
-    /// of a block whose max is a. Waits for its results.
+    /// CPU bit for bit: per i, E2M1(a / s)·s (a ≥ 0, s an E4M3 value), the block scale code
+    /// of a block whose max is a, and E2M1(a·inv_g / s)·s by the kernel's direct path (a: a
+    /// 16-bit p, inv_g = 2688·2^-k). Waits for its results.
     #[doc(hidden)]
-    pub fn probe_p_nvfp4(&self, a: &[f32], s: &[f32]) -> Result<(Vec<f32>, Vec<u32>)> {
+    pub fn probe_p_nvfp4(
+        &self,
+        a: &[f32],
+        s: &[f32],
+        inv_g: f32,
+    ) -> Result<(Vec<f32>, Vec<u32>, Vec<f32>)> {
         let module = Module::Mma {
             recipe: 4,
             dp: 128,
@@ -742,16 +757,22 @@ impl CudaAttention {
         let mut codes = stream
             .alloc_zeros::<u32>(n.max(1))
             .map_err(cuda_err("alloc"))?;
+        let mut direct = stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda_err("alloc"))?;
         let n32 = n as u32;
         let mut l = stream.launch_builder(&f);
-        l.arg(&da).arg(&ds).arg(&mut out).arg(&mut codes).arg(&n32);
-        // SAFETY: (const float*, const float*, float*, u32*, u32 n), n elements each.
+        l.arg(&da).arg(&ds).arg(&mut out).arg(&mut codes);
+        l.arg(&mut direct).arg(&inv_g).arg(&n32);
+        // SAFETY: (const float*, const float*, float*, u32*, float*, float, u32 n), n elements each.
         unsafe { l.launch(threads(n32)) }.map_err(cuda_err("probe"))?;
         let mut v = stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))?;
         let mut c = stream.clone_dtoh(&codes).map_err(cuda_err("dtoh"))?;
+        let mut d = stream.clone_dtoh(&direct).map_err(cuda_err("dtoh"))?;
         v.truncate(n);
         c.truncate(n);
-        Ok((v, c))
+        d.truncate(n);
+        Ok((v, c, d))
     }
 
     /// How many modules have been compiled or loaded (each configuration once).
@@ -1208,6 +1229,9 @@ impl CudaAttention {
         };
         let s = &plan.spec;
         let mut p = params(plan, layout);
+        if !nvfp4p_direct() {
+            p.flags &= !FLAG_P_DIRECT;
+        }
         let (b, hq, hk, nq, nk) = (
             s.batch as u32,
             s.heads_q as u32,
@@ -1418,8 +1442,10 @@ impl CudaAttention {
             (s.seq_q as u32).div_ceil(16 * cfg.warps * cfg.m_tiles),
             (s.batch * s.heads_q) as u32,
         );
-        // (Int8QkFp8Pv opts out: the remap slows its kernel by 6% everywhere, attention_mma.cu.)
-        let heavy_first = s.causal && q_blocks <= 65535 && recipe != 2;
+        // (FP8 P·V opts out: the remap slowed that kernel by 6% everywhere, attention_mma.cu.
+        // Int8QkFp8Pv's default three-warpgroup shape, P·V in f16, takes it since the tenth
+        // session: its causal N = 4096 call was 1.6× int8qk-f16pv's, which has it.)
+        let heavy_first = s.causal && q_blocks <= 65535 && !pv_fp8;
         if heavy_first {
             p.flags |= FLAG_HEAVY_FIRST;
         }
