@@ -18,9 +18,9 @@
 //                      → scale, mask → online softmax in registers (rows g and g+8 per thread)
 //                      → P in the recipe's format, packed straight into the A fragments of
 //                        m16n8k16 → O += P·V.
-// P's constant factor (1/448 for FP8 P, the global scale g for Fp8P/Nvfp4P) and the per-channel
-// V scale are applied once at the end (the Nvfp4 recipe's per-row factor is carried, see
-// below). Register arrays are indexed by unrolled constants only.
+// P's constant factor (Nvfp4P's global scale g; FP8 P's multiplier goes into the exponent and
+// the row sums, P_FOLD) and the per-channel V scale are applied once at the end (the Nvfp4
+// recipe's per-row factor is carried, see below). Register arrays are indexed by unrolled constants only.
 
 #define BK 64u
 #define BQT (16u * MT * WARPS)
@@ -34,6 +34,12 @@
 #define QK_BF16 (BF16 && RECIPE != R_NVFP4)
 #define PV_BF16 (BF16 && RECIPE != R_INT8_FP8 && RECIPE != R_NVFP4 && !VNV)
 #define INT8_QK (RECIPE == R_INT8_F16 || RECIPE == R_INT8_FP8)
+// FP8 P (Int8QkFp8Pv: E4M3(448·p); Fp8P: E4M3(inv_g·p)): the multiplier is added in the
+// exponent, p' = 2^(score − m + log2 mul) (P.p_log2), instead of one multiply per score; the
+// row sums then hold mul·l, so the output needs no 1/mul and the LSE subtracts log2 mul.
+// (p' differs from RN(mul·p) by about an ulp: E4M3 rounds it alike but for rare ties, far
+// inside FP8 P's error; the CUDA-core kernel and WGSL multiply.)
+#define P_FOLD (RECIPE == R_INT8_FP8 || RECIPE == R_FP8P)
 // Int8QkFp8Pv on wgmma multiplies P·V on the FP8 tensor cores: P as E4M3 codes, V as the
 // transposed FP8 codes (v_fp8_transpose). Hopper's FP8 MMA adds into its accumulator with
 // fewer bits than f32 (about 22), so each tile's P·V gets a fresh accumulator that is then
@@ -362,7 +368,6 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
             for (u32 r = 0; r < 4u; r++) pa[kk][r] = pk[2u * kk + r / 2u][r % 2u];
         return;
     }
-    float mul = RECIPE == R_INT8_FP8 ? 448.0f : P.inv_g;
 #if PV_FP8
     // E4M3 codes, 32 keys per P·V step; register r of step kk is row g + 8(r%2) of the 16-key
     // chunk c = 2kk + r/2, bytes (keys 2t, 2t+1 of n-tile 2c, keys 2t, 2t+1 of n-tile 2c+1):
@@ -374,8 +379,8 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 #pragma unroll
         for (u32 r = 0; r < 4u; r++) {
             u32 c = 2u * kk + r / 2u, i = r % 2u;
-            pa[kk][r] = e4m3x2_codes(__fmul_rn(p[2u * c][2u * i], mul), __fmul_rn(p[2u * c][2u * i + 1u], mul)) |
-                        (e4m3x2_codes(__fmul_rn(p[2u * c + 1u][2u * i], mul), __fmul_rn(p[2u * c + 1u][2u * i + 1u], mul)) << 16);
+            pa[kk][r] = e4m3x2_codes(p[2u * c][2u * i], p[2u * c][2u * i + 1u]) |
+                        (e4m3x2_codes(p[2u * c + 1u][2u * i], p[2u * c + 1u][2u * i + 1u]) << 16);  // p: mul·p (P_FOLD)
         }
     return;
 #endif
@@ -385,8 +390,8 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
         for (u32 r = 0; r < 4u; r++) {
             // r: (row g, keys 2t..) (row g+8) of n-tile 2kk, then the same of n-tile 2kk+1.
             float lo = p[2u * kk + r / 2u][2u * (r % 2u)], hi = p[2u * kk + r / 2u][2u * (r % 2u) + 1u];
-            if (RECIPE == R_INT8_FP8 || RECIPE == R_FP8P)
-                pa[kk][r] = e4m3_pair<PV_BF16>(__fmul_rn(lo, mul), __fmul_rn(hi, mul));
+            if (P_FOLD)
+                pa[kk][r] = e4m3_pair<PV_BF16>(lo, hi);  // mul·p already
             else {
                 // Exact, Int8QkF16Pv: RNE to the 16-bit type (NVFP4: exact). With V → NVFP4 the
                 // product runs in f16 even for bf16 inputs, but P is still the input dtype's:
@@ -399,9 +404,8 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 }
 
 __device__ __forceinline__ float p_factor(const Params& P) {
-    if (RECIPE == R_INT8_FP8) return 1.0f / 448.0f;
-    if (RECIPE == R_FP8P || RECIPE == R_NVFP4P) return P.g;
-    return 1.0f;
+    if (RECIPE == R_NVFP4P) return P.g;
+    return 1.0f;  // (P_FOLD: the row sums carry the multiplier)
 }
 
 // ---- staging -------------------------------------------------------------------------------
@@ -990,12 +994,14 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         alpha[i] = ex2(m[i] - m_use[i]);
         m[i] = m_new;
     }
-    float sum[2] = {0.0f, 0.0f};
+    float sum[2] = {0.0f, 0.0f}, shift[2];  // shift: −m, plus log2 of FP8 P's multiplier (P_FOLD)
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
         for (u32 e = 0; e < 4u; e++) {
-            float p = ex2(fmaf(s[n][e], scale[e / 2u], -m_use[e / 2u]));
+            float p = ex2(fmaf(s[n][e], scale[e / 2u], shift[e / 2u]));
             sum[e / 2u] += p;
             s[n][e] = p;
         }
@@ -1313,7 +1319,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                     if (RECIPE == R_NVFP4) {
                         x0 *= F[mt][i];
                         x1 *= F[mt][i];
-                    } else if (RECIPE != R_EXACT && RECIPE != R_INT8_F16) {
+                    } else if (RECIPE == R_NVFP4P) {
                         x0 *= factor;
                         x1 *= factor;
                     }
@@ -1332,6 +1338,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 float lse = f32_neg_inf();
                 if (lsum != 0.0f) {
                     float shift = (P.flags & FLAG_SMOOTH) ? u2f(ws[P.off_qdelta + bh * P.seq_q + row]) : 0.0f;
+                    if (P_FOLD) shift -= P.p_log2;  // the row sum is mul·l
                     lse = (m[mt][i] + log2f(lsum) + shift) * 0.6931471805599453f;
                 }
                 lse_out[bh * P.seq_q + row] = lse;

@@ -20,7 +20,7 @@ struct Params {
     u32 np, off_vinv, recipe, off_kpart;
     u32 nm_n, nm_m, nm_sink, nm_recent;
     float skip_log2; u32 off_tiles, skip_on, pad1;
-    float v_inv_g, v_g; u32 pad2, pad3;
+    float v_inv_g, v_g, p_log2; u32 pad3;
 };
 
 #define DT_F16 0u

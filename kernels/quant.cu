@@ -378,6 +378,7 @@ extern "C" __global__ void fp8_v_codes(Params P, const void* src, u32* ws) {
 // 54 vs 44 µs under ncu, four times the atomics on the same channel words.)
 #define V_AMAX_ROWS 64u
 #define V_CODE_ROWS 4u
+#define COPY_ONLY 1u  // P.count of the passes that write an f16 copy: skip the codes
 __device__ __forceinline__ void chunk_values(uint4 x, bool f16, float (&v)[8]) {
     const u32 w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
@@ -414,6 +415,8 @@ extern "C" __global__ void fp8_v_amax_chunks(Params P, const void* src, u32* ws)
 
 // `v16` (null: none): also the codes' f16 values, rows [b·hk][seq_kv][dp] (exact), which the
 // tensor-core kernel reads when it multiplies P·V in f16 (else a separate v_fp8_to_f16 pass).
+// P.count = 1 (COPY_ONLY, the attention path with a copy): the codes are not stored, as
+// nothing reads them then.
 extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws, unsigned short* v16) {
     u32 id = linear_id();
     u32 cpr = P.dp / 8u, nrb = (P.seq_kv + V_CODE_ROWS - 1u) / V_CODE_ROWS;
@@ -441,7 +444,8 @@ extern "C" __global__ void fp8_v_codes_chunks(Params P, const void* src, u32* ws
             codes[k] = (e4m3x2_codes(__fmul_rn(v[4u * k], inv[4u * k]), __fmul_rn(v[4u * k + 1u], inv[4u * k + 1u])) |
                         (e4m3x2_codes(__fmul_rn(v[4u * k + 2u], inv[4u * k + 2u]), __fmul_rn(v[4u * k + 3u], inv[4u * k + 3u])) << 16)) &
                        keep[k];
-        *(uint2*)(ws + P.off_vcodes + ((bh * P.seq_kv + t) * P.dp + c0) / 4u) = make_uint2(codes[0], codes[1]);
+        if (!(v16 && P.count == COPY_ONLY))
+            *(uint2*)(ws + P.off_vcodes + ((bh * P.seq_kv + t) * P.dp + c0) / 4u) = make_uint2(codes[0], codes[1]);
         if (v16) {
             u32 h[4];
 #pragma unroll
@@ -510,7 +514,9 @@ extern "C" __global__ void pack_out(Params P, const float* src, unsigned short* 
 // multiple of 8): the codes and scales nvfp4_qk / nvfp4_v write, the same bits, and in the same
 // pass the f16 copy of the values (E2M1 · E4M3, exact) that the tensor-core kernel reads, rows
 // [b·h][n][dp] (else nvfp4_qk_to_f16 / nvfp4_v_to_f16 make it from the codes). The E2M1 code by
-// quotient and rounding (e2m1_unsaturated) instead of seven comparisons per value.
+// quotient and rounding (e2m1_unsaturated) instead of seven comparisons per value. With
+// P.count = COPY_ONLY (the attention path) the codes and scales are not stored: the tensor
+// cores read only the copy.
 
 // The E2M1 code of x / s (s: the block's scale value, 0 for a zero or NaN block, r = scale_rcp(s)):
 // = e2m1_code_of_ratio(x, s). |x| is clamped to 8s first (q ≥ 8 saturates either way; the clamp
@@ -570,8 +576,10 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
     }
     u32 words[4];
     u32 sc = nvfp4_block_fast(xs, words);
-    *(uint4*)(ws + (is_q ? P.off_qcodes : P.off_kcodes) + row * (P.dp / 4u) + blk * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
-    ws[(is_q ? P.off_qscales : P.off_kscales) + id] = sc;
+    if (P.count != COPY_ONLY) {
+        *(uint4*)(ws + (is_q ? P.off_qcodes : P.off_kcodes) + row * (P.dp / 4u) + blk * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
+        ws[(is_q ? P.off_qscales : P.off_kscales) + id] = sc;
+    }
     u32 hv[8];
 #pragma unroll
     for (u32 k = 0; k < 8u; k++) hv[k] = f16x2_bits(xs[2u * k], xs[2u * k + 1u]);
@@ -611,9 +619,11 @@ extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsig
             }
             u32 words[4], chan = bh * P.dp + c0 + 2u * kp + e;
             u32 sc = nvfp4_block_fast(xs[e], words);
-            // One 16-byte store (np is a multiple of 16, workspace offsets of 4 words).
-            *(uint4*)(ws + P.off_vcodes + chan * (P.np / 4u) + tb * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
-            ws[P.off_vscales + chan * nb + tb] = sc;
+            if (P.count != COPY_ONLY) {
+                // One 16-byte store (np is a multiple of 16, workspace offsets of 4 words).
+                *(uint4*)(ws + P.off_vcodes + chan * (P.np / 4u) + tb * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
+                ws[P.off_vscales + chan * nb + tb] = sc;
+            }
         }
 #pragma unroll
         for (u32 i = 0; i < 16u; i++) copy[i][kp] = f16x2_bits(xs[0][i], xs[1][i]);

@@ -17,7 +17,7 @@ struct Params {
     np: u32, off_vinv: u32, recipe: u32, off_kpart: u32,
     nm_n: u32, nm_m: u32, nm_sink: u32, nm_recent: u32,
     skip_log2: f32, off_tiles: u32, skip_on: u32, pad1: u32,
-    v_inv_g: f32, v_g: f32, pad2: u32, pad3: u32,
+    v_inv_g: f32, v_g: f32, p_log2: f32, pad3: u32,
 }
 
 const DT_F16: u32 = 0u;

@@ -77,7 +77,9 @@ pub struct Params {
     /// V → NVFP4 (FLAG_VNVFP4): the quantizer's multiplier 1/g and the output's g.
     pub v_inv_g: f32,
     pub v_g: f32,
-    pub pad2: u32,
+    /// FP8 P (Int8QkFp8Pv, Fp8P): log2 of P's multiplier before E4M3 (448, inv_g), which the
+    /// tensor-core kernel adds in the exponent instead of multiplying every p (0 otherwise).
+    pub p_log2: f32,
     pub pad3: u32,
 }
 
@@ -269,7 +271,11 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         pad1: 0,
         v_inv_g,
         v_g,
-        pad2: 0,
+        p_log2: match s.recipe {
+            Recipe::Int8QkFp8Pv { .. } => f64::from(crate::recipe::E4M3_MAX).log2() as f32,
+            Recipe::Fp8P { .. } => f64::from(crate::numerics::div_rn(range, amax_p)).log2() as f32,
+            _ => 0.0,
+        },
         pad3: 0,
     }
 }

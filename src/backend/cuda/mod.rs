@@ -580,14 +580,16 @@ fn int8_groups_per_block(rows: u32, head_dim: u32) -> u32 {
     (256 / tpg).max(1)
 }
 
-/// What a call needs from the quantizer passes besides the workspace: Q's LSE shift (only an
-/// LSE reads it), and f16 copies of code values for the tensor-core kernel.
+/// What a call needs from the quantizer passes: Q's LSE shift (only an LSE reads it), f16
+/// copies of code values for the tensor-core kernel, and the codes of the operands that get a
+/// copy (only `Backend::quantize` reads those: a pass that writes a copy skips them otherwise).
 #[derive(Clone, Copy, Default)]
 struct Wants {
     qdelta: bool,
     q16: bool,
     k16: bool,
     v16: bool,
+    codes: bool,
 }
 
 /// f16 copies of the values of codes the tensor cores cannot read directly (FP8 V; the Nvfp4
@@ -918,6 +920,8 @@ impl CudaAttention {
             s.seq_kv as u32,
         );
         let dp = padded_dim(s.head_dim) as u32;
+        // (`count` of the passes that write a copy: 1 = COPY_ONLY, their codes unstored.)
+        let copy_only = u32::from(!wants.codes);
         let copy = |n: u32| -> Result<(CudaSlice<u16>, u64)> {
             use cudarc::driver::DevicePtrMut;
             // SAFETY: the pass that takes it writes all n elements before any read.
@@ -944,7 +948,7 @@ impl CudaAttention {
                         step.mode,
                         src,
                         threads(rows * dp / 16),
-                        0,
+                        copy_only,
                         Some(at),
                     )?;
                     *if step.mode == 0 {
@@ -963,7 +967,7 @@ impl CudaAttention {
                     step.mode,
                     src,
                     threads(b * hk * (np / 16) * (dp / 8)),
-                    0,
+                    copy_only,
                     Some(at),
                 )?;
                 copies.v = Some(c);
@@ -1020,7 +1024,7 @@ impl CudaAttention {
                     step.mode,
                     src,
                     threads(n),
-                    0,
+                    copy_only,
                     Some(out),
                 )?;
                 continue;
@@ -1101,6 +1105,8 @@ impl CudaAttention {
                 q16: recipe == 3,
                 k16: recipe == 3,
                 v16: recipe == 3 || vnv || (recipe == 2 && !fp8_pv(recipe, vnv, cfg, dp)),
+                // (an operand without a copy keeps its codes: a conversion pass reads them)
+                codes: false,
             },
             _ => Wants {
                 qdelta: s.return_lse,
@@ -1635,6 +1641,7 @@ impl Backend for CudaBackend {
             q16: true,
             k16: true,
             v16: true,
+            codes: true,
         };
         let (ws, layout, _) =
             self.attn
