@@ -2,7 +2,7 @@
 //! (issue 8): every GPU backend that runs a combination agrees with the CPU reference on it.
 
 mod common;
-use common::matrix::{mask_for, tolerance, MaskKind};
+use common::matrix::{mask_for, rows, tolerance, MaskKind};
 use common::*;
 use tessera::backend::cpu::reference;
 use tessera::metrics::Accuracy;
@@ -66,7 +66,7 @@ fn options_combine_on_every_backend() {
             let acc = Accuracy::of(&out.o.to_f32(), &want.o);
             // The recipe's tolerance, plus room for a skip decision that f32 and f64 scores take
             // on different sides of the threshold (one tile, each of its weights < λ of the max).
-            let (tol_l1, _) = tolerance(recipe, dtype);
+            let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
             let (tiles, want_tiles) = (out.tiles, want.tiles);
             assert_eq!(tiles.is_some(), skip, "{ctx}");
             let flips = match (tiles, want_tiles) {

@@ -150,7 +150,7 @@ recipe_tests!(check);
 /// recipe the tensor cores run. Also checks that `kernel_for` picks the tensor cores here.
 #[test]
 fn tensor_cores_match_cuda_cores() {
-    use common::matrix::{mask_for, tolerance, MaskKind};
+    use common::matrix::{mask_for, rows, tolerance, MaskKind};
     use tessera::backend::cuda::{tensor_core_fit, CudaAttention, MmaConfig, Module};
     use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
@@ -224,7 +224,7 @@ fn tensor_cores_match_cuda_cores() {
                     );
                 let acc = Accuracy::of(&o_mma, &o_simt);
                 // Same numerics, f32 sums in another order: see tolerance()'s terms.
-                let (tol_l1, _) = tolerance(recipe, dtype);
+                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
                 assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
                 assert!(
                     acc.rel_l1 <= tol_l1,
@@ -328,7 +328,7 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
 /// N:M sparse softmax on the tensor-core kernel against the CUDA-core kernel.
 #[test]
 fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
-    use common::matrix::tolerance;
+    use common::matrix::{rows, tolerance};
     use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
     use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
@@ -391,7 +391,7 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
             let acc = Accuracy::of(&o_mma, &o_simt);
             // The same selection up to scores that tie only after scaling (rare): the recipe's
             // tolerance.
-            let (tol_l1, _) = tolerance(recipe, dtype);
+            let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
             let ctx = format!(
                 "{} {} {}:{} causal={causal} {dtype:?}",
                 kernel.label(),
@@ -413,7 +413,7 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
 /// f16 on the same codes: the same bound.)
 #[test]
 fn fp8_pv_sums_long_sequences_in_f32() {
-    use common::matrix::tolerance;
+    use common::matrix::{rows, tolerance};
     use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
     use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
@@ -445,7 +445,7 @@ fn fp8_pv_sums_long_sequences_in_f32() {
             assert!(matches!(kernel, Module::Mma { .. }), "{}", kernel.label());
             let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
             let acc = Accuracy::of(&o_mma, &o_simt);
-            let (tol_l1, _) = tolerance(recipe, spec.dtype);
+            let (tol_l1, _) = tolerance(recipe, spec.dtype, rows(&plan));
             let ctx = format!("{} nq{nq} nk{nk} d{d} causal={causal}", kernel.label());
             assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
             assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");

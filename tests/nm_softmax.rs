@@ -3,7 +3,7 @@
 //! the reference for every recipe on WGSL and CUDA.
 
 mod common;
-use common::matrix::tolerance;
+use common::matrix::{rows, tolerance};
 use common::*;
 use tessera::backend::cpu::reference;
 use tessera::metrics::Accuracy;
@@ -201,7 +201,7 @@ fn check_nm(
             let acc = Accuracy::of(&o, &want.o);
             // As in the matrix, plus: a near-tie between two scores of one group (f32 vs f64)
             // can pick a different survivor; with random normal scores that is vanishingly rare.
-            let (tol, _) = tolerance(recipe, dtype);
+            let (tol, _) = tolerance(recipe, dtype, rows(&plan));
             assert!(
                 acc.non_finite_mismatch == 0 && acc.rel_l1 <= tol,
                 "{name} {} {nm:?} {dtype:?}: {acc}",

@@ -3,7 +3,7 @@
 //! matter, and that bad thresholds are typed errors.
 
 mod common;
-use common::matrix::tolerance;
+use common::matrix::{rows, tolerance};
 use common::*;
 use tessera::backend::cpu::reference;
 use tessera::metrics::Accuracy;
@@ -133,7 +133,7 @@ fn backends_skip_the_same_tiles() {
         let dense_ref = reference(&dense.plan().unwrap(), &qf, &kf, &vf, None);
         let moved = Accuracy::of(&want.o, &dense_ref.o);
         assert!(moved.rel_l1 < 0.05, "{}: {moved}", recipe.name());
-        let (tol_l1, _) = tolerance(recipe, dtype);
+        let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
         for b in gpu_backends() {
             let ctx = format!("{} causal={causal} {}", b.describe(), recipe.name());
             if let Err(e) = b.supports(&plan) {

@@ -3,7 +3,7 @@
 //! parameters are typed errors.
 
 mod common;
-use common::matrix::tolerance;
+use common::matrix::{rows, tolerance};
 use common::*;
 use tessera::backend::cpu::reference;
 use tessera::metrics::Accuracy;
@@ -52,7 +52,7 @@ fn codes_are_bit_identical_and_outputs_agree() {
             let out = b.run(&plan, q.view(), k.view(), v.view()).unwrap();
             let acc = Accuracy::of(&out.o.to_f32(), &want.o);
             // Same V codes, same P format: the recipe's own tolerance (f32 sums, P rounding).
-            let (tol_l1, _) = tolerance(recipe, dtype);
+            let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
             assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
             assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
         }
