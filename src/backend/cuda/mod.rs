@@ -617,6 +617,18 @@ fn fp8_pv(recipe: u32, vnv: bool, cfg: MmaConfig, dp: u32) -> bool {
     recipe == 2 && !vnv && cfg.wgmma && dp == 128 && cfg.warps == 8
 }
 
+/// (batch, heads_q, heads_kv, seq_q, seq_kv) as the kernels' u32.
+fn sizes(s: &AttentionSpec) -> (u32, u32, u32, u32, u32) {
+    let u = |x: usize| x as u32;
+    (
+        u(s.batch),
+        u(s.heads_q),
+        u(s.heads_kv),
+        u(s.seq_q),
+        u(s.seq_kv),
+    )
+}
+
 fn threads(n: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(64).max(1), 1, 1),
@@ -912,13 +924,7 @@ impl CudaAttention {
             || chunked(v, &plan.kv),
         );
         let s = &plan.spec;
-        let (b, hq, hk, nq, nk) = (
-            s.batch as u32,
-            s.heads_q as u32,
-            s.heads_kv as u32,
-            s.seq_q as u32,
-            s.seq_kv as u32,
-        );
+        let (b, hq, hk, nq, nk) = sizes(s);
         let dp = padded_dim(s.head_dim) as u32;
         // (`count` of the passes that write a copy: 1 = COPY_ONLY, their codes unstored.)
         let copy_only = u32::from(!wants.codes);
@@ -1238,13 +1244,7 @@ impl CudaAttention {
         if !nvfp4p_direct() {
             p.flags &= !FLAG_P_DIRECT;
         }
-        let (b, hq, hk, nq, nk) = (
-            s.batch as u32,
-            s.heads_q as u32,
-            s.heads_kv as u32,
-            s.seq_q as u32,
-            s.seq_kv as u32,
-        );
+        let (b, hq, hk, nq, nk) = sizes(s);
         // Operands whose codes the tensor cores cannot take directly (FP8 V; the Nvfp4 recipe's
         // Q, K, V) go through f16 copies of their values, rows [b·h][n][dp]: exact.
         let scratch = |n: u32| {
