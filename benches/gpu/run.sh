@@ -5,6 +5,8 @@
 #   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
 #   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
+#   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV),
+#                                            two alternating rounds, --no-wgpu ARGS (default --dense)
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 set -uo pipefail
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
@@ -20,13 +22,22 @@ while [ $# -gt 0 ]; do
         grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
       done ;;
     bench)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
     profile)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab ]]; do args+=("$2"); shift; done
       timeout 300 ncu --metrics gpu__time_duration.sum --csv .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" 2>&1 |
         python3 benches/gpu/kernel_times.py ;;
+    ab)
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab ]]; do args+=("$2"); shift; done
+      [ ${#args[@]} -eq 0 ] && args=(--dense)
+      for round in 1 2; do
+        for bin in bench-attention bench-prev; do
+          echo "== round $round $bin"
+          timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda"
+        done
+      done ;;
     flash) timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense ;;
     *) echo "run.sh: unknown step $1" >&2 ;;
   esac
