@@ -20,7 +20,8 @@
 //                        m16n8k16 → O += P·V.
 // P's constant factor (Nvfp4P's global scale g; FP8 P's multiplier goes into the exponent and
 // the row sums, P_FOLD) and the per-channel V scale are applied once at the end (the Nvfp4
-// recipe's per-row factor is carried, see below). Register arrays are indexed by unrolled constants only.
+// recipe's per-row factor is carried, see below). Register arrays are indexed by unrolled
+// constants only.
 
 #define BK 64u
 #define BQT (16u * MT * WARPS)
@@ -237,8 +238,8 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 #endif
 }
 
-// E2M1(a / s) · s: e2m1_unsaturated (common.cuh), then step 3:
-// Step 3 for two values of one block, in the packed 16-bit pair the P·V MMA reads (lo first):
+// E2M1(a / s) · s: steps 1 and 2 are e2m1_unsaturated (common.cuh); step 3 for two values of
+// one block, in the packed 16-bit pair the P·V MMA reads (lo first):
 // pack (exact for E2M1 values; a larger value stays ≥ 6, possibly ∞), min 6, times s2 = (s, s)
 // by an FMA with −0 (exact: every E2M1·E4M3 product is an f16 and a bf16 value; +0 stays +0).
 // Two values per instruction instead of an f32 min and multiply each, then a pack.
