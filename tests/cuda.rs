@@ -614,3 +614,60 @@ fn nvfp4_p_direct_quotient_is_exact_for_every_f16_p() {
         );
     }
 }
+
+/// The 2:4 sparse P·V groundwork (sm_90a; kernels/attention_mma.cu `sparse_p`): one
+/// warpgroup's P, from the softmax's register layout, compressed into the sparse MMA's operand
+/// and metadata, and two sparse wgmma for P·V, against the CPU. P holds every kind of 4-key
+/// chunk the kernel can meet: two nonzeros at each of the six position pairs, one, none. f16
+/// products are exact in f32, so the only error is the f32 sum over 64 keys (≤ 64·2^-24 of
+/// Σ|p·v| per output).
+#[test]
+fn sparse_pv_probe_matches_cpu() {
+    let Some(c) = cuda() else { return };
+    let mut rng = Rng::new(fresh_seed("sparse pv"));
+    let f16ed = |x: f64| half::f16::from_f64(x).to_f64();
+    let mut p = vec![0f64; 64 * 64];
+    for row in 0..64 {
+        for chunk in 0..16 {
+            let kept = [0, 1, 2, 2, 2, 2, 2, 2][rng.below(8)];
+            let mut keys = [0usize, 1, 2, 3];
+            for i in 0..kept {
+                keys.swap(i, i + rng.below(4 - i));
+            }
+            for &k in &keys[..kept] {
+                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                p[row * 64 + chunk * 4 + k] = f16ed(sign * (0.01 + rng.uniform()));
+            }
+        }
+    }
+    let v: Vec<f64> = (0..64 * 128).map(|_| f16ed(rng.normal())).collect();
+    let bits = |x: &[f64]| -> Vec<u16> {
+        x.iter()
+            .map(|&y| half::f16::from_f64(y).to_bits())
+            .collect()
+    };
+    let got = match c.attention().probe_sparse_pv(&bits(&p), &bits(&v)) {
+        Err(Error::BackendUnavailable { why, .. }) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        r => r.unwrap(),
+    };
+    let mut bad = Vec::new();
+    for r in 0..64 {
+        for ch in 0..128 {
+            let terms = (0..64).map(|k| p[r * 64 + k] * v[k * 128 + ch]);
+            let (want, size) = terms.fold((0.0, 0.0), |(s, m), x| (s + x, m + x.abs()));
+            let g = got[r * 128 + ch] as f64;
+            if (g - want).abs() > 64.0 * 2f64.powi(-24) * size {
+                bad.push(format!("row {r} channel {ch}: GPU {g}, CPU {want}"));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 8192 differ:\n{}",
+        bad.len(),
+        bad[..bad.len().min(8)].join("\n")
+    );
+}

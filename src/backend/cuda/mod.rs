@@ -789,6 +789,62 @@ impl CudaAttention {
         Ok((v, c, d))
     }
 
+    /// The 2:4 sparse P·V groundwork on the GPU (sm_90a only), for tests: O = P·V for one
+    /// 64 × 64 P (f16 bits, row-major, at most two nonzeros in every 4 consecutive keys of a
+    /// row) and 64 × 128 V (f16 bits, row-major) through the sparse warpgroup MMA with P
+    /// compressed from the softmax's register layout (kernels/attention_mma.cu, `sparse_p`).
+    /// Returns O as 64 × 128 f32. Waits for its result.
+    #[doc(hidden)]
+    pub fn probe_sparse_pv(&self, p: &[u16], v: &[u16]) -> Result<Vec<f32>> {
+        if self.arch != "sm_90a" {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: format!(
+                    "the sparse warpgroup MMA needs sm_90a; this GPU is {}",
+                    self.arch
+                ),
+            });
+        }
+        if p.len() != 64 * 64 || v.len() != 64 * 128 {
+            return Err(Error::BadBuffer {
+                buffer: "p/v",
+                problem: format!(
+                    "need 4096 and 8192 elements, got {} and {}",
+                    p.len(),
+                    v.len()
+                ),
+            });
+        }
+        let module = Module::Mma {
+            recipe: 4,
+            dp: 128,
+            bf16: false,
+            cfg: MmaConfig::hopper_wgmma(),
+            skip: false,
+            nm: (0, 0),
+            vnv: false,
+        };
+        let f = self.function(module, "probe_sparse_pv")?;
+        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
+        let (dp, dv) = (
+            stream.clone_htod(p).map_err(cuda_err("htod"))?,
+            stream.clone_htod(v).map_err(cuda_err("htod"))?,
+        );
+        let mut out = stream
+            .alloc_zeros::<f32>(64 * 128)
+            .map_err(cuda_err("alloc"))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&dp).arg(&dv).arg(&mut out);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (const unsigned short*, const unsigned short*, float*) of 4096, 8192, 8192.
+        unsafe { l.launch(cfg) }.map_err(cuda_err("probe"))?;
+        stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))
+    }
+
     /// How many modules have been compiled or loaded (each configuration once).
     pub fn compiled_modules(&self) -> usize {
         self.modules.lock().map(|m| m.len()).unwrap_or(0)
