@@ -120,16 +120,6 @@ template <bool IS_BF16> __device__ __forceinline__ void mma_16(float (&d)[4], co
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two f32 → one register of two 16-bit values (lo = first), round to nearest even.
-template <bool IS_BF16> __device__ __forceinline__ u32 pack16(float lo, float hi) {
-    u32 r;
-    if (IS_BF16)
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    else
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // 2^x on the SFU (flushes results below 2^-126 to zero; ex2(−inf) = 0).
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -165,10 +155,7 @@ __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
 // sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
 template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
 #if __CUDA_ARCH__ >= 890
-    unsigned short e;
-    u32 h2;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(e));
+    u32 h2 = e4m3x2_to_f16x2(e4m3x2_codes(lo, hi));
     if (!IS_BF16) return h2;
     return pack16<true>(f16_bits_to_f32(h2 & 0xffffu), f16_bits_to_f32(h2 >> 16));
 #else
@@ -227,8 +214,7 @@ __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 #if __CUDA_ARCH__ >= 890
 #pragma unroll
     for (u32 h = 0; h < 2u; h++) {
-        u32 h2;
-        asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"((unsigned short)(codes >> (16u * h))));
+        u32 h2 = e4m3x2_to_f16x2(codes >> (16u * h));
         out[2u * h] = cvt_f16(h2 & 0xffffu);
         out[2u * h + 1u] = cvt_f16(h2 >> 16);
     }

@@ -178,8 +178,8 @@ __device__ __forceinline__ u32 e4m3_to_f16_bits(u32 c) {
     return sign | (a == 0u ? 0u : f32_to_f16_bits(__fmul_rn((float)a, 0.001953125f)));
 }
 
-// Two E4M3 codes (bits 0-7, 8-15) → their f16 values, packed (lo first): exact; one conversion
-// on sm_89+. (Not for the NaN code: the V passes never write it.)
+// Two E4M3 codes (bits 0-7, 8-15) → their f16 values, packed (lo first): exact (the NaN code
+// gives an f16 NaN); one conversion on sm_89+.
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 codes) {
 #if __CUDA_ARCH__ >= 890
     u32 h2;
@@ -190,10 +190,13 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 codes) {
 #endif
 }
 
-// Two f32 → f16 bits, packed (lo first), round to nearest even: the hardware conversion.
-__device__ __forceinline__ u32 f16x2_bits(float lo, float hi) {
+// Two f32 → one register of two 16-bit values (lo = first), round to nearest even.
+template <bool IS_BF16> __device__ __forceinline__ u32 pack16(float lo, float hi) {
     u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    if (IS_BF16)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
 

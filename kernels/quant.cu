@@ -582,7 +582,7 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
     }
     u32 hv[8];
 #pragma unroll
-    for (u32 k = 0; k < 8u; k++) hv[k] = f16x2_bits(xs[2u * k], xs[2u * k + 1u]);
+    for (u32 k = 0; k < 8u; k++) hv[k] = pack16<false>(xs[2u * k], xs[2u * k + 1u]);
     uint4* o = (uint4*)(out + (size_t)row * P.dp + blk * 16u);
     o[0] = make_uint4(hv[0], hv[1], hv[2], hv[3]);
     o[1] = make_uint4(hv[4], hv[5], hv[6], hv[7]);
@@ -626,7 +626,7 @@ extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsig
             }
         }
 #pragma unroll
-        for (u32 i = 0; i < 16u; i++) copy[i][kp] = f16x2_bits(xs[0][i], xs[1][i]);
+        for (u32 i = 0; i < 16u; i++) copy[i][kp] = pack16<false>(xs[0][i], xs[1][i]);
     }
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) {

@@ -973,11 +973,12 @@ impl CudaAttention {
                 && [st.batch, st.head, st.token].iter().all(|x| x % 8 == 0)
                 && ptr % 16 == 0
         };
-        // (Asked only by the passes that need it: each asks cudarc for a device address.)
+        // (Asked only by the passes that need it, once: each asks cudarc for a device address.)
+        let v_once = std::cell::OnceCell::new();
         let (q_chunks, k_chunks, v_chunks) = (
             || chunked(q, &plan.q),
             || chunked(k, &plan.kv),
-            || chunked(v, &plan.kv),
+            || *v_once.get_or_init(|| chunked(v, &plan.kv)),
         );
         let s = &plan.spec;
         let (b, hq, hk, nq, nk) = sizes(s);
