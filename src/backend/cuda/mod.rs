@@ -603,12 +603,12 @@ struct Copies {
 }
 
 /// Nvfp4P's quotient by one multiply where FLAG_P_DIRECT allows (kernels/attention_mma.cu,
-/// p_nvfp4): off unless TESSERA_NVFP4P_DIRECT=1 until its GPU checks have run (the probe test
-/// `nvfp4_p_direct_quotient_is_exact_for_every_f16_p` and the matrices with the variable set);
-/// the CPU-side argument is `nvfp4_p_direct_quotient_gap_holds`.
+/// p_nvfp4): on by default (GPU-checked: the probe test
+/// `nvfp4_p_direct_quotient_is_exact_for_every_f16_p` and the matrices; the CPU-side argument
+/// is `nvfp4_p_direct_quotient_gap_holds`); `TESSERA_NVFP4P_DIRECT=0` turns it off for A/B runs.
 fn nvfp4p_direct() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_DIRECT").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_DIRECT").map_or(true, |v| v != "0"))
 }
 
 /// Int8QkFp8Pv multiplies P·V on the FP8 tensor cores (reading V transposed) on the
