@@ -104,7 +104,19 @@ fn time_cuda_on(
         eprintln!("skipped on CUDA: {e}");
         return None;
     }
-    let bits = |v: Vec<f16>| -> Vec<u16> { v.into_iter().map(|x| x.to_bits()).collect() };
+    // The inputs as the spec's 16-bit type (bf16: the same values, rounded).
+    let bf16 = spec.dtype == tessera::DType::BF16;
+    let bits = |v: Vec<f16>| -> Vec<u16> {
+        v.into_iter()
+            .map(|x| {
+                if bf16 {
+                    half::bf16::from_f32(x.to_f32()).to_bits()
+                } else {
+                    x.to_bits()
+                }
+            })
+            .collect()
+    };
     let q = st.clone_htod(&bits(q)).ok()?;
     let k = st.clone_htod(&bits(k)).ok()?;
     let v = st.clone_htod(&bits(v)).ok()?;
@@ -217,13 +229,20 @@ fn main() {
     let only_recipes = values("--recipe");
     let no_wgpu = args.iter().any(|a| a == "--no-wgpu");
     let dense_only = args.iter().any(|a| a == "--dense");
-    // --vnv: every call with V → NVFP4 (rows labelled recipe+vnv).
+    // --vnv: every call with V → NVFP4 (rows labelled recipe+vnv). --bf16: bf16 inputs and
+    // output (CUDA only; rows labelled recipe+bf16).
     let v_nvfp4 = args.iter().any(|a| a == "--vnv");
+    let bf16 = args.iter().any(|a| a == "--bf16");
     let label = |r: Recipe| -> &'static str {
-        if v_nvfp4 {
-            Box::leak(format!("{}+vnv", r.name()).into_boxed_str())
-        } else {
+        let suffix = format!(
+            "{}{}",
+            if v_nvfp4 { "+vnv" } else { "" },
+            if bf16 { "+bf16" } else { "" }
+        );
+        if suffix.is_empty() {
             r.name()
+        } else {
+            Box::leak(format!("{}{suffix}", r.name()).into_boxed_str())
         }
     };
     let mut rows = Vec::new();
@@ -326,6 +345,9 @@ fn main() {
                     if v_nvfp4 {
                         spec = spec.with_v_nvfp4(None);
                     }
+                    if bf16 {
+                        spec = spec.with_dtype(tessera::DType::BF16);
+                    }
                     let reps = if n >= 16384 { 5 } else { 20 };
                     #[cfg(feature = "cuda")]
                     if let Some(c) = &cuda {
@@ -343,7 +365,8 @@ fn main() {
                         }
                     }
                     // WGSL on the same GPU at the smallest shape (it is the portable oracle, not the fast path).
-                    if let (Some(w), true) = (&wgpu, !no_wgpu && n <= 4096 && keep == 1.0) {
+                    if let (Some(w), true) = (&wgpu, !no_wgpu && !bf16 && n <= 4096 && keep == 1.0)
+                    {
                         if let Some(ms) = time_wgpu(w, &spec, 5) {
                             rows.push(Row {
                                 backend: "wgpu",

@@ -262,8 +262,50 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // least 2^-14.78 (relative) from every midpoint, and the only midpoints it can equal are 0.75,
 // 1.75 and 3.5, whose ties go up: where R's excess puts them (tests/cuda.rs: the gap over every
 // significand pair on the CPU; every f16 p ≤ 1 with every E4M3 scale through the GPU probe).
+//
+// The quotient then goes to E2M1 without finding its binade (e2m1_direct_pair): R also carries
+// 2^-K, K = 14 for an f16 operand (126 for bf16), so that q = 1 sits at the 16-bit format's
+// smallest normal. Converted toward zero to that format, q < 2 lands where the spacing at
+// mantissa bit 9 (bf16: bit 6) is 0.5, and every binade above keeps one such bit: E2M1's grid
+// in every range. Rounding half up at that bit (an integer add and mask on both halves) is
+// then E2M1's rounding: toward zero, a quotient just above a midpoint becomes the midpoint, and
+// one that was exactly a midpoint was one of the three that round up; a quotient below a
+// midpoint stays below. Then min 6·2^-K and one multiply by s (f16: E2M1·s·2^-14 is always an
+// f16 value, down to 0.5·2^-9·2^-14 = 2^-24) or by s·2^119 (bf16: E2M1·s·2^-7 is normal), and
+// the final normalisation multiplies by 2^14 (2^7): direct_unscale.
+__device__ __forceinline__ float direct_unscale() { return PV_BF16 ? 0x1p7f : 0x1p14f; }
+
 __device__ __forceinline__ float direct_factor(float inv_g, float s) {
-    return __fmul_rn(__fmul_rn(inv_g, scale_rcp(s)), 1.0f + 0x1p-20f);  // rcp: ≤ 1 ulp
+    // rcp(s)·RN(inv_g·(1 + 2^-20)·2^-K): three roundings of ≤ 2^-23, 2^-24, 2^-24 leave the excess
+    // over inv_g / s within 2^-20 ± 2^-22; the second factor is the same for every block (one
+    // multiply per block). R·2^-K stays normal (R ≥ 5.6: s ≤ 1.07·block max·inv_g / 6).
+    const float excess = PV_BF16 ? (1.0f + 0x1p-20f) * 0x1p-126f : (1.0f + 0x1p-20f) * 0x1p-14f;
+    return __fmul_rn(scale_rcp(s), __fmul_rn(inv_g, excess));  // rcp: ≤ 1 ulp
+}
+
+// The operand multiplier for e2m1_direct_pair: (s, s) as f16, or (s·2^119, s·2^119) as bf16
+// (≤ 448·2^119, finite).
+__device__ __forceinline__ u32 direct_scale2(float s) {
+    return PV_BF16 ? pack16<true>(s * 0x1p119f, s * 0x1p119f) : pack16<false>(s, s);
+}
+
+// Two quotients t = q·2^-K (f32) → E2M1(q)·s / direct_unscale() as the P·V operand pair.
+__device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) {
+    u32 v, r;
+    if (PV_BF16) {
+        asm("cvt.rz.bf16x2.f32 %0, %1, %2;\n" : "=r"(v) : "f"(t_hi), "f"(t_lo));
+        v = (v + 0x00200020u) & 0xffc0ffc0u;  // half up at bit 5, keep bit 6 up
+        asm("{\n.reg .b32 t;\nmin.bf16x2 t, %1, %3;\nfma.rn.bf16x2 %0, t, %2, %4;\n}\n"
+            : "=r"(r)
+            : "r"(v), "r"(s2), "r"(0x01c001c0u), "r"(0x80008000u));  // 6·2^-126
+    } else {
+        asm("cvt.rz.f16x2.f32 %0, %1, %2;\n" : "=r"(v) : "f"(t_hi), "f"(t_lo));
+        v = (v + 0x01000100u) & 0xfe00fe00u;  // half up at bit 8, keep bit 9 up
+        asm("{\n.reg .b32 t;\nmin.f16x2 t, %1, %3;\nfma.rn.f16x2 %0, t, %2, %4;\n}\n"
+            : "=r"(r)
+            : "r"(v), "r"(s2), "r"(0x0e000e00u), "r"(0x80008000u));  // 6·2^-14
+    }
+    return r;
 }
 
 template <bool DIRECT>
@@ -314,12 +356,12 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
         float s = scale[j], r = DIRECT ? direct_factor(mul[0], s) : scale_rcp(s);
-        u32 blk = j / 2u, half = j % 2u, s2 = pack16<PV_BF16>(s, s);
+        u32 blk = j / 2u, half = j % 2u, s2 = DIRECT ? direct_scale2(s) : pack16<PV_BF16>(s, s);
 #pragma unroll
         for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) {
             float lo = p[n][2u * half], hi = p[n][2u * half + 1u];
             if (DIRECT)
-                pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_round(__fmul_rn(lo, r)), e2m1_round(__fmul_rn(hi, r)), s2);
+                pk[n][half] = e2m1_direct_pair(__fmul_rn(lo, r), __fmul_rn(hi, r), s2);
             else
                 pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, s, r), e2m1_unsaturated(hi, s, r), s2);
         }
@@ -328,7 +370,8 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 
 // Test probe (tests/cuda.rs): per i, the P·V operand value the kernel gives for (a[i], s[i])
 // (f16 pair path, read back exactly), the scale code scale_code_pair gives a block whose max
-// is a[i] (as bits), and the DIRECT path's value for p = a[i] with `inv_g`.
+// is a[i] (as bits), and the DIRECT path's value for p = a[i] with `inv_g` (in the module's
+// P·V type: f16, or bf16 when built for bf16).
 extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, float* direct, float inv_g, u32 n) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -336,8 +379,9 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
     u32 s2 = pack16<false>(s[i], s[i]);
     out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, s2) & 0xffffu);
     codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
-    float d = e2m1_round(__fmul_rn(a[i], direct_factor(inv_g, s[i])));
-    direct[i] = cvt_f16(e2m1_pair_times_scale<false>(d, d, s2) & 0xffffu);
+    float d = __fmul_rn(a[i], direct_factor(inv_g, s[i]));
+    u32 pair = e2m1_direct_pair(d, d, direct_scale2(s[i]));  // the module's P·V type
+    direct[i] = (PV_BF16 ? u2f(pair << 16) : cvt_f16(pair & 0xffffu)) * direct_unscale();
 }
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
@@ -391,7 +435,7 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 }
 
 __device__ __forceinline__ float p_factor(const Params& P) {
-    if (RECIPE == R_NVFP4P) return P.g;
+    if (RECIPE == R_NVFP4P) return (P.flags & FLAG_P_DIRECT) ? P.g * direct_unscale() : P.g;
     return 1.0f;  // (P_FOLD: the row sums carry the multiplier)
 }
 

@@ -506,7 +506,7 @@ fn nvfp4_p_rounding_is_bit_exact_on_the_gpu() {
     ] {
         push(x, 1.0);
     }
-    let (got, codes, _) = c.attention().probe_p_nvfp4(&a, &s, 2688.0).unwrap();
+    let (got, codes, _) = c.attention().probe_p_nvfp4(&a, &s, 2688.0, false).unwrap();
     let mut bad = Vec::new();
     for (((&x, &sc), g), &code) in a.iter().zip(&s).zip(&got).zip(&codes) {
         let mut block = [0.0f32; 16];
@@ -578,40 +578,50 @@ fn nvfp4_p_direct_quotient_gap_holds() {
 }
 
 /// Nvfp4P's direct quotient (FLAG_P_DIRECT: p·inv_g / s as one multiply by a slightly enlarged
-/// factor, attention_mma.cu) against the exact E2M1(p·inv_g / s)·s: every f16 p in [0, 1] (the
-/// rounded probabilities: at most 11 significant bits) with every positive E4M3 scale, for
-/// amax_P = 1, 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain).
+/// factor, then E2M1 by a round toward zero into the 16-bit operand type and an integer
+/// half-up; attention_mma.cu) against the exact E2M1(p·inv_g / s)·s: every f16 p in [0, 1]
+/// through the f16 operand and every bf16 p in [0, 1] through the bf16 one (the rounded
+/// probabilities: at most 11 significant bits), with every positive E4M3 scale, for amax_P = 1,
+/// 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain).
 #[test]
-fn nvfp4_p_direct_quotient_is_exact_for_every_f16_p() {
+fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
     use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
     let Some(c) = cuda() else { return };
-    let ps: Vec<f32> = (0u16..=0x3c00)
-        .map(|b| half::f16::from_bits(b).to_f32())
-        .collect();
     let scales: Vec<f32> = (1u8..0x7f).map(e4m3_to_f32).collect();
-    let (a, s): (Vec<f32>, Vec<f32>) = scales
-        .iter()
-        .flat_map(|&sc| ps.iter().map(move |&p| (p, sc)))
-        .unzip();
-    for inv_g in [2688.0f32, 5376.0, 1344.0] {
-        let (_, _, got) = c.attention().probe_p_nvfp4(&a, &s, inv_g).unwrap();
-        let bad: Vec<String> = a
+    for bf16 in [false, true] {
+        let ps: Vec<f32> = if bf16 {
+            (0u16..=0x3f80)
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect()
+        } else {
+            (0u16..=0x3c00)
+                .map(|b| half::f16::from_bits(b).to_f32())
+                .collect()
+        };
+        let (a, s): (Vec<f32>, Vec<f32>) = scales
             .iter()
-            .zip(&s)
-            .zip(&got)
-            .filter_map(|((&p, &sc), g)| {
-                let want = e2m1_to_f32(e2m1_code_of_ratio(p * inv_g, sc)) * sc; // p·inv_g: exact
-                (g.to_bits() != want.to_bits())
-                    .then(|| format!("p = {p:e}, s = {sc:e}: GPU {g:e}, CPU {want:e}"))
-            })
-            .collect();
-        assert!(
-            bad.is_empty(),
-            "inv_g {inv_g}: {} of {} differ:\n{}",
-            bad.len(),
-            a.len(),
-            bad[..bad.len().min(10)].join("\n")
-        );
+            .flat_map(|&sc| ps.iter().map(move |&p| (p, sc)))
+            .unzip();
+        for inv_g in [2688.0f32, 5376.0, 1344.0] {
+            let (_, _, got) = c.attention().probe_p_nvfp4(&a, &s, inv_g, bf16).unwrap();
+            let bad: Vec<String> = a
+                .iter()
+                .zip(&s)
+                .zip(&got)
+                .filter_map(|((&p, &sc), g)| {
+                    let want = e2m1_to_f32(e2m1_code_of_ratio(p * inv_g, sc)) * sc; // p·inv_g: exact
+                    (g.to_bits() != want.to_bits())
+                        .then(|| format!("p = {p:e}, s = {sc:e}: GPU {g:e}, CPU {want:e}"))
+                })
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "bf16 {bf16}, inv_g {inv_g}: {} of {} differ:\n{}",
+                bad.len(),
+                a.len(),
+                bad[..bad.len().min(10)].join("\n")
+            );
+        }
     }
 }
 

@@ -740,18 +740,20 @@ impl CudaAttention {
     /// The tensor-core kernel's NVFP4 P quantizer on the GPU, for tests, which hold it to the
     /// CPU bit for bit: per i, E2M1(a / s)·s (a ≥ 0, s an E4M3 value), the block scale code
     /// of a block whose max is a, and E2M1(a·inv_g / s)·s by the kernel's direct path (a: a
-    /// 16-bit p, inv_g = 2688·2^-k). Waits for its results.
+    /// 16-bit p, inv_g = 2688·2^-k; through the bf16 P·V operand when `bf16`, else f16). Waits
+    /// for its results.
     #[doc(hidden)]
     pub fn probe_p_nvfp4(
         &self,
         a: &[f32],
         s: &[f32],
         inv_g: f32,
+        bf16: bool,
     ) -> Result<(Vec<f32>, Vec<u32>, Vec<f32>)> {
         let module = Module::Mma {
             recipe: 4,
             dp: 128,
-            bf16: false,
+            bf16,
             cfg: MmaConfig::for_arch(self.arch),
             skip: false,
             nm: (0, 0),
