@@ -319,8 +319,16 @@ fn main() {
         }
         return;
     }
+    // --causal-only / --non-causal-only: one of the two.
+    let causal_modes: Vec<bool> = [false, true]
+        .into_iter()
+        .filter(|&c| {
+            !(c && args.iter().any(|a| a == "--non-causal-only"))
+                && !(!c && args.iter().any(|a| a == "--causal-only"))
+        })
+        .collect();
     for &(h, n, d) in &shapes {
-        for causal in [false, true] {
+        for &causal in &causal_modes {
             for (recipe, masks) in Recipe::ALL
                 .iter()
                 .filter(|r| only_recipes.is_empty() || only_recipes.iter().any(|x| x == r.name()))
