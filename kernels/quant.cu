@@ -374,9 +374,7 @@ extern "C" __global__ void fp8_v_codes(Params P, const void* src, u32* ws) {
 // fp8_v_amax and fp8_v_codes for 16-bit V whose rows are whole 16-byte chunks (8 channels;
 // the host checks strides and alignment): a thread takes one chunk of consecutive tokens,
 // 16-byte loads, its 8 channels' factors loaded once. Same bits as the general kernels.
-// Tokens per thread: one 64-token block. (16, for more threads at N = 4096, measured slower:
-// 54 vs 44 µs under ncu, four times the atomics on the same channel words.)
-#define V_AMAX_ROWS 64u
+#define V_AMAX_ROWS 8u  // tokens per thread of fp8_v_amax_chunks
 #define V_CODE_ROWS 4u
 #define COPY_ONLY 1u  // P.count of the passes that write an f16 copy: skip the codes
 __device__ __forceinline__ void chunk_values(uint4 x, bool f16, float (&v)[8]) {
@@ -388,29 +386,38 @@ __device__ __forceinline__ void chunk_values(uint4 x, bool f16, float (&v)[8]) {
     }
 }
 
-extern "C" __global__ void fp8_v_amax_chunks(Params P, const void* src, u32* ws) {
-    u32 id = linear_id();
-    u32 cpr = P.head_dim / 8u, nb = (P.seq_kv + V_AMAX_ROWS - 1u) / V_AMAX_ROWS;
-    if (id >= P.batch * P.heads_kv * nb * cpr) return;
-    u32 ch = id % cpr, blk = (id / cpr) % nb, bh = id / cpr / nb;
-    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
-    const unsigned short* row = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + ch * 8u;
-    u32 t0 = blk * V_AMAX_ROWS, rows = min(V_AMAX_ROWS, P.seq_kv - t0);
-    u32 amax[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-    for (u32 r0 = 0; r0 < rows; r0 += 8u) {
-        uint4 x[8];
+// fp8_v_amax_chunks: a 256-thread block takes V_AMAX_ROWS·(256 / chunks per row) tokens
+// of one head, each thread V_AMAX_ROWS tokens of one 8-channel chunk (all its loads in flight
+// at once); the block's maxima meet in shared memory, then one global atomic per channel.
+// (Was a thread per 64 tokens × chunk, 8 dependent rounds of loads and 8 global atomics per
+// thread: 384 blocks at N = 4096, 8% occupancy, 44 µs under ncu.)
+#define V_AMAX_BLOCK 256u
+extern "C" __global__ void __launch_bounds__(V_AMAX_BLOCK) fp8_v_amax_chunks(Params P, const void* src, u32* ws) {
+    __shared__ u32 red[256];  // head_dim ≤ 256 (the host's condition)
+    u32 cpr = P.head_dim / 8u, groups = V_AMAX_BLOCK / cpr, tokens = groups * V_AMAX_ROWS;
+    u32 nb = (P.seq_kv + tokens - 1u) / tokens, bh = blockIdx.x / nb, blk = blockIdx.x % nb;
+    for (u32 c = threadIdx.x; c < P.head_dim; c += V_AMAX_BLOCK) red[c] = 0u;
+    __syncthreads();
+    u32 ch = threadIdx.x % cpr, grp = threadIdx.x / cpr, t0 = blk * tokens + grp * V_AMAX_ROWS;
+    if (grp < groups && t0 < P.seq_kv) {
+        u32 b = bh / P.heads_kv, h = bh % P.heads_kv, rows = min(V_AMAX_ROWS, P.seq_kv - t0);
+        const unsigned short* row = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + ch * 8u;
+        uint4 x[V_AMAX_ROWS];
 #pragma unroll
-        for (u32 i = 0; i < 8u; i++) x[i] = r0 + i < rows ? *(const uint4*)(row + (t0 + r0 + i) * P.kv_st) : make_uint4(0u, 0u, 0u, 0u);
+        for (u32 i = 0; i < V_AMAX_ROWS; i++) x[i] = i < rows ? *(const uint4*)(row + (t0 + i) * P.kv_st) : make_uint4(0u, 0u, 0u, 0u);
+        u32 amax[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
 #pragma unroll
-        for (u32 i = 0; i < 8u; i++) {
+        for (u32 i = 0; i < V_AMAX_ROWS; i++) {
             float v[8];
             chunk_values(x[i], P.dtype == DT_F16, v);
 #pragma unroll
             for (u32 k = 0; k < 8u; k++) amax[k] = max(amax[k], abs_bits(v[k]));
         }
-    }
 #pragma unroll
-    for (u32 k = 0; k < 8u; k++) atomicMax(ws + P.off_vinv + bh * P.dp + ch * 8u + k, amax[k]);
+        for (u32 k = 0; k < 8u; k++) atomicMax(red + ch * 8u + k, amax[k]);
+    }
+    __syncthreads();
+    for (u32 c = threadIdx.x; c < P.head_dim; c += V_AMAX_BLOCK) atomicMax(ws + P.off_vinv + bh * P.dp + c, red[c]);
 }
 
 // `v16` (null: none): also the codes' f16 values, rows [b·hk][seq_kv][dp] (exact), which the
@@ -531,7 +538,10 @@ __device__ __forceinline__ u32 e2m1_code(float x, float s, float r) {
 __device__ __forceinline__ float e2m1_times(u32 code, float s) { return e2m1_to_f32(code) * s; }
 
 // 16 values of one block → codes (4 words) and the scale code; `vals` becomes the copy's values.
-__device__ __forceinline__ u32 nvfp4_block_fast(float (&vals)[16], u32 (&words)[4]) {
+// !CODES (COPY_ONLY): the copy's values only, straight from the rounded quotient v: ±min(v, 6)·s
+// (the code's value times s: v is 0, 0.5, …, 2, 3, 4, 6 or 8; a zero code's value is +0; a NaN
+// block gives NaN either way), without forming the code and converting it back.
+template <bool CODES> __device__ __forceinline__ u32 nvfp4_block_fast(float (&vals)[16], u32 (&words)[4]) {
     u32 amax = 0u;
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) amax = max(amax, abs_bits(vals[i]));
@@ -541,9 +551,15 @@ __device__ __forceinline__ u32 nvfp4_block_fast(float (&vals)[16], u32 (&words)[
     for (u32 w = 0; w < 4u; w++) words[w] = 0u;
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) {
-        u32 code = e2m1_code(vals[i], s, r);
-        words[i / 4u] |= code << (8u * (i % 4u));
-        vals[i] = e2m1_times(code, s_val);
+        if (CODES) {
+            u32 code = e2m1_code(vals[i], s, r);
+            words[i / 4u] |= code << (8u * (i % 4u));
+            vals[i] = e2m1_times(code, s_val);
+        } else {
+            float x = vals[i], v = e2m1_unsaturated(fminf(u2f(abs_bits(x)), 8.0f * s), s, r);
+            float y = fminf(v, 6.0f) * s_val;
+            vals[i] = v > 0.0f ? copysignf(y, x) : y;
+        }
     }
     return sc;
 }
@@ -575,7 +591,7 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
         }
     }
     u32 words[4];
-    u32 sc = nvfp4_block_fast(xs, words);
+    u32 sc = P.count != COPY_ONLY ? nvfp4_block_fast<true>(xs, words) : nvfp4_block_fast<false>(xs, words);
     if (P.count != COPY_ONLY) {
         *(uint4*)(ws + (is_q ? P.off_qcodes : P.off_kcodes) + row * (P.dp / 4u) + blk * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
         ws[(is_q ? P.off_qscales : P.off_kscales) + id] = sc;
@@ -588,49 +604,50 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
     o[1] = make_uint4(hv[4], hv[5], hv[6], hv[7]);
 }
 
-// V (the Nvfp4 recipe's, or V → NVFP4's, v · (1/g)): one thread per 8 channels × one 16-token
-// group (sixteen 16-byte loads, the codes of each channel as nvfp4_v lays them out, the copy's
-// rows as 16-byte stores).
+// V (the Nvfp4 recipe's, or V → NVFP4's, v · (1/g)): one thread per 2 channels × one 16-token
+// group: sixteen 4-byte loads (a warp's lanes take adjacent channel pairs: 128 contiguous bytes
+// per token), the codes of each channel as nvfp4_v lays them out, the copy's words. (Was 8
+// channels per thread with sixteen 16-byte loads: 166 registers, 19% occupancy, 62 µs under
+// ncu at N = 4096.)
 extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsigned short* out) {
     u32 id = linear_id();
-    u32 cpr = P.dp / 8u, nb = P.np / 16u;
-    if (id >= P.batch * P.heads_kv * nb * cpr) return;
-    u32 ch = id % cpr, tb = (id / cpr) % nb, bh = id / cpr / nb;
-    u32 b = bh / P.heads_kv, h = bh % P.heads_kv, c0 = ch * 8u;
+    u32 cpp = P.dp / 2u, nb = P.np / 16u;
+    if (id >= P.batch * P.heads_kv * nb * cpp) return;
+    u32 kp = id % cpp, tb = (id / cpp) % nb, bh = id / cpp / nb;
+    u32 b = bh / P.heads_kv, h = bh % P.heads_kv, c0 = kp * 2u;
     const unsigned short* in = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + c0;
-    uint4 x[16];
+    u32 x[16];
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) {
         u32 t = tb * 16u + i;
-        x[i] = t < P.seq_kv && c0 < P.head_dim ? *(const uint4*)(in + (size_t)t * P.kv_st) : make_uint4(0u, 0u, 0u, 0u);
+        x[i] = t < P.seq_kv && c0 < P.head_dim ? *(const u32*)(in + (size_t)t * P.kv_st) : 0u;
     }
-    u32 copy[16][4];  // the copy's rows: 8 channels of token i as 4 words
+    // Channel e's input is half e of x[i]; once quantized, its copy's f16 takes that half.
 #pragma unroll
-    for (u32 kp = 0; kp < 4u; kp++) {  // channels 2kp, 2kp + 1: one word of each copy row
-        float xs[2][16];
+    for (u32 e = 0; e < 2u; e++) {
+        float xs[16];
 #pragma unroll
-        for (u32 e = 0; e < 2u; e++) {
-#pragma unroll
-            for (u32 i = 0; i < 16u; i++) {
-                const u32 w[4] = {x[i].x, x[i].y, x[i].z, x[i].w};
-                u32 bits = (w[kp] >> (16u * e)) & 0xffffu;
-                float v = P.dtype == DT_F16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
-                xs[e][i] = ftz(__fmul_rn(v, P.v_inv_g));
-            }
-            u32 words[4], chan = bh * P.dp + c0 + 2u * kp + e;
-            u32 sc = nvfp4_block_fast(xs[e], words);
-            if (P.count != COPY_ONLY) {
-                // One 16-byte store (np is a multiple of 16, workspace offsets of 4 words).
-                *(uint4*)(ws + P.off_vcodes + chan * (P.np / 4u) + tb * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
-                ws[P.off_vscales + chan * nb + tb] = sc;
-            }
+        for (u32 i = 0; i < 16u; i++) {
+            u32 bits = (x[i] >> (16u * e)) & 0xffffu;
+            float v = P.dtype == DT_F16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
+            xs[i] = ftz(__fmul_rn(v, P.v_inv_g));
+        }
+        u32 words[4], chan = bh * P.dp + c0 + e;
+        u32 sc = P.count != COPY_ONLY ? nvfp4_block_fast<true>(xs, words) : nvfp4_block_fast<false>(xs, words);
+        if (P.count != COPY_ONLY) {
+            // One 16-byte store (np is a multiple of 16, workspace offsets of 4 words).
+            *(uint4*)(ws + P.off_vcodes + chan * (P.np / 4u) + tb * 4u) = make_uint4(words[0], words[1], words[2], words[3]);
+            ws[P.off_vscales + chan * nb + tb] = sc;
         }
 #pragma unroll
-        for (u32 i = 0; i < 16u; i++) copy[i][kp] = pack16<false>(xs[0][i], xs[1][i]);
+        for (u32 i = 0; i < 16u; i++) {
+            u32 h = pack16<false>(xs[i], xs[i]) & 0xffffu;
+            x[i] = e == 0u ? (x[i] & 0xffff0000u) | h : (x[i] & 0xffffu) | (h << 16);
+        }
     }
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) {
         u32 t = tb * 16u + i;
-        if (t < P.seq_kv) *(uint4*)(out + ((size_t)bh * P.seq_kv + t) * P.dp + c0) = make_uint4(copy[i][0], copy[i][1], copy[i][2], copy[i][3]);
+        if (t < P.seq_kv) *(u32*)(out + ((size_t)bh * P.seq_kv + t) * P.dp + c0) = x[i];
     }
 }

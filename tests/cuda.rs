@@ -625,6 +625,77 @@ fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
     }
 }
 
+/// The f16 copies of NVFP4 code values the tensor cores read (the Nvfp4 recipe's Q, K and V;
+/// V → NVFP4's V) are the same bits whether the quantizer passes also store the codes (as
+/// `Backend::quantize` runs them, whose codes the CPU checks bit for bit) or skip them and
+/// write the copy straight from the rounded quotient (the attention path, COPY_ONLY). Inputs
+/// with every kind of block: random of both signs, all-zero, tiny (subnormal E4M3 scales),
+/// large, and lone values beside zeros; ragged lengths; both 16-bit types.
+#[test]
+fn nvfp4_copies_are_the_same_with_and_without_codes() {
+    let Some(c) = cuda() else { return };
+    let mut rng = Rng::new(fresh_seed("nvfp4 copies"));
+    for (dtype, vnv) in [
+        (DType::F16, false),
+        (DType::BF16, false),
+        (DType::F16, true),
+        (DType::BF16, true),
+    ] {
+        let recipe = if vnv { Recipe::Exact } else { Recipe::Nvfp4 };
+        let mut spec = AttentionSpec::new(1, 2, 77, 128)
+            .with_kv(2, 200)
+            .with_dtype(dtype)
+            .with_recipe(recipe);
+        if vnv {
+            spec = spec.with_v_nvfp4(None);
+        }
+        let plan = spec.plan().unwrap();
+        // Per 16-value run, one kind: 0 random, 1 zeros, 2 tiny, 3 large, 4 one value.
+        let mut gen = |n: usize| {
+            let kinds: Vec<usize> = (0..n.div_ceil(16)).map(|_| rng.below(5)).collect();
+            tensor(dtype, n, |i| {
+                let x = rng.normal();
+                match kinds[i / 16] {
+                    1 => 0.0,
+                    2 => x * 1e-6,
+                    3 => x * 300.0,
+                    4 if i % 16 != 3 => 0.0,
+                    _ => x,
+                }
+            })
+        };
+        let (q, k, v) = (gen(plan.q_len), gen(plan.kv_len), gen(plan.kv_len));
+        let with = c
+            .probe_copies(&plan, q.view(), k.view(), v.view(), true)
+            .unwrap();
+        let without = c
+            .probe_copies(&plan, q.view(), k.view(), v.view(), false)
+            .unwrap();
+        let expected = if vnv {
+            [false, false, true]
+        } else {
+            [true, true, true]
+        };
+        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+            assert_eq!(
+                a.is_some(),
+                expected[i],
+                "{dtype:?} vnv {vnv}: operand {i} copy"
+            );
+            assert_eq!(a.is_some(), b.is_some());
+            if let (Some(a), Some(b)) = (a, b) {
+                let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "{dtype:?} vnv {vnv}: operand {i}: {diff} of {} differ",
+                    a.len()
+                );
+            }
+        }
+    }
+}
+
 /// The 2:4 sparse P·V groundwork (sm_90a; kernels/attention_mma.cu `sparse_p`): one
 /// warpgroup's P, from the softmax's register layout, compressed into the sparse MMA's operand
 /// and metadata, and two sparse wgmma for P·V, against the CPU. P holds every kind of 4-key

@@ -6,7 +6,8 @@
 #   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
 #   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV),
-#                                            two alternating rounds, --no-wgpu ARGS (default --dense)
+#                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
+#                                            --dense); at N = 4096 rounds differ by up to 10%: take 5
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 set -uo pipefail
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     ab)
       args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
-      for round in 1 2; do
+      for round in $(seq "${AB_ROUNDS:-3}"); do
         for bin in bench-attention bench-prev; do
           echo "== round $round $bin"
           timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda"

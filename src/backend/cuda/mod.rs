@@ -1031,7 +1031,7 @@ impl CudaAttention {
                     "nvfp4_v_f16",
                     step.mode,
                     src,
-                    threads(b * hk * (np / 16) * (dp / 8)),
+                    threads(b * hk * (np / 16) * (dp / 2)),
                     copy_only,
                     Some(at),
                 )?;
@@ -1044,15 +1044,19 @@ impl CudaAttention {
                 let s = &plan.spec;
                 let chans = (s.batch * s.heads_kv) as u32 * padded_dim(s.head_dim) as u32;
                 let rows = (s.batch * s.heads_kv * s.seq_kv.div_ceil(64)) as u32;
-                if v_chunks() {
-                    launch(
-                        "fp8_v_amax_chunks",
-                        step.mode,
-                        src,
-                        threads(rows * s.head_dim as u32 / 8),
-                        0,
-                        None,
-                    )?;
+                if v_chunks() && s.head_dim <= 256 {
+                    // kernels/quant.cu: 256 threads, 8 tokens each, per block of one head.
+                    let per_block = (256 / (s.head_dim as u32 / 8)) * 8;
+                    let cfg = LaunchConfig {
+                        grid_dim: (
+                            (s.batch * s.heads_kv) as u32 * (s.seq_kv as u32).div_ceil(per_block),
+                            1,
+                            1,
+                        ),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch("fp8_v_amax_chunks", step.mode, src, cfg, 0, None)?;
                 } else {
                     launch(
                         "fp8_v_amax",
@@ -1592,6 +1596,42 @@ impl CudaBackend {
     }
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The f16 copies of code values the quantizer passes give the tensor-core kernel (Q, K, V;
+    /// `None` for an operand that gets none), with the codes stored beside them (`codes`, as
+    /// `Backend::quantize` runs the passes) or not (the attention path), for tests: the two
+    /// must be the same bits. Waits for its results.
+    #[doc(hidden)]
+    pub fn probe_copies(
+        &self,
+        plan: &Plan,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        codes: bool,
+    ) -> Result<[Option<Vec<u16>>; 3]> {
+        check_inputs(plan, &q, &k, &v)?;
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &self.stream;
+        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
+        let wants = Wants {
+            qdelta: false,
+            q16: true,
+            k16: true,
+            v16: true,
+            codes,
+        };
+        let (_, _, copies) =
+            self.attn
+                .quantize(st, plan, [&view(&qd), &view(&kd), &view(&vd)], wants)?;
+        let down = |c: Option<CudaSlice<u16>>| -> Result<Option<Vec<u16>>> {
+            c.map(|c| st.clone_dtoh(&c).map_err(cuda_err("download")))
+                .transpose()
+        };
+        let out = [down(copies.q)?, down(copies.k)?, down(copies.v)?];
+        st.synchronize().map_err(cuda_err("synchronize"))?;
+        Ok(out)
     }
 
     fn upload(&self, t: &Tensor) -> Result<(Option<CudaSlice<u16>>, Option<CudaSlice<f32>>)> {
