@@ -289,6 +289,18 @@ __device__ __forceinline__ u32 direct_scale2(float s) {
     return PV_BF16 ? pack16<true>(s * 0x1p119f, s * 0x1p119f) : pack16<false>(s, s);
 }
 
+// DIRECT's per-scale factors for every positive E4M3 scale code (0x7f: NaN, R = 0, s2 NaN):
+// (R, s2), filled once per block (direct_table_fill, before the kernel's first barrier), so that
+// a block's R and operand pair are one shared-memory load instead of decoding the code, a
+// reciprocal, a select, a multiply and a pack (the same values: the same two functions).
+__shared__ uint2 direct_tab[128];
+__device__ __forceinline__ void direct_table_fill(float inv_g) {
+    for (u32 c = threadIdx.x; c < 128u; c += blockDim.x) {
+        float s = e4m3_to_f32(c);
+        direct_tab[c] = make_uint2(f2u(direct_factor(inv_g, s)), direct_scale2(s));
+    }
+}
+
 // Two quotients t = q·2^-K (f32) → E2M1(q)·s / direct_unscale() as the P·V operand pair.
 __device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) {
     u32 v, r;
@@ -350,13 +362,24 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     u32 other = __shfl_xor_sync(0xffffffffu, c2, 2);
     u32 c4 = upper ? (other | (c2 << 16)) : (c2 | (other << 16));  // blocks 4·odd + 0..3
     other = __shfl_xor_sync(0xffffffffu, c4, 1);
+    u32 codes[2] = {odd ? other : c4, odd ? c4 : other};  // byte j % 4 of codes[j / 4]: block j
     float scale[8];
-    e4m3x4_values(odd ? other : c4, *(float(*)[4])&scale[0]);
-    e4m3x4_values(odd ? c4 : other, *(float(*)[4])&scale[4]);
+    if (!DIRECT) {
+        e4m3x4_values(codes[0], *(float(*)[4])&scale[0]);
+        e4m3x4_values(codes[1], *(float(*)[4])&scale[4]);
+    }
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
-        float s = scale[j], r = DIRECT ? direct_factor(mul[0], s) : scale_rcp(s);
-        u32 blk = j / 2u, half = j % 2u, s2 = DIRECT ? direct_scale2(s) : pack16<PV_BF16>(s, s);
+        float s = scale[j], r;
+        u32 blk = j / 2u, half = j % 2u, s2;
+        if (DIRECT) {
+            uint2 e = direct_tab[(codes[j / 4u] >> (8u * (j % 4u))) & 0xffu];  // codes < 128
+            r = u2f(e.x);
+            s2 = e.y;
+        } else {
+            r = scale_rcp(s);
+            s2 = pack16<PV_BF16>(s, s);
+        }
 #pragma unroll
         for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) {
             float lo = p[n][2u * half], hi = p[n][2u * half + 1u];
@@ -373,14 +396,18 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 // is a[i] (as bits), and the DIRECT path's value for p = a[i] with `inv_g` (in the module's
 // P·V type: f16, or bf16 when built for bf16).
 extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, float* direct, float inv_g, u32 n) {
+    direct_table_fill(inv_g);
+    __syncthreads();
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float r = scale_rcp(s[i]), v = e2m1_unsaturated(a[i], s[i], r);
     u32 s2 = pack16<false>(s[i], s[i]);
     out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, s2) & 0xffffu);
     codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
-    float d = __fmul_rn(a[i], direct_factor(inv_g, s[i]));
-    u32 pair = e2m1_direct_pair(d, d, direct_scale2(s[i]));  // the module's P·V type
+    // s[i] is an E4M3 value: its code is exact (sm_89+ in hardware, else the software quantizer).
+    uint2 e = direct_tab[e4m3x2_codes(s[i], 0.0f) & 0x7fu];  // s[i]: an E4M3 value, its code exact
+    float d = __fmul_rn(a[i], u2f(e.x));
+    u32 pair = e2m1_direct_pair(d, d, e.y);  // the module's P·V type
     direct[i] = (PV_BF16 ? u2f(pair << 16) : cvt_f16(pair & 0xffffu)) * direct_unscale();
 }
 
@@ -1203,9 +1230,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT)) direct_table_fill(P.inv_g);
     __syncthreads();  // the only barrier of the whole block: the producer never joins another
 #else
     unsigned char* smem = smem_raw;
+    if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT)) {  // (uniform)
+        direct_table_fill(P.inv_g);
+        __syncthreads();
+    }
 #endif
     // The warp index through a shuffle: the compiler then knows it is warp-uniform, so addresses
     // derived from it (the wgmma descriptors) live in uniform registers.
