@@ -577,6 +577,78 @@ fn nvfp4_p_direct_quotient_gap_holds() {
     assert_eq!(tied.into_iter().collect::<Vec<_>>(), vec![3, 7, 14]);
 }
 
+/// Nvfp4P's direct path (attention_mma.cu: direct_factor, e2m1_direct_pair) emulated on the CPU
+/// step by step, over every 16-bit p in [0, 1], every positive E4M3 scale, amax_P = 1, 1/2
+/// and 2, the three combinations of p's type and the P·V operand's (f16/f16, bf16/bf16, and
+/// bf16 p with an f16 operand under V → NVFP4), and MUFU's reciprocal anywhere within its ulp:
+/// R = rcp(s)·RN(inv_g·(1 + 2^-20)·2^-K), t = RN(p·R) (f32, subnormals kept), toward zero to the
+/// operand type, half up at the bit below E2M1's step, min 6·2^-K, times s (f16) or s·2^119
+/// (bf16), which must be exact, against E2M1(p·inv_g / s)·s. The GPU probe test below runs the
+/// kernel's own code on the same domain; this one runs in CI.
+#[test]
+fn nvfp4_p_direct_rounding_emulated_on_the_cpu() {
+    use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
+    // x > 0 toward zero onto a binary format with `mant` stored bits whose least normal
+    // exponent is `emin`; then that value as bits (through `bits`).
+    fn toward_zero(x: f64, emin: i32, mant: i32) -> f64 {
+        if x == 0.0 {
+            return 0.0;
+        }
+        let e = ((x.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+        let ulp = 2f64.powi(e.max(emin) - mant);
+        (x / ulp).floor() * ulp
+    }
+    let scales: Vec<f32> = (1u8..0x7f).map(e4m3_to_f32).collect();
+    let f16_ps: Vec<f32> = (0u16..=0x3c00)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect();
+    let bf16_ps: Vec<f32> = (0u16..=0x3f80)
+        .map(|b| half::bf16::from_bits(b).to_f32())
+        .collect();
+    let mut checked = 0u64;
+    for (ps, operand_bf16) in [(&f16_ps, false), (&bf16_ps, true), (&bf16_ps, false)] {
+        let k = if operand_bf16 { 126 } else { 14 };
+        let excess = (1.0f32 + 2f32.powi(-20)) * 2f32.powi(-k);
+        for inv_g in [2688.0f32, 5376.0, 1344.0] {
+            let c = inv_g * excess;
+            for &s in &scales {
+                let r0 = 1.0f32 / s;
+                let rcps = [
+                    r0,
+                    f32::from_bits(r0.to_bits() - 1),
+                    f32::from_bits(r0.to_bits() + 1),
+                ];
+                for rcp in rcps {
+                    let big_r = rcp * c;
+                    for &p in ps.iter() {
+                        let want = e2m1_to_f32(e2m1_code_of_ratio(p * inv_g, s)) * s; // p·inv_g: exact
+                        let t = (p * big_r) as f64;
+                        let got = if operand_bf16 {
+                            let v = half::bf16::from_f64(toward_zero(t, -126, 7)).to_bits();
+                            let v = half::bf16::from_bits(v.wrapping_add(0x20) & 0xffc0).to_f64();
+                            let y = v.min(6.0 * 2f64.powi(-126)) * (s as f64 * 2f64.powi(119));
+                            assert_eq!(half::bf16::from_f64(y).to_f64(), y, "bf16 product inexact");
+                            y * 2f64.powi(7)
+                        } else {
+                            let v = half::f16::from_f64(toward_zero(t, -14, 10)).to_bits();
+                            let v = half::f16::from_bits(v.wrapping_add(0x100) & 0xfe00).to_f64();
+                            let y = v.min(6.0 * 2f64.powi(-14)) * s as f64;
+                            assert_eq!(half::f16::from_f64(y).to_f64(), y, "f16 product inexact");
+                            y * 2f64.powi(14)
+                        };
+                        assert_eq!(
+                            got, want as f64,
+                            "p {p:e} s {s:e} inv_g {inv_g} rcp {rcp:e} operand bf16 {operand_bf16}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 50_000_000, "{checked}");
+}
+
 /// Nvfp4P's direct quotient (FLAG_P_DIRECT: p·inv_g / s as one multiply by a slightly enlarged
 /// factor, then E2M1 by a round toward zero into the 16-bit operand type and an integer
 /// half-up; attention_mma.cu) against the exact E2M1(p·inv_g / s)·s: every f16 p in [0, 1]
