@@ -320,12 +320,13 @@ fn main() {
         return;
     }
     // --causal-only / --non-causal-only: one of the two.
+    let (only_causal, only_non_causal) = (
+        args.iter().any(|a| a == "--causal-only"),
+        args.iter().any(|a| a == "--non-causal-only"),
+    );
     let causal_modes: Vec<bool> = [false, true]
         .into_iter()
-        .filter(|&c| {
-            !(c && args.iter().any(|a| a == "--non-causal-only"))
-                && !(!c && args.iter().any(|a| a == "--causal-only"))
-        })
+        .filter(|&c| if c { !only_non_causal } else { !only_causal })
         .collect();
     for &(h, n, d) in &shapes {
         for &causal in &causal_modes {

@@ -147,7 +147,7 @@ impl Recipe {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if let Recipe::Nvfp4P { amax_p } | Recipe::Fp8P { amax_p } = *self {
-            if !(amax_p.is_finite() && amax_p >= 1e-6 && amax_p <= 1e6) {
+            if !(amax_p.is_finite() && (1e-6..=1e6).contains(&amax_p)) {
                 return Err(Error::BadRecipeParam {
                     name: "amax_p",
                     value: amax_p,

@@ -17,7 +17,8 @@ fn f16s(n: usize, rng: &mut Rng) -> Vec<f16> {
 #[test]
 fn shape_errors_are_typed_and_say_what_to_fix() {
     let base = AttentionSpec::new(1, 4, 64, 64);
-    let cases: Vec<(AttentionSpec, fn(&Error) -> bool)> = vec![
+    type Case = (AttentionSpec, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
         (
             AttentionSpec {
                 batch: 0,

@@ -197,8 +197,8 @@ fn attend_row(
     let mut valid = [false; KV_BLOCK];
     let mut p32 = [0f32; KV_BLOCK];
     let mut pq = [0f64; KV_BLOCK];
-    for kb in 0..plan.k_blocks {
-        if !s.sparsity.keeps(plan, b, h, i / Q_BLOCK, kb) || skipped[kb] {
+    for (kb, &skip) in skipped.iter().enumerate().take(plan.k_blocks) {
+        if !s.sparsity.keeps(plan, b, h, i / Q_BLOCK, kb) || skip {
             continue;
         }
         let mut tile_max = f64::NEG_INFINITY;

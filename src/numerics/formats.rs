@@ -115,6 +115,7 @@ pub fn e2m1_to_f32(c: u8) -> f32 {
 /// saturating at 6; s must be a positive E4M3 value (optionally times a power of two), so that
 /// every midpoint·s below is exact in f32. s = 0 (a zero block) gives code 0.
 #[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x > 0.0)` is meant to hold for NaN too
 pub fn e2m1_code_of_ratio(x: f32, s: f32) -> u8 {
     // Midpoints between consecutive E2M1 magnitudes; at a tie the even code (LSB 0) wins.
     const MID: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];

@@ -33,6 +33,7 @@ pub fn pv16(dtype: DType) -> DType {
 
 /// Quantize one row of one KV tile: `p` holds the tile's probabilities (keys that are masked or
 /// past the end hold 0), `out` receives the value each p contributes to P·V.
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x > 0.0)` is meant to hold for NaN too
 pub fn quantize_p_row(recipe: Recipe, dtype: DType, p: &[f32], out: &mut [f64]) {
     match recipe {
         Recipe::Exact => p

@@ -81,6 +81,7 @@ impl std::ops::AddAssign for TileCounts {
 /// The skip decision for one KV tile of one query tile. `tile_max[r]`: row r's largest visible
 /// score in the tile (−∞ when it sees none; rows past the end pass −∞); `running[r]`: its
 /// running max before the tile. Returns None when the pair is not considered, else Some(skip).
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(t - m < λ)` is meant to hold for NaN too
 pub fn decide(tile_max: &[f64], running: &[f64], log2_lambda: f64) -> Option<bool> {
     let mut considered = false;
     let mut skip = true;

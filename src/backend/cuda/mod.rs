@@ -380,7 +380,8 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     let sm90 = MmaConfig::for_arch("sm_90a");
     let sm90_wide = MmaConfig::hopper_wide();
     // (recipes, launch shape, skip-softmax, N:M's (N, M), V → NVFP4), each over every dim and dtype.
-    let mut variants: Vec<(Vec<u32>, MmaConfig, bool, (u32, u32), bool)> = Vec::new();
+    type Variant = (Vec<u32>, MmaConfig, bool, (u32, u32), bool);
+    let mut variants: Vec<Variant> = Vec::new();
     for (cfg, skip) in [
         (sm90, false),
         (sm90_wide, false),
@@ -854,6 +855,7 @@ impl CudaAttention {
 
     /// Enqueue the attention on `stream`: quantization, attention, output pack. Returns without
     /// waiting; workspace comes from the stream-ordered allocator.
+    #[allow(clippy::too_many_arguments)] // stream, spec, q, k, v, o, lse: FlashAttention's call
     pub fn run(
         &self,
         stream: &Arc<CudaStream>,
@@ -1571,6 +1573,9 @@ pub struct CudaBackend {
     calls: Mutex<()>,
 }
 
+/// The f16 copies of Q, K and V (`CudaBackend::probe_copies`), where an operand has one.
+pub type OperandCopies = [Option<Vec<u16>>; 3];
+
 impl CudaBackend {
     /// Device 0, or a typed error saying why CUDA cannot be used.
     pub fn new() -> Result<Self> {
@@ -1610,7 +1615,7 @@ impl CudaBackend {
         k: Tensor,
         v: Tensor,
         codes: bool,
-    ) -> Result<[Option<Vec<u16>>; 3]> {
+    ) -> Result<OperandCopies> {
         check_inputs(plan, &q, &k, &v)?;
         let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let st = &self.stream;
@@ -1634,7 +1639,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    fn upload(&self, t: &Tensor) -> Result<(Option<CudaSlice<u16>>, Option<CudaSlice<f32>>)> {
+    fn upload(&self, t: &Tensor) -> Result<Uploaded> {
         let st = &self.stream;
         Ok(match t {
             Tensor::F32(x) => (None, Some(st.clone_htod(*x).map_err(cuda_err("upload"))?)),
@@ -1656,7 +1661,10 @@ impl CudaBackend {
     }
 }
 
-fn view<'a>(t: &'a (Option<CudaSlice<u16>>, Option<CudaSlice<f32>>)) -> CudaTensor<'a> {
+/// A host tensor on the device: 16-bit bits, or f32.
+type Uploaded = (Option<CudaSlice<u16>>, Option<CudaSlice<f32>>);
+
+fn view(t: &Uploaded) -> CudaTensor<'_> {
     match t {
         (Some(x), _) => CudaTensor::Bits16(x),
         (_, Some(x)) => CudaTensor::F32(x),

@@ -85,8 +85,11 @@ pub struct Kernels {
     /// The device offers SHADER_F16 / SUBGROUP (used when present; portable path otherwise).
     pub f16: bool,
     pub subgroups: bool,
-    cache: Mutex<HashMap<(String, Option<AttnKey>), Arc<wgpu::ComputePipeline>>>,
+    cache: Mutex<PipelineCache>,
 }
+
+/// Compiled pipelines by (entry point, attention specialization).
+type PipelineCache = HashMap<(String, Option<AttnKey>), Arc<wgpu::ComputePipeline>>;
 
 fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {

@@ -168,7 +168,7 @@ impl WgslAttention {
                     ),
                 });
             }
-            if need > max as u64 {
+            if need > max {
                 return Err(Error::TooLarge(format!("{name} needs a {need}-byte storage binding but this device allows {max}: split the heads or the batch into several calls")));
             }
         }
@@ -226,7 +226,7 @@ impl WgslAttention {
     ) -> Result<(Arc<wgpu::Buffer>, Workspace)> {
         let layout = Workspace::new(plan);
         let ws_bytes = layout.words * 4;
-        let max = self.device.limits().max_storage_buffer_binding_size as u64;
+        let max = self.device.limits().max_storage_buffer_binding_size;
         if ws_bytes > max {
             return Err(Error::TooLarge(format!("the quantized operands need {ws_bytes} bytes but this device binds at most {max}: split the heads or the batch into several calls")));
         }
