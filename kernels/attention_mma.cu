@@ -261,7 +261,8 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // a quotient of an 11-bit p and a 4-bit s (times 2688) that is not an E2M1 midpoint lies at
 // least 2^-14.78 (relative) from every midpoint, and the only midpoints it can equal are 0.75,
 // 1.75 and 3.5, whose ties go up: where R's excess puts them (tests/cuda.rs: the gap over every
-// significand pair on the CPU; every f16 p ≤ 1 with every E4M3 scale through the GPU probe).
+// significand pair, and the whole path below emulated, on the CPU; every f16 and bf16 p ≤ 1
+// with every E4M3 scale through the GPU probe, which reads direct_tab as the kernel does).
 //
 // The quotient then goes to E2M1 without finding its binade (e2m1_direct_pair): R also carries
 // 2^-K, K = 14 for an f16 operand (126 for bf16), so that q = 1 sits at the 16-bit format's
