@@ -605,8 +605,9 @@ struct Copies {
 
 /// Nvfp4P's quotient by one multiply where FLAG_P_DIRECT allows (kernels/attention_mma.cu,
 /// p_nvfp4): on by default (GPU-checked: the probe test
-/// `nvfp4_p_direct_quotient_is_exact_for_every_f16_p` and the matrices; the CPU-side argument
-/// is `nvfp4_p_direct_quotient_gap_holds`); `TESSERA_NVFP4P_DIRECT=0` turns it off for A/B runs.
+/// `nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p` and the matrices; on the CPU,
+/// `nvfp4_p_direct_quotient_gap_holds` and `nvfp4_p_direct_rounding_emulated_on_the_cpu`);
+/// `TESSERA_NVFP4P_DIRECT=0` turns it off for A/B runs.
 fn nvfp4p_direct() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_DIRECT").map_or(true, |v| v != "0"))
@@ -1616,10 +1617,6 @@ impl CudaBackend {
         v: Tensor,
         codes: bool,
     ) -> Result<OperandCopies> {
-        check_inputs(plan, &q, &k, &v)?;
-        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &self.stream;
-        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
         let wants = Wants {
             qdelta: false,
             q16: true,
@@ -1627,9 +1624,9 @@ impl CudaBackend {
             v16: true,
             codes,
         };
-        let (_, _, copies) =
-            self.attn
-                .quantize(st, plan, [&view(&qd), &view(&kd), &view(&vd)], wants)?;
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, _, copies) = self.quantize_on_device(plan, q, k, v, wants)?;
+        let st = &self.stream;
         let down = |c: Option<CudaSlice<u16>>| -> Result<Option<Vec<u16>>> {
             c.map(|c| st.clone_dtoh(&c).map_err(cuda_err("download")))
                 .transpose()
@@ -1637,6 +1634,26 @@ impl CudaBackend {
         let out = [down(copies.q)?, down(copies.k)?, down(copies.v)?];
         st.synchronize().map_err(cuda_err("synchronize"))?;
         Ok(out)
+    }
+
+    /// Q, K and V uploaded and run through the quantizer passes `wants` asks for, on this
+    /// backend's stream (not waited for; the caller holds its turn, `calls`).
+    fn quantize_on_device(
+        &self,
+        plan: &Plan,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        wants: Wants,
+    ) -> Result<(CudaSlice<u32>, Workspace, Copies)> {
+        check_inputs(plan, &q, &k, &v)?;
+        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
+        self.attn.quantize(
+            &self.stream,
+            plan,
+            [&view(&qd), &view(&kd), &view(&vd)],
+            wants,
+        )
     }
 
     fn upload(&self, t: &Tensor) -> Result<Uploaded> {
@@ -1737,10 +1754,6 @@ impl Backend for CudaBackend {
     }
 
     fn quantize(&self, plan: &Plan, q: Tensor, k: Tensor, v: Tensor) -> Result<Quantized> {
-        check_inputs(plan, &q, &k, &v)?;
-        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &self.stream;
-        let (qd, kd, vd) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
         // Every pass the attention path may run, copies included (so that the bit-exact checks
         // of the codes cover the passes that write copies too).
         let wants = Wants {
@@ -1750,9 +1763,9 @@ impl Backend for CudaBackend {
             v16: true,
             codes: true,
         };
-        let (ws, layout, _) =
-            self.attn
-                .quantize(st, plan, [&view(&qd), &view(&kd), &view(&vd)], wants)?;
+        let _turn = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let (ws, layout, _) = self.quantize_on_device(plan, q, k, v, wants)?;
+        let st = &self.stream;
         let words = st.clone_dtoh(&ws).map_err(cuda_err("download"))?;
         st.synchronize().map_err(cuda_err("synchronize"))?;
         Ok(unpack_workspace(plan, &layout, &words))
