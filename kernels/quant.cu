@@ -127,11 +127,12 @@ __device__ __forceinline__ float sub_ftz(float a, float b) {
 }
 
 // int8_round for finite |y| < 2^22 (here |y| ≤ 127·(1 + 2^-23)) as the code's byte: half away
-// from zero, saturated at 127. a − trunc(a) is exact, so the tie test is too; the signed
-// integer n reaches the byte through 1.5·2^23 + n (exact), not a float → int conversion.
+// from zero, saturated at 127. Half away from zero is floor(|y| + 0.5); |y| + 0.5 rounded toward
+// zero keeps that floor (the integer below the exact sum is an f32, so rounding toward zero
+// cannot pass it), where a round-to-nearest add would lift 0.5 − 2^-25 to 1. The signed integer
+// n reaches the byte through 1.5·2^23 + n (exact), not a float → int conversion.
 __device__ __forceinline__ u32 int8_byte_finite(float y) {
-    float a = fabsf(y), t = truncf(a);
-    float n = fminf(t + (a - t >= 0.5f ? 1.0f : 0.0f), 127.0f);
+    float n = fminf(truncf(__fadd_rz(fabsf(y), 0.5f)), 127.0f);
     return (u32)__float_as_int(copysignf(n, y) + 12582912.0f) & 0xffu;
 }
 
@@ -175,7 +176,7 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
         return SMOOTH ? sub_ftz(x, mu[k]) : x;
     };
     uint4 buf[QK_CHUNKS];
-    u32 amax = 0u;
+    u32 amax = 0u, amax16 = 0u;  // Q: the max of |q| as raw 16-bit pairs (see below)
 #pragma unroll
     for (u32 i = 0; i < QK_CHUNKS; i++) {
         u32 r = r0 + i * rstep, t = t0 + r * inter;
@@ -187,15 +188,23 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
         u32 r = r0 + i * rstep, t = t0 + r * inter;
         const u32 w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
         bool in = live && r < per && t < n;  // (a zero chunk past the end is not 0 once smoothed)
-        float d = 0.0f;
-        u32 m = 0u;
+        if (IS_Q) {
+            // |q|·fold rounded (and flushed) is monotone in |q|, and |q|'s order is its bits'
+            // (a NaN's above ∞'s, as in abs_bits): the max of the values is the value of the
+            // max of the magnitudes' bits, taken two per instruction and scaled once below.
+            u32 m2 = __vmaxu2(__vmaxu2(w[0] & 0x7fff7fffu, w[1] & 0x7fff7fffu), __vmaxu2(w[2] & 0x7fff7fffu, w[3] & 0x7fff7fffu));
+            if (in) amax16 = __vmaxu2(amax16, m2);
+        } else {
+            u32 m = 0u;
 #pragma unroll
-        for (u32 k = 0; k < 8u; k++) {
-            float x = value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k);
-            m = max(m, abs_bits(x));
-            if (IS_Q && SMOOTH) d = fmaf(x, mu[k], d);
+            for (u32 k = 0; k < 8u; k++) m = max(m, abs_bits(value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k)));
+            if (in) amax = max(amax, m);
         }
-        if (in) amax = max(amax, m);
+        float d = 0.0f;
+        if (IS_Q && SMOOTH) {
+#pragma unroll
+            for (u32 k = 0; k < 8u; k++) d = fmaf(value16((w[k / 2u] >> (16u * (k % 2u))) & 0xffffu, k), mu[k], d);
+        }
         if (IS_Q && SMOOTH && i * rstep < per) {  // uniform across the block (all groups alike)
 #pragma unroll
             for (u32 o = 16u; o > 0u; o >>= 1)
@@ -203,6 +212,7 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
             if ((lid & (cpr - 1u)) == 0u && in) ws[P.off_qdelta + bh * P.seq_q + t] = f2u(d);
         }
     }
+    if (IS_Q) amax = abs_bits(value16(max(amax16 & 0xffffu, amax16 >> 16), 0u));
     float inv = group_scale(P, ws, red, amax, IS_Q, g, tpg, live);
     u32 off = IS_Q ? P.off_qcodes : P.off_kcodes;
 #pragma unroll

@@ -577,6 +577,38 @@ fn nvfp4_p_direct_quotient_gap_holds() {
     assert_eq!(tied.into_iter().collect::<Vec<_>>(), vec![3, 7, 14]);
 }
 
+/// int8_qk's rounding (kernels/quant.cu, int8_byte_finite): half away from zero as
+/// trunc(RZ(|y| + 0.5)), saturated at 127, equals the reference's integer rounding for every
+/// f32 |y| ≤ 128 (the kernel's domain is |y| ≤ 127·(1 + 2^-23)), emulated on the CPU: the sum is
+/// exact in f64, then rounded toward zero to f32.
+#[test]
+fn int8_rounding_by_a_toward_zero_add_is_half_away_from_zero() {
+    use tessera::numerics::formats::int8_round;
+    let rz_add_half = |a: f32| -> f32 {
+        let exact = a as f64 + 0.5;
+        let f = exact as f32;
+        if f as f64 > exact {
+            f32::from_bits(f.to_bits() - 1)
+        } else {
+            f
+        }
+    };
+    let mut checked = 0u64;
+    for bits in 0u32..=0x4300_0000 {
+        let y = f32::from_bits(bits);
+        let n = rz_add_half(y).trunc().min(127.0) as i32;
+        let want = int8_round(y) as i32;
+        assert_eq!(n, want, "y = {y:e} ({bits:#010x})");
+        assert_eq!(-n, int8_round(-y) as i32, "y = -{y:e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 0x4300_0001);
+    // The round-to-nearest add it replaces would fail here:
+    let y = 0.5f32 - 2f32.powi(-25);
+    assert_eq!((y + 0.5).trunc(), 1.0);
+    assert_eq!(int8_round(y), 0);
+}
+
 /// Nvfp4P's direct path (attention_mma.cu: direct_factor, e2m1_direct_pair) emulated on the CPU
 /// step by step, over every 16-bit p in [0, 1], every positive E4M3 scale, amax_P = 1, 1/2
 /// and 2, the three combinations of p's type and the P·V operand's (f16/f16, bf16/bf16, and
