@@ -1138,11 +1138,12 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
             sees |= s_i;
             needs |= s_i && !(tmax[i] - m[i] < P.skip_log2);
         }
-        sees = __any_sync(0xffffffffu, sees);
-        needs = __any_sync(0xffffffffu, needs);
-        visited += sees && needs;
-        skipped += sees && !needs;
-        if (sees && !needs) {
+        // needs implies sees, so a tile some row needs is visited; the second vote (does any
+        // row see it at all: else it is neither visited nor skipped) only when none needs it.
+        if (__any_sync(0xffffffffu, needs)) {
+            visited++;
+        } else if (__any_sync(0xffffffffu, sees)) {
+            skipped++;
             oscale[0] = oscale[1] = 1.0f;  // (rescale skips it: no branch around o for wgmma)
 #pragma unroll
             for (u32 kk = 0; kk < BK / 16u; kk++)
