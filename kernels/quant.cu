@@ -48,37 +48,6 @@ extern "C" __global__ void k_block_sums(Params P, const void* src, u32* ws) {
     ws[P.off_kpart + id] = f2u(sum);
 }
 
-// k_block_sums for 16-bit K in whole 16-byte rows (the host's check): a thread sums two
-// adjacent channels from 4-byte loads, so a warp reads 128 contiguous bytes per token (one
-// channel per thread read 64 with 2-byte loads); each channel's adds stay in token order.
-extern "C" __global__ void k_block_sums_pairs(Params P, const void* src, u32* ws) {
-    u32 id = linear_id(), cols = P.head_dim / 2u;
-    u32 nb = (P.seq_kv + MEAN_BLOCK - 1u) / MEAN_BLOCK;
-    if (id >= P.batch * P.heads_kv * nb * cols) return;
-    u32 c = (id % cols) * 2u, blk = (id / cols) % nb, bh = id / cols / nb;
-    u32 b = bh / P.heads_kv, h = bh % P.heads_kv;
-    u32 t = blk * MEAN_BLOCK, rows = min(MEAN_BLOCK, P.seq_kv - t);
-    const unsigned short* s16 = (const unsigned short*)src + b * P.kv_sb + h * P.kv_sh + c + t * P.kv_st;
-    u32 bits[MEAN_BLOCK];
-#pragma unroll
-    for (u32 i = 0; i < MEAN_BLOCK; i++) bits[i] = i < rows ? *(const u32*)(s16 + i * P.kv_st) : 0u;
-    float sum[2] = {0.0f, 0.0f};
-    bool f16 = P.dtype == DT_F16;
-#pragma unroll
-    for (u32 i = 0; i < MEAN_BLOCK; i++) {
-        if (i < rows) {  // (adding +0 for rows past the end would turn a −0 sum into +0)
-#pragma unroll
-            for (u32 k = 0; k < 2u; k++) {
-                u32 h16 = (bits[i] >> (16u * k)) & 0xffffu;
-                sum[k] = __fadd_rn(sum[k], f16 ? cvt_f16(h16) : ftz(u2f(h16 << 16)));  // = load_elem
-            }
-        }
-    }
-    u32 out = P.off_kpart + (bh * nb + blk) * P.head_dim + c;
-    ws[out] = f2u(sum[0]);
-    ws[out + 1u] = f2u(sum[1]);
-}
-
 extern "C" __global__ void k_mean(Params P, const void* src, u32* ws) {
     u32 id = linear_id();
     if (id >= P.batch * P.heads_kv * P.head_dim) return;

@@ -1118,20 +1118,6 @@ impl CudaAttention {
                 launch("q_delta", step.mode, src, cfg, 0, None)?;
                 continue;
             }
-            if step.entry == "k_block_sums" && k_chunks() {
-                // Two channels per thread, 4-byte loads (kernels/quant.cu).
-                let s = &plan.spec;
-                let n = s.batch * s.heads_kv * s.seq_kv.div_ceil(64) * s.head_dim / 2;
-                launch(
-                    "k_block_sums_pairs",
-                    step.mode,
-                    src,
-                    threads(n as u32),
-                    0,
-                    None,
-                )?;
-                continue;
-            }
             if step.entry == "int8_qk" {
                 // 256 threads, several small groups per block.
                 let s = &plan.spec;
