@@ -54,12 +54,19 @@ __device__ float quantize_p_row(const Params& P, float* srow) {
         return 1.0f / 448.0f;
     }
     if (RECIPE == R_NVFP4) {
+        // Two-level: lift the row by 1/ρ' (ρ' the least power of two ≥ its max ρ), then NVFP4
+        // as Nvfp4P with amax_p = 1 in f16; the tile's factor is ρ'/2688.
         u32 rho = 0u;
-        for (u32 j = 0; j < BK; j++) rho = max(rho, abs_bits(srow[j]));
-        if (rho == 0u) return 0.0f;
-        float inv_f = div_rn(2688.0f, u2f(rho));
-        for (u32 j0 = 0; j0 < BK; j0 += 16u) p_fp4_block(srow, j0, inv_f, DT_F32);
-        return div_rn(u2f(rho), 2688.0f);
+        for (u32 j = 0; j < BK; j++) rho = max(rho, abs_bits(ftz(srow[j])));
+        if (rho == 0u || non_finite(rho)) {
+            for (u32 j = 0; j < BK; j++) srow[j] = 0.0f;
+            return 0.0f;
+        }
+        u32 up = pow2_ceil_bits(rho);
+        float lift = u2f((254u << 23) - up);
+        for (u32 j = 0; j < BK; j++) srow[j] = __fmul_rn(ftz(srow[j]), lift);
+        for (u32 j0 = 0; j0 < BK; j0 += 16u) p_fp4_block(srow, j0, 2688.0f, DT_F16);
+        return div_rn(u2f(up), 2688.0f);
     }
     if (RECIPE == R_FP8P) {
         for (u32 j = 0; j < BK; j++) srow[j] = e4m3_to_f32(e4m3_from_f32(__fmul_rn(srow[j], P.inv_g)));

@@ -138,11 +138,11 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ---- the recipe's P ------------------------------------------------------------------------
 
-// Two p (adjacent keys of a row) rounded to the input dtype in one conversion: hardware RNE;
+// Two p (adjacent keys of a row) rounded to a 16-bit type in one conversion: hardware RNE;
 // p comes from ex2.approx.ftz, so it is never subnormal and round_to's flush has nothing to do.
-__device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
-    u32 h2 = pack16<BF16>(lo, hi);
-    if (BF16) {
+template <bool IS_BF16> __device__ __forceinline__ void round16_pair(float& lo, float& hi) {
+    u32 h2 = pack16<IS_BF16>(lo, hi);
+    if (IS_BF16) {
         lo = u2f(h2 << 16);
         hi = u2f(h2 & 0xffff0000u);
     } else {
@@ -150,6 +150,7 @@ __device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) {
         hi = cvt_f16(h2 >> 16);
     }
 }
+__device__ __forceinline__ void round_dtype_pair(float& lo, float& hi) { round16_pair<BF16>(lo, hi); }
 
 // Two values → E4M3 (RNE, saturating at ±448) → their values as one packed 16-bit register.
 // sm_89+ converts in hardware (the same bits as e4m3_from_f32); sm_80 in software.
@@ -169,24 +170,6 @@ __device__ __forceinline__ float div6_rn(float x) {
     const float y = 1.0f / 6.0f;
     float q = __fmul_rn(x, y);
     return __fmaf_rn(__fmaf_rn(-q, 6.0f, x), y, q);
-}
-
-// ρ / 2688 correctly rounded for ρ in [2^-60, 1] (checked there exhaustively), the same way.
-__device__ __forceinline__ float div2688_rn(float rho) {
-    const float y = 1.0f / 2688.0f;
-    float q = __fmul_rn(rho, y);
-    return __fmaf_rn(__fmaf_rn(-q, 2688.0f, rho), y, q);
-}
-
-// a / b correctly rounded where neither the operands nor the quotient leave the normal range
-// (nor come near its ends): __fdiv_rn's fast path (a refined reciprocal, one residual step)
-// without its range check and the branch to its slow path.
-__device__ __forceinline__ float div_normal_rn(float a, float b) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(b));
-    r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
-    float q = __fmul_rn(a, r);
-    return __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
 }
 
 // Two block maxima → their NVFP4 scale codes, E4M3(max / 6) (lo in bits 0-7, hi in 8-15); NaN
@@ -250,11 +233,12 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // codes) and the codes all-gathered as bytes: a quarter of the scale work per thread.
 // p ≥ 0 (so is every a = p·mul, NaN aside), so maxima compare raw bits; a NaN wins and makes
 // the scale NaN.
-// mul[i]: the factor of row g + 8i (inv_g for Nvfp4P, 2688/ρ for Nvfp4); Nvfp4P first rounds p
-// to the input dtype. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
+// mul[i]: the factor of row g + 8i (inv_g for Nvfp4P; unused for Nvfp4, whose p arrive lifted
+// to p/ρ' and whose inv_g is 2688); Nvfp4P first rounds p to the input dtype, Nvfp4 to f16. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
 // row g + 8i.
 //
-// DIRECT (Nvfp4P, FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two, inv_g = 2688·2^-k): p
+// DIRECT (Nvfp4, always; Nvfp4P with FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two,
+// inv_g = 2688·2^-k): p
 // has at most 11 significant bits, so p·inv_g is exact; the block maxima are taken over p and
 // scaled once, and the quotient p·inv_g / s is one multiply, q = p·R with R = inv_g / s made
 // 2^-21 to 2^-19.6 too large (direct_factor): three instructions per value fewer. Exact because
@@ -302,6 +286,13 @@ __device__ __forceinline__ void direct_table_fill(float inv_g) {
     }
 }
 
+// Whether P takes the direct path (p_nvfp4<true>): always for the Nvfp4 recipe (its lifted p
+// is rounded to f16 and its global scale is 1/2688), for Nvfp4P where FLAG_P_DIRECT allows.
+__device__ __forceinline__ bool p_direct(const Params& P) {
+    return RECIPE == R_NVFP4 || (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT));
+}
+__device__ __forceinline__ float direct_inv_g(const Params& P) { return RECIPE == R_NVFP4 ? 2688.0f : P.inv_g; }
+
 // Two quotients t = q·2^-K (f32) → E2M1(q)·s / direct_unscale() as the P·V operand pair.
 __device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) {
     u32 v, r;
@@ -333,6 +324,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         for (u32 n = 0; n < 2u; n++) {
             float(&pv)[4] = p[2u * blk + n];
             if (RECIPE == R_NVFP4P) round_dtype_pair(pv[2u * half], pv[2u * half + 1u]);
+            if (DIRECT && RECIPE == R_NVFP4) round16_pair<false>(pv[2u * half], pv[2u * half + 1u]);  // p' (lifted)
 #pragma unroll
             for (u32 k = 2u * half; k < 2u * half + 2u; k++) {
                 if (!DIRECT) pv[k] = __fmul_rn(pv[k], mul[half]);
@@ -355,8 +347,9 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         r2[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 2));
     }
     if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
+        const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
 #pragma unroll
-        for (u32 i = 0; i < 2u; i++) r2[i] = f2u(__fmul_rn(u2f(r2[i]), mul[0]));
+        for (u32 i = 0; i < 2u; i++) r2[i] = f2u(__fmul_rn(u2f(r2[i]), inv_g));
     }
     // This thread's codes: blocks 4·odd + 2·upper + {0, 1}. All-gather them as bytes.
     u32 c2 = scale_code_pair(r2[0], r2[1]);
@@ -417,7 +410,7 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
 __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
     if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) {
         u32 pk[NT_S][2];
-        if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT))
+        if (p_direct(P))
             p_nvfp4<true>(p, row_mul, pk);
         else
             p_nvfp4<false>(p, row_mul, pk);
@@ -464,6 +457,7 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 
 __device__ __forceinline__ float p_factor(const Params& P) {
     if (RECIPE == R_NVFP4P) return (P.flags & FLAG_P_DIRECT) ? P.g * direct_unscale() : P.g;
+    if (RECIPE == R_NVFP4) return direct_unscale() / 2688.0f;  // (times the row's F)
     return 1.0f;  // (P_FOLD: the row sums carry the multiplier)
 }
 
@@ -1160,8 +1154,33 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         m[i] = m_new;
     }
     float sum[2] = {0.0f, 0.0f}, shift[2];  // shift: −m, plus log2 of FP8 P's multiplier (P_FOLD)
+    float sum_mul[2] = {1.0f, 1.0f}, row_mul[2] = {P.inv_g, P.inv_g};
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
+    oscale[0] = alpha[0];
+    oscale[1] = alpha[1];
+    if (RECIPE == R_NVFP4) {
+        // P's factor f = ρ' (ρ' the least power of two ≥ ρ, ρ = 2^(tile max − m) the row's
+        // largest p here) changes per row and tile; the exponent computes p' = p·2^E = p/ρ'
+        // directly (the row sum takes p'·ρ'; a rounding of −m + E in the exponent moves p' by
+        // ~1e-6, and a p' just above 1 still rounds to 1 in f16), p_nvfp4 rounds it to f16,
+        // and the output takes the 1/2688 (p_factor).
+        // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f (F/f a
+        // power of two). A tile whose f is below 2^-40·F or whose ρ is below 2^-60 is dropped
+        // (p' = 0, from l too: its p < 2^-40 are below half an ulp of l ≥ 1), which keeps F/f,
+        // hence o, finite.
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
+            u32 up = pow2_ceil_bits(f2u(rho));
+            float f = u2f(up);
+            bool use = rho >= 0x1p-60f && f >= F[i] * 0x1p-40f;
+            shift[i] = use ? shift[i] + (float)(127 - (int)(up >> 23)) : NEG_INF;
+            sum_mul[i] = f;
+            oscale[i] = use ? alpha[i] * (F[i] * u2f((254u << 23) - up)) : alpha[i];
+            F[i] = use ? f : F[i];
+        }
+    }
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
@@ -1171,27 +1190,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
             s[n][e] = p;
         }
 #pragma unroll
-    for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i];
-    float row_mul[2] = {P.inv_g, P.inv_g};
-    oscale[0] = alpha[0];
-    oscale[1] = alpha[1];
-    if (RECIPE == R_NVFP4) {
-        // P's factor f = ρ/2688 changes per row and tile (ρ: the row's largest p here, the p
-        // of its largest score: the same instruction on the same operands).
-        // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f.
-        // A tile whose f is below 2^-40·F adds under 2^-40 of O, and one whose ρ is below 2^-60
-        // under 2^-60 of it: dropped (P' = 0), which keeps F/f, hence o, and 2688/ρ finite.
-        // No branch: F/f is taken as F·(2688/ρ), an ulp from it (only o's bookkeeping).
-#pragma unroll
-        for (u32 i = 0; i < 2u; i++) {
-            float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
-            float f = div2688_rn(rho), mul = div_normal_rn(2688.0f, fmaxf(rho, 0x1p-60f));
-            bool use = rho >= 0x1p-60f && f >= F[i] * 0x1p-40f;
-            row_mul[i] = use ? mul : 0.0f;
-            oscale[i] = use ? alpha[i] * (F[i] * mul) : alpha[i];
-            F[i] = use ? f : F[i];
-        }
-    }
+    for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i] * sum_mul[i];
     p_fragments(P, s, pa, row_mul);
     return true;
 }
@@ -1232,12 +1231,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT)) direct_table_fill(P.inv_g);
+    if (p_direct(P)) direct_table_fill(direct_inv_g(P));
     __syncthreads();  // the only barrier of the whole block: the producer never joins another
 #else
     unsigned char* smem = smem_raw;
-    if (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT)) {  // (uniform)
-        direct_table_fill(P.inv_g);
+    if (p_direct(P)) {  // (uniform)
+        direct_table_fill(direct_inv_g(P));
         __syncthreads();
     }
 #endif
@@ -1345,7 +1344,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 
     float o[MT][NT_O][4];
     float m[MT][2], l[MT][2];
-    float F[MT][2];  // Nvfp4: o holds O / F, F the P factor ρ/2688 of the last tile that added to it
+    float F[MT][2];  // Nvfp4: o holds O / (F / 2688), F the P factor ρ' of the last tile that added to it
     u32 tiles_visited[MT], tiles_skipped[MT];  // skip-softmax counters per m-tile (= skip tile)
 #pragma unroll
     for (u32 mt = 0; mt < MT; mt++) {
@@ -1487,8 +1486,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                     x0 = o[mt][n][2u * i] / lsum;
                     x1 = o[mt][n][2u * i + 1u] / lsum;
                     if (RECIPE == R_NVFP4) {
-                        x0 *= F[mt][i];
-                        x1 *= F[mt][i];
+                        x0 *= F[mt][i] * factor;
+                        x1 *= F[mt][i] * factor;
                     } else if (RECIPE == R_NVFP4P) {
                         x0 *= factor;
                         x1 *= factor;

@@ -52,6 +52,10 @@ __device__ __forceinline__ bool non_finite(u32 a) { return a >= 0x7f800000u; }
 __device__ __forceinline__ bool is_nan(float x) { return abs_bits(x) > 0x7f800000u; }
 __device__ __forceinline__ float nan_max(float a, float b) { return (is_nan(a) || is_nan(b)) ? f32_nan() : fmaxf(a, b); }
 
+// The least power of two ≥ a normal |x| given as bits (at most 2^126), as bits: the mantissa
+// mask's add carries into the exponent unless x already is one.
+__device__ __forceinline__ u32 pow2_ceil_bits(u32 a) { return (min(a, 0x7e800000u) + 0x007fffffu) & 0x7f800000u; }
+
 __device__ __forceinline__ float ftz(float x) {
     u32 b = f2u(x);
     return (b & 0x7f800000u) == 0u ? u2f(b & 0x80000000u) : x;

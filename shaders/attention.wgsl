@@ -103,13 +103,19 @@ fn quantize_p_row(r: u32) -> f32 {
         return 1.0 / 448.0;
     }
     if (RECIPE == R_NVFP4) {
-        // Two-level: the row's tile max rho maps to 6·448 before the per-16 E4M3 scales.
+        // Two-level: the row's tile max rho is lifted by 1/rho' (rho' the least power of two
+        // >= rho), then NVFP4 as Nvfp4P with amax_p = 1 in f16; the factor is rho' / 2688.
         var rho = 0u;
-        for (var j = 0u; j < BK; j++) { rho = max(rho, abs_bits(s_sh[r * BK + j])); }
-        if (rho == 0u) { return 0.0; }
-        let inv_f = div_rn(2688.0, bitcast<f32>(rho));
-        for (var j0 = 0u; j0 < BK; j0 += 16u) { p_fp4_block(r, j0, inv_f, DT_F32); }
-        return div_rn(bitcast<f32>(rho), 2688.0);
+        for (var j = 0u; j < BK; j++) { rho = max(rho, abs_bits(ftz(s_sh[r * BK + j]))); }
+        if (rho == 0u || non_finite(rho)) {
+            for (var j = 0u; j < BK; j++) { s_sh[r * BK + j] = 0.0; }
+            return 0.0;
+        }
+        let up = pow2_ceil_bits(rho);
+        let lift = bitcast<f32>((254u << 23u) - up);
+        for (var j = 0u; j < BK; j++) { s_sh[r * BK + j] = ftz(s_sh[r * BK + j]) * lift; }
+        for (var j0 = 0u; j0 < BK; j0 += 16u) { p_fp4_block(r, j0, 2688.0, DT_F16); }
+        return div_rn(bitcast<f32>(up), 2688.0);
     }
     if (RECIPE == R_FP8P) {
         // ModelOpt P → FP8: E4M3(p / s) with s = amax_p / 448 folded out.

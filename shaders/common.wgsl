@@ -53,6 +53,10 @@ fn nan_max(a: f32, b: f32) -> f32 {
     return max(a, b);
 }
 
+// The least power of two >= a normal |x| given as bits (at most 2^126), as bits: the mantissa
+// mask's add carries into the exponent unless x already is one.
+fn pow2_ceil_bits(a: u32) -> u32 { return (min(a, 0x7e800000u) + 0x007fffffu) & 0x7f800000u; }
+
 fn ftz(x: f32) -> f32 {
     let b = bitcast<u32>(x);
     if ((b & 0x7f800000u) == 0u) { return bitcast<f32>(b & 0x80000000u); }
