@@ -233,9 +233,8 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // codes) and the codes all-gathered as bytes: a quarter of the scale work per thread.
 // p ≥ 0 (so is every a = p·mul, NaN aside), so maxima compare raw bits; a NaN wins and makes
 // the scale NaN.
-// mul[i]: the factor of row g + 8i (inv_g for Nvfp4P; for Nvfp4, whose p arrive lifted to p/ρ'
-// and whose inv_g is 2688, the operand's power of two, below); Nvfp4P first rounds p to the
-// input dtype, Nvfp4 to f16. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
+// mul[i]: the factor of row g + 8i (inv_g for Nvfp4P; unused for Nvfp4, whose p arrive lifted
+// to p/ρ' and whose inv_g is 2688); Nvfp4P first rounds p to the input dtype, Nvfp4 to f16. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
 // row g + 8i.
 //
 // DIRECT (Nvfp4, always; Nvfp4P with FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two,
@@ -358,10 +357,6 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     u32 c4 = upper ? (other | (c2 << 16)) : (c2 | (other << 16));  // blocks 4·odd + 0..3
     other = __shfl_xor_sync(0xffffffffu, c4, 1);
     u32 codes[2] = {odd ? other : c4, odd ? c4 : other};  // byte j % 4 of codes[j / 4]: block j
-    // Nvfp4: mul[i] is the operand's extra power of two for row g + 8i (softmax_mtile: 2^(7−k),
-    // o's scale F = 2^k·ρ'), applied to the block's (s, s): s·2^(7−k) is an f16 (≤ 448·2^7).
-    u32 d2[2] = {0u, 0u};
-    if (RECIPE == R_NVFP4) d2[0] = pack16<false>(mul[0], mul[0]), d2[1] = pack16<false>(mul[1], mul[1]);
     float scale[8];
     if (!DIRECT) {
         e4m3x4_values(codes[0], *(float(*)[4])&scale[0]);
@@ -375,7 +370,6 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
             uint2 e = direct_tab[(codes[j / 4u] >> (8u * (j % 4u))) & 0xffu];  // codes < 128
             r = u2f(e.x);
             s2 = e.y;
-            if (RECIPE == R_NVFP4) asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(s2) : "r"(s2), "r"(d2[half]));
         } else {
             r = scale_rcp(s);
             s2 = pack16<PV_BF16>(s, s);
@@ -463,7 +457,7 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 
 __device__ __forceinline__ float p_factor(const Params& P) {
     if (RECIPE == R_NVFP4P) return (P.flags & FLAG_P_DIRECT) ? P.g * direct_unscale() : P.g;
-    if (RECIPE == R_NVFP4) return direct_unscale() * 0x1p-7f / 2688.0f;  // (times the row's F)
+    if (RECIPE == R_NVFP4) return direct_unscale() / 2688.0f;  // (times the row's F)
     return 1.0f;  // (P_FOLD: the row sums carry the multiplier)
 }
 
@@ -1171,25 +1165,20 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // directly (the row sum takes p'·ρ'; a rounding of −m + E in the exponent moves p' by
         // ~1e-6, and a p' just above 1 still rounds to 1 in f16), p_nvfp4 rounds it to f16,
         // and the output takes the 1/2688 (p_factor).
-        // O = alpha·O + f·(P'·V) is kept as F·o. When no row max moved and f = F·2^-k with
-        // 0 ≤ k ≤ 7, o keeps its scale and the tile's operand takes the 2^-k (its f16 values
-        // have the room: p_nvfp4 places them at 2^7 and takes 2^(7−k)), so o is not rescaled:
-        // f changes from tile to tile with the tile's max, and a rescale every tile cost 64
-        // multiplies. Otherwise o ← (alpha·F/f)·o + P'·V, F ← f (F/f a power of two). A tile
-        // whose f is below 2^-40·F or whose ρ is below 2^-60 is dropped (p' = 0, from l too:
-        // its p < 2^-40 are below half an ulp of l ≥ 1), which keeps F/f, hence o, finite.
+        // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f (F/f a
+        // power of two). A tile whose f is below 2^-40·F or whose ρ is below 2^-60 is dropped
+        // (p' = 0, from l too: its p < 2^-40 are below half an ulp of l ≥ 1), which keeps F/f,
+        // hence o, finite.
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
             float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
             u32 up = pow2_ceil_bits(f2u(rho));
-            float f = u2f(up), inv_F = u2f((254u << 23) - f2u(F[i]));
+            float f = u2f(up);
             bool use = rho >= 0x1p-60f && f >= F[i] * 0x1p-40f;
-            bool keep = use && alpha[i] == 1.0f && f <= F[i] && f >= F[i] * 0x1p-7f;
             shift[i] = use ? shift[i] + (float)(127 - (int)(up >> 23)) : NEG_INF;
             sum_mul[i] = f;
-            row_mul[i] = keep ? 0x1p7f * (f * inv_F) : 0x1p7f;
-            oscale[i] = keep ? 1.0f : use ? alpha[i] * (F[i] * u2f((254u << 23) - up)) : alpha[i];
-            F[i] = use && !keep ? f : F[i];
+            oscale[i] = use ? alpha[i] * (F[i] * u2f((254u << 23) - up)) : alpha[i];
+            F[i] = use ? f : F[i];
         }
     }
 #pragma unroll
