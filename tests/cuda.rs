@@ -686,7 +686,9 @@ fn nvfp4_p_direct_rounding_emulated_on_the_cpu() {
 /// half-up; attention_mma.cu) against the exact E2M1(p·inv_g / s)·s: every f16 p in [0, 1]
 /// through the f16 operand and every bf16 p in [0, 1] through the bf16 one (the rounded
 /// probabilities: at most 11 significant bits), with every positive E4M3 scale, for amax_P = 1,
-/// 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain).
+/// 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain). The Nvfp4
+/// recipe's P takes the same path with its lifted p/ρ' rounded to f16 and inv_g = 2688: inside
+/// this domain.
 #[test]
 fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
     use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
