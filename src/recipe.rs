@@ -42,7 +42,8 @@ pub enum Recipe {
     Int8QkF16Pv,
     /// SageAttention 2: INT8 Q/K at per-warp (or per-thread) granularity, V and P in FP8 E4M3.
     Int8QkFp8Pv { granularity: QkGranularity },
-    /// SageAttention 3 simulated: Q, K, P and V in NVFP4 (E2M1 + E4M3 scale per 16), P two-level scaled.
+    /// SageAttention 3 simulated: Q, K, P and V in NVFP4 (E2M1 + E4M3 scale per 16), P two-level
+    /// scaled (a power of two per row and tile, then Nvfp4P's quantizer; docs/numerics.md).
     Nvfp4,
     /// ModelOpt `quantize_p`: Q, K, V in the input dtype; P quantized to NVFP4 with the global
     /// scale g = amax_p / (6·448).
