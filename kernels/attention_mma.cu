@@ -234,19 +234,18 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // p ≥ 0 (so is every a = p·mul, NaN aside), so maxima compare raw bits; a NaN wins and makes
 // the scale NaN.
 // mul[i]: the factor of row g + 8i (inv_g for Nvfp4P; unused for Nvfp4, whose p arrive lifted
-// to p/ρ' and whose inv_g is 2688); Nvfp4P first rounds p to the input dtype, Nvfp4 to f16. Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n,
-// row g + 8i.
+// to p/ρ' and whose inv_g is 2688); Nvfp4P first rounds p to the input dtype, Nvfp4 to f16.
+// Leaves the P·V operand pairs in pk: pk[n][i] = keys 2t, 2t+1 of n-tile n, row g + 8i.
 //
-// DIRECT (Nvfp4, always; Nvfp4P with FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two,
-// inv_g = 2688·2^-k): p
-// has at most 11 significant bits, so p·inv_g is exact; the block maxima are taken over p and
-// scaled once, and the quotient p·inv_g / s is one multiply, q = p·R with R = inv_g / s made
-// 2^-21 to 2^-19.6 too large (direct_factor): three instructions per value fewer. Exact because
-// a quotient of an 11-bit p and a 4-bit s (times 2688) that is not an E2M1 midpoint lies at
-// least 2^-14.78 (relative) from every midpoint, and the only midpoints it can equal are 0.75,
-// 1.75 and 3.5, whose ties go up: where R's excess puts them (tests/cuda.rs: the gap over every
-// significand pair, and the whole path below emulated, on the CPU; every f16 and bf16 p ≤ 1
-// with every E4M3 scale through the GPU probe, which reads direct_tab as the kernel does).
+// DIRECT (Nvfp4 always; Nvfp4P with FLAG_P_DIRECT: 16-bit inputs, amax_P a power of two, inv_g =
+// 2688·2^-k): p has at most 11 significant bits, so p·inv_g is exact; the block maxima are taken
+// over p and scaled once, and the quotient p·inv_g / s is one multiply, q = p·R with R = inv_g / s
+// made 2^-21 to 2^-19.6 too large (direct_factor): three instructions per value fewer. Exact
+// because a quotient of an 11-bit p and a 4-bit s (times 2688) that is not an E2M1 midpoint lies at
+// least 2^-14.78 (relative) from every midpoint, and the only midpoints it can equal are 0.75, 1.75
+// and 3.5, whose ties go up: where R's excess puts them (tests/cuda.rs: the gap over every
+// significand pair, and the whole path below emulated, on the CPU; every f16 and bf16 p ≤ 1 with
+// every E4M3 scale through the GPU probe, which reads direct_tab as the kernel does).
 //
 // The quotient then goes to E2M1 without finding its binade (e2m1_direct_pair): R also carries
 // 2^-K, K = 14 for an f16 operand (126 for bf16), so that q = 1 sits at the 16-bit format's
