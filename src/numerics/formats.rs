@@ -170,6 +170,13 @@ pub fn div_rn(a: f32, b: f32) -> f32 {
     ftz(ftz(a) / b)
 }
 
+/// The least power of two ≥ a normal |x| given as bits (at most 2^126), as bits: the mantissa
+/// mask's add carries into the exponent unless x already is one.
+#[inline]
+pub fn pow2_ceil_bits(abs_bits: u32) -> u32 {
+    (abs_bits.min(0x7e80_0000) + 0x007f_ffff) & 0x7f80_0000
+}
+
 /// Flush an f32 subnormal to a zero of the same sign (GPUs differ on subnormals, so quantizer
 /// inputs are defined with them flushed).
 #[inline]

@@ -31,15 +31,6 @@ pub fn pv16(dtype: DType) -> DType {
     }
 }
 
-/// The Nvfp4 recipe's first level for a row whose largest |p| (flushed, as bits) is `rho_bits`
-/// (normal): (2^E, ρ') with ρ' the least power of two ≥ ρ (at most 2^126) and 2^E = 1/ρ'.
-/// Rounding up to a power of two is an add of the mantissa mask that carries into the exponent.
-#[inline]
-pub fn p_tile_lift(rho_bits: u32) -> (f32, f32) {
-    let up = (rho_bits.min(0x7e80_0000) + 0x007f_ffff) & 0x7f80_0000;
-    (f32::from_bits((254 << 23) - up), f32::from_bits(up))
-}
-
 /// Quantize one row of one KV tile: `p` holds the tile's probabilities (keys that are masked or
 /// past the end hold 0), `out` receives the value each p contributes to P·V.
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x > 0.0)` is meant to hold for NaN too
@@ -71,8 +62,9 @@ pub fn quantize_p_row(recipe: Recipe, dtype: DType, p: &[f32], out: &mut [f64]) 
                 out.iter_mut().for_each(|o| *o = 0.0);
                 return;
             }
-            let (lift, rho_up) = p_tile_lift(rho);
-            let f = div_rn(rho_up, NVFP4_RANGE) as f64;
+            let up = pow2_ceil_bits(rho);
+            let lift = f32::from_bits((254 << 23) - up); // 1/ρ', exact
+            let f = div_rn(f32::from_bits(up), NVFP4_RANGE) as f64;
             fp4_blocks(p, out, |x| round_f16(ftz(x) * lift) * NVFP4_RANGE, f);
         }
         Recipe::Fp8P { amax_p } => {
@@ -118,7 +110,7 @@ mod tests {
     use super::*;
 
     /// A row of 64 probabilities whose largest is `rho` (a few exact zeros, the rest spread
-    /// over ~10 binades below it), from a small xorshift generator.
+    /// over 7 binades below it), from a small xorshift generator.
     fn row(seed: &mut u64, rho: f32) -> Vec<f32> {
         let mut next = || {
             *seed ^= *seed << 13;
@@ -137,7 +129,7 @@ mod tests {
     }
 
     #[test]
-    fn p_tile_lift_is_the_least_power_of_two_at_or_above() {
+    fn pow2_ceil_bits_is_the_least_power_of_two_at_or_above() {
         for bits in [
             0x0080_0000u32,
             0x3f80_0000,
@@ -145,7 +137,8 @@ mod tests {
             0x3f7f_ffff,
             0x3e12_3456,
         ] {
-            let (lift, up) = p_tile_lift(bits);
+            let up = f32::from_bits(pow2_ceil_bits(bits));
+            let lift = f32::from_bits((254 << 23) - up.to_bits());
             let rho = f32::from_bits(bits);
             assert!(up >= rho && up / 2.0 < rho, "{rho:e} → {up:e}");
             assert_eq!(up.to_bits() & 0x007f_ffff, 0, "{up:e} not a power of two");
@@ -167,7 +160,8 @@ mod tests {
                 for dtype in [DType::F16, DType::BF16, DType::F32] {
                     quantize_p_row(Recipe::Nvfp4, dtype, &p, &mut a);
                     let rho_bits = p.iter().map(|&x| abs_bits(x)).max().unwrap();
-                    let (lift, up) = p_tile_lift(rho_bits);
+                    let up = f32::from_bits(pow2_ceil_bits(rho_bits));
+                    let lift = 1.0 / up;
                     let lifted: Vec<f32> = p.iter().map(|&x| x * lift).collect();
                     assert!(lifted.iter().all(|&x| x <= 1.0) && lifted.iter().any(|&x| x > 0.5));
                     quantize_p_row(Recipe::nvfp4p(), DType::F16, &lifted, &mut b);
