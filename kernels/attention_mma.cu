@@ -938,14 +938,20 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
 #pragma unroll
     for (u32 ks = 0; ks < KSTEPS; ks++) wgmma_qk(acc[0], desc_at(qd, qk_step(BQT, ks)), desc_at(kd, qk_step(BK, ks)), ks > 0u);
     wg_commit();
-    // P·V's group is committed even when empty, so that every path waits the same way: ptxas
-    // serializes every wgmma (C7514) when some path could read an accumulator early.
+    // P·V gets its own group only when there is one, and each path waits for QK by its own
+    // count: committing an empty P·V group after the join (as this did before) made ptxas emit
+    // a dummy wgmma for that commit on both paths, a third group, so that the wait for "all but
+    // one" also waited for P·V and the softmax never overlapped it (SASS: the dummy
+    // HGMMA.64x8x16 before WARPGROUP.DEPBAR.LE gsb0, 0x1). Every path still waits before
+    // reading an accumulator (else ptxas serializes every wgmma: C7514).
     if (pv.on) {
         wg_fence();
         pv_steps(pv.pbase, pv.vbase, pv_acc[0]);
+        wg_commit();
+        wg_wait<1>();
+    } else {
+        wg_wait<0>();
     }
-    wg_commit();
-    wg_wait<1>();
     acc_fence(acc[0]);
     return;
 #endif
