@@ -1000,15 +1000,23 @@ __device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][
     // score. A zero σk means zero codes, so any factor gives the same zero scores.
     bool one_scale = RECIPE == R_INT8_F16 || (P.k_ginter == 1u && P.k_gblock % BK == 0u);  // Int8QkF16Pv: per 64 keys
 #pragma unroll
-    for (u32 n = 0; n < NT_S; n++) {
-        float2 k01 = one_scale ? make_float2(1.0f, 1.0f) : *(const float2*)(kscale + n * 8u + 2u * t);
+    for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (u32 e = 0; e < 4u; e++) {
-                float x = __int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f;
-                s[mt][n][e] = one_scale ? x : x * (e % 2u ? k01.y : k01.x);
-            }
+            for (u32 e = 0; e < 4u; e++) s[mt][n][e] = __int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f;
+    // Per-key σk (Int8QkFp8Pv per thread) in its own uniform branch, which ptxas keeps as a
+    // branch: selected per score, its 8 loads and 32 multiplies ran on every tile of the
+    // per-warp default too (Int8QkFp8Pv's hot loop executed 654 → ~595 instructions, SASS).
+    if (!one_scale) {
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) {
+            float2 k01 = *(const float2*)(kscale + n * 8u + 2u * t);
+#pragma unroll
+            for (u32 mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[mt][n][e] *= e % 2u ? k01.y : k01.x;
+        }
     }
     return one_scale && kscale[0] > 0.0f ? kscale[0] : 1.0f;
 }

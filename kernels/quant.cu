@@ -247,7 +247,8 @@ __device__ __forceinline__ void int8_qk_chunks(const Params& P, const unsigned s
 // int8_groups_per_block: small groups, e.g. SageAttention 2's per-warp 32 queries, would leave
 // most of a block idle behind two barriers); amax is a max over bit patterns, so the reduction
 // order does not matter. With K smoothing the Q pass also writes Q's LSE shift (q_delta's
-// job, done here while Q is in registers).
+// job, done here while Q is in registers), unless the host clears FLAG_SMOOTH for it (no LSE
+// asked for: nothing reads the shift).
 extern "C" __global__ void __launch_bounds__(256, 3) int8_qk(Params P, const void* src, u32* ws) {
     __shared__ u32 red[32];
     u32 lid = threadIdx.x, nthreads = blockDim.x;

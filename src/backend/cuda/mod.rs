@@ -947,9 +947,18 @@ impl CudaAttention {
                           out: Option<u64>|
          -> Result<()> {
             let f = self.function(Module::Quant, name)?;
+            // int8_qk's Q pass writes Q's LSE shift (q·mean(K)) when K is smoothed: with no
+            // LSE asked for, nothing reads it, so the pass skips it (an FMA per value and a
+            // shuffle tree per row chunk).
+            let skip_shift = name == "int8_qk" && mode == 0 && !wants.qdelta;
             let p = Params {
                 mode,
                 count,
+                flags: if skip_shift {
+                    base.flags & !FLAG_SMOOTH
+                } else {
+                    base.flags
+                },
                 ..base
             };
             let mut l = stream.launch_builder(&f);
