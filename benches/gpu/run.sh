@@ -7,6 +7,8 @@
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
+#   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
+#                                            default --shape 24,16384,128), this binary and bench-prev
 #   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV),
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
 #                                            --dense); at N = 4096 rounds differ by up to 10%: take 5
@@ -25,15 +27,15 @@ while [ $# -gt 0 ]; do
         grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
       done ;;
     bench)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
     profile)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
       timeout 300 ncu --metrics gpu__time_duration.sum --csv .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" 2>&1 |
         python3 benches/gpu/kernel_times.py ;;
     ab)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       for round in $(seq "${AB_ROUNDS:-3}"); do
         for bin in bench-attention bench-prev; do
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     configs)
       # Launch shapes side by side (TESSERA_MMA_CONFIG), two rounds: default, three consumer
       # warpgroups, two, and two with two blocks per SM.
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
       for round in 1 2; do
         for cfg in default 12,1,1,1,1 8,1,1,1,1 8,1,1,2,1; do
           if [ "$cfg" = default ]; then unset TESSERA_MMA_CONFIG; else export TESSERA_MMA_CONFIG=$cfg; fi
@@ -53,6 +55,16 @@ while [ $# -gt 0 ]; do
         done
       done
       unset TESSERA_MMA_CONFIG ;;
+    sparse)
+      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      [ ${#args[@]} -eq 0 ] && args=(--shape 24,16384,128)
+      for bin in bench-attention bench-prev; do
+        [ -x ".gpu/bin/$bin" ] || continue
+        echo "== $bin"
+        for mode in --skip --nm; do
+          timeout 200 ".gpu/bin/$bin" --no-wgpu "$mode" "${args[@]}" 2>/dev/null | grep -E "^\| (skip|nm)-softmax"
+        done
+      done ;;
     flash) timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense ;;
     *) echo "run.sh: unknown step $1" >&2 ;;
   esac
