@@ -13,7 +13,14 @@
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
 #                                            --dense); at N = 4096 rounds differ by up to 10%: take 5
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
+# Everything printed is also kept in $OUT/run.log when the device tool's $OUT is set (its output
+# tail is cut at 12,000 characters), with each test binary's whole log beside it.
 set -uo pipefail
+if [ -n "${OUT:-}" ] && [ -z "${RUN_SH_LOGGED:-}" ]; then
+  export RUN_SH_LOGGED=1
+  bash "$0" "$@" 2>&1 | tee -a "$OUT/run.log"
+  exit "${PIPESTATUS[0]}"
+fi
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
@@ -24,6 +31,7 @@ while [ $# -gt 0 ]; do
         n=$(basename "$t")
         timeout 280 "$t" --include-ignored --nocapture > "/tmp/$n.log" 2>&1
         echo "$n rc $?"
+        [ -n "${OUT:-}" ] && cp "/tmp/$n.log" "$OUT/$n.log"
         grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
       done ;;
     bench)
