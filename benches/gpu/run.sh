@@ -9,7 +9,8 @@
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
 #   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
 #                                            default --shape 24,16384,128), this binary and bench-prev
-#   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV),
+#   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV; the table:
+#                                            python3 benches/gpu/ab_table.py $OUT/run.log),
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
 #                                            --dense); at N = 4096 rounds differ by up to 10%: take 5
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128

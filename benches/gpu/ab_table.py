@@ -1,0 +1,26 @@
+"""Median ms per (recipe, shape, causal) of `run.sh ab` output (stdin or a file, e.g.
+$OUT/run.log), this binary against bench-prev, and the change: one line per row.
+    python3 benches/gpu/ab_table.py run.log"""
+import collections
+import re
+import statistics
+import sys
+
+times = collections.defaultdict(lambda: collections.defaultdict(list))
+binary = None
+for line in open(sys.argv[1]) if len(sys.argv) > 1 else sys.stdin:
+    m = re.match(r"== round \d+ (\S+)", line)
+    if m:
+        binary = m.group(1)
+        continue
+    if binary and line.startswith("| cuda"):
+        f = [x.strip() for x in line.split("|")]
+        # | cuda | recipe | B,H,N,D | causal | sparsity | ms | TOPS |
+        times[(f[2], f[3], f[4], f[5])][binary].append(float(f[6]))
+print(f"{'recipe':14s} {'B,H,N,D':16s} {'causal':6s} {'sparsity':8s} {'prev':>8s} {'new':>8s} {'change':>7s}  rounds")
+for key, by in sorted(times.items()):
+    new, prev = by.get("bench-attention", []), by.get("bench-prev", [])
+    if not new or not prev:
+        continue
+    a, b = statistics.median(prev), statistics.median(new)
+    print(f"{key[0]:14s} {key[1]:16s} {key[2]:6s} {key[3]:8s} {a:8.3f} {b:8.3f} {100 * (b / a - 1):+6.1f}%  {len(prev)}/{len(new)}")
