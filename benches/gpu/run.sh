@@ -25,6 +25,8 @@ fi
 [ -d .gpu/bin ] || (cd .gpu && tar -xJf bins.tar.xz)
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
+# A step's ARGS run up to the next step name.
+is_step() { case "$1" in tests | bench | flash | profile | ab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
@@ -36,15 +38,15 @@ while [ $# -gt 0 ]; do
         grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
       done ;;
     bench)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
     profile)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       timeout 300 ncu --metrics gpu__time_duration.sum --csv .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" 2>&1 |
         python3 benches/gpu/kernel_times.py ;;
     ab)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       for round in $(seq "${AB_ROUNDS:-3}"); do
         for bin in bench-attention bench-prev; do
@@ -55,7 +57,7 @@ while [ $# -gt 0 ]; do
     configs)
       # Launch shapes side by side (TESSERA_MMA_CONFIG), two rounds: default, three consumer
       # warpgroups, two, and two with two blocks per SM.
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       for round in 1 2; do
         for cfg in default 12,1,1,1,1 8,1,1,1,1 8,1,1,2,1; do
           if [ "$cfg" = default ]; then unset TESSERA_MMA_CONFIG; else export TESSERA_MMA_CONFIG=$cfg; fi
@@ -65,7 +67,7 @@ while [ $# -gt 0 ]; do
       done
       unset TESSERA_MMA_CONFIG ;;
     sparse)
-      args=(); while [ $# -gt 1 ] && [[ "$2" != tests && "$2" != bench && "$2" != flash && "$2" != profile && "$2" != ab && "$2" != configs && "$2" != sparse ]]; do args+=("$2"); shift; done
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--shape 24,16384,128)
       for bin in bench-attention bench-prev; do
         [ -x ".gpu/bin/$bin" ] || continue

@@ -950,7 +950,7 @@ impl CudaAttention {
             // int8_qk's Q pass writes Q's LSE shift (q·mean(K)) when K is smoothed: with no
             // LSE asked for, nothing reads it, so the pass skips it (an FMA per value and a
             // shuffle tree per row chunk).
-            let skip_shift = name == "int8_qk" && mode == 0 && !wants.qdelta;
+            let skip_shift = name == "int8_qk" && mode == MODE_Q && !wants.qdelta;
             let p = Params {
                 mode,
                 count,
