@@ -577,10 +577,11 @@ fn nvfp4_p_direct_quotient_gap_holds() {
     assert_eq!(tied.into_iter().collect::<Vec<_>>(), vec![3, 7, 14]);
 }
 
-/// int8_qk's rounding (kernels/quant.cu, int8_byte_finite): half away from zero as
-/// trunc(RZ(|y| + 0.5)), saturated at 127, equals the reference's integer rounding for every
-/// f32 |y| ≤ 128 (the kernel's domain is |y| ≤ 127·(1 + 2^-23)), emulated on the CPU: the sum is
-/// exact in f64, then rounded toward zero to f32.
+/// int8_qk's rounding (kernels/quant.cu, int8_trunc_half_away): half away from zero as
+/// trunc(RZ(y ± 0.5)), whose magnitude is trunc(RZ(|y| + 0.5)) (rounding toward zero is
+/// symmetric in the sign), saturated at 127 (cvt.pack.sat; the kernel's domain, |y| ≤ 127·(1 +
+/// 2^-23)², never reaches it), equals the reference's integer rounding for every f32 |y| ≤ 128,
+/// emulated on the CPU: the sum is exact in f64, then rounded toward zero to f32.
 #[test]
 fn int8_rounding_by_a_toward_zero_add_is_half_away_from_zero() {
     use tessera::numerics::formats::int8_round;
