@@ -1,5 +1,7 @@
 //! tessera's speed on the GPU machine: per shape and recipe, the median kernel time over many
-//! runs after warm-up (CUDA events; for WGSL, wall time around submit + wait) and the TOPS
+//! runs after warm-up (CUDA events, timed as triton.testing.do_bench times the peers: an L2
+//! flush before each call, no host wait between calls; the host µs to enqueue a call beside it;
+//! for WGSL, wall time around submit + wait) and the TOPS
 //! (4·B·H·Nq·Nk·D / time, half when causal). Prints a table, and JSON lines with --json for
 //! benches/peers.py. Filters: --shape H,N,D, --recipe NAME, --no-wgpu, --dense; --vnv adds V →
 //! NVFP4 to every call; --skip and --nm time skip-softmax and N:M sparse softmax instead.
@@ -20,6 +22,15 @@ struct Row {
     causal: bool,
     sparsity: f64,
     ms: f64,
+    /// Host time per call to enqueue it (CUDA; the call returns before the GPU runs it).
+    host_us: Option<f64>,
+}
+
+/// One CUDA timing: the GPU's median ms per call and the host's median µs to enqueue one.
+#[cfg(feature = "cuda")]
+struct Timing {
+    ms: f64,
+    host_us: f64,
 }
 
 fn work(b: usize, h: usize, n: usize, d: usize, causal: bool) -> f64 {
@@ -79,7 +90,7 @@ fn time_cuda(
     c: &tessera::backend::cuda::CudaBackend,
     spec: &AttentionSpec,
     reps: usize,
-) -> Option<f64> {
+) -> Option<Timing> {
     let plan = spec.plan().ok()?;
     let inputs = (
         random_f16(plan.q_len, 1),
@@ -95,7 +106,7 @@ fn time_cuda_on(
     spec: &AttentionSpec,
     reps: usize,
     (q, k, v): (Vec<f16>, Vec<f16>, Vec<f16>),
-) -> Option<f64> {
+) -> Option<Timing> {
     use tessera::backend::cuda::{CudaTensor, CudaTensorMut};
     use tessera::Backend;
     let st = c.stream();
@@ -121,7 +132,9 @@ fn time_cuda_on(
     let k = st.clone_htod(&bits(k)).ok()?;
     let v = st.clone_htod(&bits(v)).ok()?;
     let mut o = st.clone_htod(&vec![0u16; plan.q_len]).ok()?;
+    let mut host_us = Vec::with_capacity(reps);
     let mut run = || {
+        let t = Instant::now();
         c.attention()
             .run(
                 st,
@@ -132,7 +145,8 @@ fn time_cuda_on(
                 CudaTensorMut::Bits16(&mut o),
                 None,
             )
-            .unwrap()
+            .unwrap();
+        host_us.push(t.elapsed().as_secs_f64() * 1e6);
     };
     for _ in 0..2 {
         run();
@@ -150,7 +164,10 @@ fn time_cuda_on(
             b.synchronize().ok()?;
             times.push(a.elapsed_ms(&b).ok()? as f64);
         }
-        return Some(median(times));
+        return Some(Timing {
+            ms: median(times),
+            host_us: median(host_us),
+        });
     }
     // triton.testing.do_bench's method, which benches/peers.py times the peers with: before
     // each call a 256 MB memset evicts L2 (the inputs start cold, as in a model), events around
@@ -170,7 +187,10 @@ fn time_cuda_on(
     for (a, b) in &events {
         times.push(a.elapsed_ms(b).ok()? as f64);
     }
-    Some(median(times))
+    Some(Timing {
+        ms: median(times),
+        host_us: median(host_us),
+    })
 }
 
 fn time_wgpu(w: &WgslBackend, spec: &AttentionSpec, reps: usize) -> Option<f64> {
@@ -294,7 +314,7 @@ fn main() {
                         dense.clone().with_skip_softmax(SkipSoftmax::Lambda(0.1)),
                     ),
                 ] {
-                    let ms = time_cuda_on(c, &spec, 5, inputs.clone());
+                    let ms = time_cuda_on(c, &spec, 5, inputs.clone()).map(|t| t.ms);
                     let plan = spec.plan().unwrap();
                     let frac = c
                         .run(
@@ -331,7 +351,7 @@ fn main() {
                     ("2:4", dense.clone().with_nm_softmax(NmSoftmax::new(2, 4))),
                     ("4:8", dense.clone().with_nm_softmax(NmSoftmax::new(4, 8))),
                 ] {
-                    if let Some(ms) = time_cuda(c, &spec, 5) {
+                    if let Some(ms) = time_cuda(c, &spec, 5).map(|t| t.ms) {
                         println!(
                             "| nm-softmax | {} | 1,{h},{n},{d} | {label} | {ms:.3} | {:.1} |",
                             recipe.name(),
@@ -384,7 +404,7 @@ fn main() {
                     let reps = if n >= 16384 { 10 } else { 40 };
                     #[cfg(feature = "cuda")]
                     if let Some(c) = &cuda {
-                        if let Some(ms) = time_cuda(c, &spec, reps) {
+                        if let Some(t) = time_cuda(c, &spec, reps) {
                             rows.push(Row {
                                 backend: "cuda",
                                 recipe: label(recipe),
@@ -393,7 +413,8 @@ fn main() {
                                 d,
                                 causal,
                                 sparsity: 1.0 - keep,
-                                ms,
+                                ms: t.ms,
+                                host_us: Some(t.host_us),
                             });
                         }
                     }
@@ -410,6 +431,7 @@ fn main() {
                                 causal,
                                 sparsity: 1.0 - keep,
                                 ms,
+                                host_us: None,
                             });
                         }
                     }
@@ -417,11 +439,11 @@ fn main() {
             }
         }
     }
-    println!("| backend | recipe | B,H,N,D | causal | mask sparsity | median ms | TOPS |\n|---|---|---|---|---|---|---|");
+    println!("| backend | recipe | B,H,N,D | causal | mask sparsity | median ms | TOPS | host µs per call |\n|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let tops = work(1, r.h, r.n, r.d, r.causal) / (r.ms * 1e-3) / 1e12;
         println!(
-            "| {} | {} | 1,{},{},{} | {} | {:.0}% | {:.3} | {:.1} |",
+            "| {} | {} | 1,{},{},{} | {} | {:.0}% | {:.3} | {:.1} | {} |",
             r.backend,
             r.recipe,
             r.h,
@@ -430,7 +452,8 @@ fn main() {
             r.causal,
             r.sparsity * 100.0,
             r.ms,
-            tops
+            tops,
+            r.host_us.map_or("-".into(), |u| format!("{u:.0}"))
         );
         if json {
             eprintln!("{{\"backend\":\"{}\",\"recipe\":\"{}\",\"h\":{},\"n\":{},\"d\":{},\"causal\":{},\"sparsity\":{},\"ms\":{},\"tops\":{}}}", r.backend, r.recipe, r.h, r.n, r.d, r.causal, r.sparsity, r.ms, tops);
