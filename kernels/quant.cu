@@ -601,21 +601,31 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
     u32 blk = id % nb, row = id / nb, t = row % n, bh = row / n;
     u32 b = bh / heads, h = bh % heads;
     const unsigned short* in = (const unsigned short*)src + (is_q ? b * P.q_sb + h * P.q_sh + t * P.q_st : b * P.kv_sb + h * P.kv_sh + t * P.kv_st);
+    // = qk_value per channel. The head dim is a multiple of 8 (the host's condition), so a
+    // chunk lies wholly inside the row or wholly past it (zeros); the branches below are uniform
+    // and outside the per-value loops, so K's eight mean loads per chunk are in flight together
+    // (inside a per-value branch they had gone one at a time).
     float xs[16];
 #pragma unroll
     for (u32 half = 0; half < 2u; half++) {
         u32 c0 = blk * 16u + 8u * half;
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (c0 < P.head_dim) chunk_values(*(const uint4*)(in + c0), P.dtype == DT_F16, v);
+        if (c0 < P.head_dim) {
+            chunk_values(*(const uint4*)(in + c0), P.dtype == DT_F16, v);
+            if (is_q) {
 #pragma unroll
-        for (u32 k = 0; k < 8u; k++) {
-            u32 c = c0 + k;
-            float x = v[k];  // = qk_value
-            if (c >= P.head_dim) x = 0.0f;
-            else if (is_q) x = ftz(__fmul_rn(x, P.fold));
-            else if (P.flags & FLAG_SMOOTH) x = ftz(__fsub_rn(x, u2f(ws[P.off_kmean + bh * P.head_dim + c])));
-            xs[8u * half + k] = x;
+                for (u32 k = 0; k < 8u; k++) v[k] = ftz(__fmul_rn(v[k], P.fold));
+            } else if (P.flags & FLAG_SMOOTH) {
+                const u32* mean = ws + P.off_kmean + bh * P.head_dim + c0;
+                u32 m[8];
+#pragma unroll
+                for (u32 k = 0; k < 8u; k++) m[k] = mean[k];
+#pragma unroll
+                for (u32 k = 0; k < 8u; k++) v[k] = ftz(__fsub_rn(v[k], u2f(m[k])));
+            }
         }
+#pragma unroll
+        for (u32 k = 0; k < 8u; k++) xs[8u * half + k] = v[k];
     }
     u32 words[4];
     u32 sc = P.count != COPY_ONLY ? nvfp4_block_fast<true>(xs, words) : nvfp4_block_fast<false>(xs, words);
