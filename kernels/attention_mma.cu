@@ -164,34 +164,6 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e4m3_pair(float lo, float
 #endif
 }
 
-// x / 6 correctly rounded for x in [TINY, max finite] (checked there exhaustively against IEEE
-// division): x·RN(1/6) and one FMA residual step, without div_rn's range check and slow path.
-__device__ __forceinline__ float div6_rn(float x) {
-    const float y = 1.0f / 6.0f;
-    float q = __fmul_rn(x, y);
-    return __fmaf_rn(__fmaf_rn(-q, 6.0f, x), y, q);
-}
-
-// Two block maxima → their NVFP4 scale codes, E4M3(max / 6) (lo in bits 0-7, hi in 8-15); NaN
-// or ∞ → the NaN code, below TINY → 0 (nvfp4_scale_code). sm_89+ rounds in hardware.
-__device__ __forceinline__ u32 scale_code_pair(u32 amax_lo, u32 amax_hi) {
-#if __CUDA_ARCH__ >= 890
-    unsigned short e;
-    // amax clamped into [TINY, max finite] (the codes of the others are set below); satfinite
-    // clamps at 448 like min().
-    float lo = div6_rn(u2f(min(max(amax_lo, TINY_BITS), 0x7f7fffffu))), hi = div6_rn(u2f(min(max(amax_hi, TINY_BITS), 0x7f7fffffu)));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(hi), "f"(lo));
-    u32 c = e;
-    if (amax_lo < TINY_BITS) c &= 0xff00u;
-    if (amax_hi < TINY_BITS) c &= 0x00ffu;
-    if (non_finite(amax_lo)) c = (c & 0xff00u) | E4M3_NAN;
-    if (non_finite(amax_hi)) c = (c & 0x00ffu) | (E4M3_NAN << 8);
-    return c;
-#else
-    return nvfp4_scale_code(amax_lo) | (nvfp4_scale_code(amax_hi) << 8);
-#endif
-}
-
 // Four E4M3 codes (one per byte) → their values.
 __device__ __forceinline__ void e4m3x4_values(u32 codes, float (&out)[4]) {
 #if __CUDA_ARCH__ >= 890

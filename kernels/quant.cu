@@ -572,7 +572,7 @@ template <bool CODES> __device__ __forceinline__ u32 nvfp4_block_fast(float (&va
     u32 amax = 0u;
 #pragma unroll
     for (u32 i = 0; i < 16u; i++) amax = max(amax, abs_bits(vals[i]));
-    u32 sc = nvfp4_scale_code(amax);
+    u32 sc = scale_code_pair(amax, 0u) & 0xffu;  // = nvfp4_scale_code(amax), by hardware on sm_89+
     float s_val = e4m3_to_f32(sc), s = sc != E4M3_NAN ? s_val : 0.0f, r = scale_rcp(s);
 #pragma unroll
     for (u32 w = 0; w < 4u; w++) words[w] = 0u;
@@ -614,14 +614,14 @@ extern "C" __global__ void nvfp4_qk_f16(Params P, const void* src, u32* ws, unsi
             chunk_values(*(const uint4*)(in + c0), P.dtype == DT_F16, v);
             if (is_q) {
 #pragma unroll
-                for (u32 k = 0; k < 8u; k++) v[k] = ftz(__fmul_rn(v[k], P.fold));
+                for (u32 k = 0; k < 8u; k++) v[k] = mul_ftz(v[k], P.fold);  // = ftz(__fmul_rn(·)): v and fold normal or zero
             } else if (P.flags & FLAG_SMOOTH) {
                 const u32* mean = ws + P.off_kmean + bh * P.head_dim + c0;
                 u32 m[8];
 #pragma unroll
                 for (u32 k = 0; k < 8u; k++) m[k] = mean[k];
 #pragma unroll
-                for (u32 k = 0; k < 8u; k++) v[k] = ftz(__fsub_rn(v[k], u2f(m[k])));
+                for (u32 k = 0; k < 8u; k++) v[k] = sub_ftz(v[k], u2f(m[k]));  // the mean is flushed (k_mean)
             }
         }
 #pragma unroll
@@ -667,7 +667,7 @@ extern "C" __global__ void nvfp4_v_f16(Params P, const void* src, u32* ws, unsig
         for (u32 i = 0; i < 16u; i++) {
             u32 bits = (x[i] >> (16u * e)) & 0xffffu;
             float v = P.dtype == DT_F16 ? cvt_f16(bits) : ftz(u2f(bits << 16));
-            xs[i] = ftz(__fmul_rn(v, P.v_inv_g));
+            xs[i] = mul_ftz(v, P.v_inv_g);  // 1/g ≥ 2688/max f32: normal
         }
         u32 words[4], chan = bh * P.dp + c0 + e;
         u32 sc = P.count != COPY_ONLY ? nvfp4_block_fast<true>(xs, words) : nvfp4_block_fast<false>(xs, words);

@@ -6,6 +6,7 @@
 //! synchronised. [`CudaBackend`] is the host API on its own context and stream.
 
 pub mod nvrtc;
+mod scratch;
 mod tma;
 use tma::TmaMap;
 
@@ -562,6 +563,9 @@ pub struct CudaAttention {
     tensor_cores: std::sync::atomic::AtomicBool,
     /// A launch shape for every plan (TESSERA_MMA_CONFIG or `with_mma_config`); None: per plan.
     mma: Option<MmaConfig>,
+    /// Where per-call scratch comes from (scratch.rs); None: the device's default pool
+    /// (no stream-ordered allocator, the driver refused, or TESSERA_SCRATCH_POOL=0).
+    pool: Option<scratch::ScratchPool>,
 }
 
 /// Quantization groups per 256-thread block of int8_qk (kernels/quant.cu): a group of `rows`
@@ -662,7 +666,39 @@ impl CudaAttention {
             mma: std::env::var("TESSERA_MMA_CONFIG")
                 .ok()
                 .and_then(|v| MmaConfig::parse(&v)),
+            pool: if std::env::var("TESSERA_SCRATCH_POOL").is_ok_and(|v| v == "0") {
+                None
+            } else {
+                scratch::ScratchPool::new(ctx)
+                    .map_err(|why| log::info!("cuda: scratch from the default pool: {why}"))
+                    .ok()
+            },
         })
+    }
+
+    /// `len` elements of scratch on `stream`, stream ordered, from tessera's pool (scratch.rs).
+    ///
+    /// # Safety
+    /// The memory is unset: the caller writes every element before any read.
+    unsafe fn scratch<T: cudarc::driver::DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        // Under CUDA-graph capture the allocation becomes a graph memory node, whose memory
+        // the graph owns whatever the pool: the default pool there, as before.
+        let mut capture = cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a live stream and an out-pointer to a local.
+        unsafe { cudarc::driver::sys::cuStreamIsCapturing(stream.cu_stream(), &mut capture) }
+            .result()
+            .map_err(cuda_err("stream capture status"))?;
+        let capturing =
+            capture != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        match &self.pool {
+            // SAFETY: forwarded to the caller.
+            Some(pool) if !capturing => unsafe { pool.alloc(stream, len) }.map_err(Error::Cuda),
+            _ => unsafe { stream.alloc(len) }.map_err(cuda_err("alloc")),
+        }
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -925,8 +961,7 @@ impl CudaAttention {
         let layout = Workspace::new(plan);
         let mut copies = Copies::default();
         // SAFETY: every word the kernels read is written by an earlier kernel in this stream.
-        let mut ws = unsafe { stream.alloc::<u32>(layout.words as usize) }
-            .map_err(cuda_err("alloc workspace"))?;
+        let mut ws = unsafe { self.scratch::<u32>(stream, layout.words as usize) }?;
         let base = params(plan, &layout);
         let steps = quant_steps(plan);
         if steps.iter().any(|st| st.entry == "fp8_v_scale") {
@@ -1002,7 +1037,7 @@ impl CudaAttention {
         let copy = |n: u32| -> Result<(CudaSlice<u16>, u64)> {
             use cudarc::driver::DevicePtrMut;
             // SAFETY: the pass that takes it writes all n elements before any read.
-            let mut c = unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))?;
+            let mut c = unsafe { self.scratch::<u16>(stream, n as usize) }?;
             let at = c.device_ptr_mut(stream).0;
             Ok((c, at))
         };
@@ -1210,7 +1245,7 @@ impl CudaAttention {
         let mut lse_dummy = None;
         let lse: &mut CudaSlice<f32> = match lse {
             Some(l) => l,
-            None => lse_dummy.insert(unsafe { stream.alloc::<f32>(1) }.map_err(cuda_err("alloc"))?),
+            None => lse_dummy.insert(unsafe { self.scratch::<f32>(stream, 1) }?),
         };
         let o = match (kernel, o) {
             (Module::Mma { .. }, CudaTensorMut::Bits16(out)) => {
@@ -1263,9 +1298,8 @@ impl CudaAttention {
                 }
                 CudaTensorMut::Bits16(_) => {
                     // SAFETY: the attention kernel writes every element of the scratch.
-                    let scratch = o32_scratch.insert(
-                        unsafe { stream.alloc::<f32>(plan.q_len) }.map_err(cuda_err("alloc"))?,
-                    );
+                    let scratch =
+                        o32_scratch.insert(unsafe { self.scratch::<f32>(stream, plan.q_len) }?);
                     l.arg(&*scratch);
                 }
             }
@@ -1324,7 +1358,7 @@ impl CudaAttention {
         // Q, K, V) go through f16 copies of their values, rows [b·h][n][dp]: exact.
         let scratch = |n: u32| {
             // SAFETY: the conversion kernel below writes all n elements before any read.
-            unsafe { stream.alloc::<u16>(n as usize) }.map_err(cuda_err("alloc"))
+            unsafe { self.scratch::<u16>(stream, n as usize) }
         };
         let convert =
             |name: &str, out: &mut CudaSlice<u16>, cfg: LaunchConfig, extra: Option<[u32; 3]>| {
