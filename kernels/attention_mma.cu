@@ -888,6 +888,28 @@ extern "C" __global__ void __launch_bounds__(128) probe_sparse_pv(const unsigned
 }
 #endif
 
+// Test probe (tests/cuda.rs): one box of a tensor map over 16-bit rows of 64 elements (128
+// bytes, 128-byte swizzled) as the copy engine leaves it in shared memory, 64 rows, raw (still
+// swizzled): does a 5-d map with non-monotonic row strides (tma.rs, `permuted_key_rows`) land
+// key 4t + 2jj + e of each 16-key group at row 8jj + 2t + e? `group0` is the box's first
+// 16-key group. One warp.
+extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 group0) {
+    __shared__ __align__(1024) unsigned char box[64u * 128u];
+    __shared__ __align__(8) unsigned long long bar;
+    u32 b = smem_addr(&bar);
+    if (threadIdx.x == 0u) {
+        mbar_init(b, 1u);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncwarp();
+    if (threadIdx.x == 0u) {
+        mbar_arrive_expect(b, 64u * 128u);
+        tma_load5(smem_addr(box), map, 0, 0, 0, 0, (i32)group0, b);
+    }
+    mbar_wait(b, 0u);
+    for (u32 i = threadIdx.x; i < 64u * 64u; i += 32u) out[i] = ((const unsigned short*)box)[i];
+}
+
 #endif
 
 // The previous tile's P·V, which WGMMA issues behind this tile's QK (unused by mma.sync).

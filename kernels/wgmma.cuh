@@ -112,6 +112,14 @@ __device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, i32 c0, i32
         : "memory");
 }
 
+// One box of a 5-d tensor map (coordinates innermost first) into shared memory at dst.
+__device__ __forceinline__ void tma_load5(u32 dst, const TmaMap& map, i32 c0, i32 c1, i32 c2, i32 c3, i32 c4, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(dst),
+        "l"((u64)&map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+        : "memory");
+}
+
 // After wgmma.wait_group: make later reads of the accumulators depend on the wait.
 template <int N> __device__ __forceinline__ void acc_fence(float (&a)[N][4]) {
 #pragma unroll

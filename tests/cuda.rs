@@ -859,3 +859,48 @@ fn sparse_pv_probe_matches_cpu() {
         bad[..bad.len().min(8)].join("\n")
     );
 }
+
+/// The 2:4 plan's key permutation by the tensor copy engine (docs/design.md, "2:4 sparse
+/// P·V"): a 5-d tensor map with row strides (1, 4, 2, 16) lands row 4t + 2jj + e of each
+/// 16-row group at shared row 8jj + 2t + e. The probe returns the box raw, 128-byte swizzled
+/// (16-byte chunk c of shared row r sits at chunk c ^ (r mod 8)); every element is compared.
+#[test]
+fn tma_permutes_key_rows_as_planned() {
+    let Some(c) = cuda() else { return };
+    let mut rng = Rng::new(fresh_seed("tma permutation"));
+    let n = 256usize; // 16 groups of 16 rows, 64 elements each
+    let rows: Vec<u16> = (0..n * 64)
+        .map(|_| half::f16::from_f64(rng.normal()).to_bits())
+        .collect();
+    for group0 in [0u32, 4, 12] {
+        let got = match c.attention().probe_tma_permuted_rows(&rows, group0) {
+            Err(Error::BackendUnavailable { why, .. }) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            r => r.unwrap(),
+        };
+        let mut bad = Vec::new();
+        for r in 0..64usize {
+            let (group, within) = (group0 as usize + r / 16, r % 16);
+            let (jj, t, e) = (within / 8, (within % 8) / 2, within % 2);
+            let key = 16 * group + 4 * t + 2 * jj + e;
+            for col in 0..64usize {
+                let at = r * 64 + ((col / 8) ^ (r % 8)) * 8 + col % 8;
+                if got[at] != rows[key * 64 + col] {
+                    bad.push(format!(
+                        "box from group {group0}, shared row {r} column {col}: {:#06x}, key {key} has {:#06x}",
+                        got[at],
+                        rows[key * 64 + col]
+                    ));
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{} of 4096 differ:\n{}",
+            bad.len(),
+            bad[..bad.len().min(8)].join("\n")
+        );
+    }
+}

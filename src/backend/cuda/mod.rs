@@ -885,6 +885,66 @@ impl CudaAttention {
         stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))
     }
 
+    /// The probe `probe_tma_rows`: 16-bit `rows` of 64 elements each (row-major, `rows` a
+    /// multiple of 16) through `TmaMap::permuted_key_rows`, the box of 64 rows starting at
+    /// 16-row group `group0` as the copy engine leaves it in shared memory (128-byte swizzled,
+    /// raw). Checks the 2:4 plan's key permutation by TMA (docs/design.md). Waits for its result.
+    #[doc(hidden)]
+    pub fn probe_tma_permuted_rows(&self, rows: &[u16], group0: u32) -> Result<Vec<u16>> {
+        if self.arch != "sm_90a" {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: format!(
+                    "the probe's tensor copy is sm_90's; this GPU is {}",
+                    self.arch
+                ),
+            });
+        }
+        let n = rows.len() / 64;
+        if rows.len() % (64 * 16) != 0 || (group0 as usize + 4) * 16 > n {
+            return Err(Error::BadBuffer {
+                buffer: "rows",
+                problem: format!(
+                    "need whole 16-row groups of 64 elements and 4 groups from group {group0}; got {} elements",
+                    rows.len()
+                ),
+            });
+        }
+        let module = Module::Mma {
+            recipe: 0,
+            dp: 64,
+            bf16: false,
+            cfg: MmaConfig::hopper_wgmma(),
+            skip: false,
+            nm: (0, 0),
+            vnv: false,
+        };
+        let f = self.function(module, "probe_tma_rows")?;
+        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
+        let src = stream.clone_htod(rows).map_err(cuda_err("htod"))?;
+        let map = {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _sync) = src.device_ptr(&stream);
+            TmaMap::permuted_key_rows(ptr, 128, n as u64).map_err(Error::Cuda)?
+        };
+        let mut out = stream
+            .alloc_zeros::<u16>(64 * 64)
+            .map_err(cuda_err("alloc"))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&map).arg(&mut out).arg(&group0);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (TmaMap, unsigned short*, u32): the map covers `src`, live until the wait
+        // below; out holds 4096 elements.
+        unsafe { l.launch(cfg) }.map_err(cuda_err("probe"))?;
+        let got = stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))?;
+        drop(src);
+        Ok(got)
+    }
+
     /// How many modules have been compiled or loaded (each configuration once).
     pub fn compiled_modules(&self) -> usize {
         self.modules.lock().map(|m| m.len()).unwrap_or(0)

@@ -34,10 +34,6 @@ impl TmaMap {
                 "tensor map: address {ptr:#x} or strides {strides:?} not multiples of 16 bytes"
             ));
         }
-        let dtype = match elem {
-            1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-            _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-        };
         let swizzle = match box_inner * elem {
             128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
             64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
@@ -47,31 +43,77 @@ impl TmaMap {
                 ))
             }
         };
-        let boxes = [box_inner, 64, 1, 1];
-        let unit = [1u32; 4];
-        let mut map = TmaMap::unused();
-        // SAFETY: every pointer is to a live local array of the rank (4, or 3 for strides).
-        let rc = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                &mut map.0,
-                dtype,
-                4,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                unit.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                swizzle,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        match rc {
-            sys::CUresult::CUDA_SUCCESS => Ok(map),
-            e => Err(format!(
-                "cuTensorMapEncodeTiled: {e:?} (dims {dims:?}, strides {strides:?})"
-            )),
+        tiled(ptr, elem, &dims, &strides, &[box_inner, 64, 1, 1], swizzle)
+    }
+
+    /// 16-bit rows of 64 elements (`row_bytes` apart, 128-byte swizzled) as a 5-d map whose
+    /// boxes of 64 rows hold, at row 8jj + 2t + e of each 16-row group, the tensor's row
+    /// 4t + 2jj + e of that group: dims (element, e, t, jj, group) with row strides (1, 4, 2,
+    /// 16), not increasing (docs/design.md, 2:4 sparse P·V). `rows` a multiple of 16.
+    pub(crate) fn permuted_key_rows(ptr: u64, row_bytes: u64, rows: u64) -> Result<TmaMap, String> {
+        if ptr % 16 != 0 || row_bytes % 16 != 0 || rows % 16 != 0 || rows == 0 {
+            return Err(format!(
+                "permuted tensor map: address {ptr:#x}, row stride {row_bytes} (multiples of 16) \
+                 and {rows} rows (a multiple of 16) needed"
+            ));
         }
+        let r = row_bytes;
+        tiled(
+            ptr,
+            2,
+            &[64, 2, 4, 2, rows / 16],
+            &[r, 4 * r, 2 * r, 16 * r],
+            &[64, 2, 4, 2, 4],
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        )
+    }
+}
+
+/// cuTensorMapEncodeTiled for `dims.len()` dimensions (innermost first; `strides` in bytes for
+/// all but the innermost), unit element strides, zero fill outside the tensor.
+fn tiled(
+    ptr: u64,
+    elem: u32,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    swizzle: sys::CUtensorMapSwizzle,
+) -> Result<TmaMap, String> {
+    let dtype = match elem {
+        1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+    };
+    let rank = dims.len();
+    if strides.len() + 1 != rank || boxes.len() != rank || !(1..=5).contains(&rank) {
+        return Err(format!(
+            "tensor map: rank {rank} with {} strides and {} boxes",
+            strides.len(),
+            boxes.len()
+        ));
+    }
+    let unit = [1u32; 5];
+    let mut map = TmaMap::unused();
+    // SAFETY: every pointer is to a live array of at least the rank (rank − 1 for strides).
+    let rc = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map.0,
+            dtype,
+            rank as u32,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    match rc {
+        sys::CUresult::CUDA_SUCCESS => Ok(map),
+        e => Err(format!(
+            "cuTensorMapEncodeTiled: {e:?} (dims {dims:?}, strides {strides:?})"
+        )),
     }
 }
