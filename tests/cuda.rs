@@ -904,3 +904,60 @@ fn tma_permutes_key_rows_as_planned() {
         );
     }
 }
+
+/// The scratch pool (src/backend/cuda/scratch.rs) keeps a call's scratch mapped across a
+/// synchronisation (the default pool unmaps it there), gives it back on `trim_scratch`, and a
+/// call after the trim computes the same bits.
+#[test]
+fn scratch_memory_is_kept_across_synchronisations_until_trimmed() {
+    use tessera::backend::cuda::CudaAttention;
+    let Some(c) = cuda() else { return };
+    let ctx = c.attention().context().clone();
+    let attn = CudaAttention::new(&ctx).unwrap();
+    if std::env::var("TESSERA_SCRATCH_POOL").is_ok_and(|v| v == "0") {
+        eprintln!("skipped: TESSERA_SCRATCH_POOL=0");
+        return;
+    }
+    let st = ctx.new_stream().unwrap();
+    let mut rng = Rng::new(fresh_seed("scratch pool"));
+    // The Nvfp4 recipe's call holds f16 copies of Q, K and V as scratch (2 bytes per element).
+    let spec = AttentionSpec::new(1, 4, 333, 128).with_recipe(Recipe::Nvfp4);
+    let plan = spec.plan().unwrap();
+    let (q, k, v) = qkv(&spec, &mut rng, 2.0);
+    let bits = |t: &TensorBuf| -> Vec<u16> { bytemuck::cast_slice(t.view().bytes()).to_vec() };
+    let (qd, kd, vd) = (
+        st.clone_htod(&bits(&q)).unwrap(),
+        st.clone_htod(&bits(&k)).unwrap(),
+        st.clone_htod(&bits(&v)).unwrap(),
+    );
+    let mut o = st.clone_htod(&vec![0xffffu16; plan.q_len]).unwrap();
+    let mut call = || {
+        attn.run(
+            &st,
+            &spec,
+            CudaTensor::Bits16(&qd),
+            CudaTensor::Bits16(&kd),
+            CudaTensor::Bits16(&vd),
+            CudaTensorMut::Bits16(&mut o),
+            None,
+        )
+        .unwrap();
+        st.synchronize().unwrap();
+        st.clone_dtoh(&o).unwrap()
+    };
+    let first = call();
+    let kept = attn
+        .scratch_reserved_bytes()
+        .unwrap()
+        .expect("a scratch pool on a GPU with stream-ordered allocation");
+    let copies = 2 * (plan.q_len + 2 * plan.kv_len) as u64;
+    assert!(
+        kept >= copies,
+        "the pool keeps {kept} bytes after a synchronisation, less than the call's {copies} bytes of copies"
+    );
+    attn.trim_scratch().unwrap();
+    assert_eq!(attn.scratch_reserved_bytes().unwrap(), Some(0));
+    let second = call();
+    assert!(first.iter().all(|&x| x != 0xffff), "unwritten outputs");
+    assert_eq!(first, second, "a call after the trim differs");
+}

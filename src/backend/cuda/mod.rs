@@ -705,6 +705,25 @@ impl CudaAttention {
         &self.ctx
     }
 
+    /// Bytes of device memory tessera's scratch pool keeps mapped between calls (the largest
+    /// call's workspace and copies so far); None when calls draw from the default pool
+    /// (scratch.rs: no stream-ordered allocator, or TESSERA_SCRATCH_POOL=0).
+    pub fn scratch_reserved_bytes(&self) -> Result<Option<u64>> {
+        self.pool
+            .as_ref()
+            .map(|p| p.reserved_bytes().map_err(Error::Cuda))
+            .transpose()
+    }
+
+    /// Give the scratch pool's unused memory back to the device (e.g. after a call much larger
+    /// than the ones that follow); the next call maps what it needs again.
+    pub fn trim_scratch(&self) -> Result<()> {
+        match &self.pool {
+            Some(p) => p.trim().map_err(Error::Cuda),
+            None => Ok(()),
+        }
+    }
+
     /// Use the tensor-core kernel where it fits (the default; TESSERA_CUDA_TENSOR_CORES=0 turns
     /// it off). Off, every call runs the CUDA-core kernel: useful to compare the two.
     pub fn set_tensor_cores(&self, on: bool) {

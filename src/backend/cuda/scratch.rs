@@ -85,6 +85,35 @@ impl ScratchPool {
     }
 }
 
+impl ScratchPool {
+    /// Bytes the pool holds mapped now (in use or kept for the next call).
+    pub(crate) fn reserved_bytes(&self) -> Result<u64, String> {
+        let mut bytes = 0u64;
+        // SAFETY: the attribute is a cuuint64_t, written through the pointer.
+        let rc = unsafe {
+            sys::cuMemPoolGetAttribute(
+                self.0,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut bytes as *mut u64).cast(),
+            )
+        };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemPoolGetAttribute(reserved): {rc:?}"));
+        }
+        Ok(bytes)
+    }
+
+    /// Gives back every byte no allocation is using (those of calls still in flight stay).
+    pub(crate) fn trim(&self) -> Result<(), String> {
+        // SAFETY: our own live pool.
+        let rc = unsafe { sys::cuMemPoolTrimTo(self.0, 0) };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemPoolTrimTo: {rc:?}"));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ScratchPool {
     fn drop(&mut self) {
         // SAFETY: our own handle, destroyed once; outstanding allocations keep the pool's
