@@ -2,8 +2,9 @@
 // numerics as attention.cu. The host prepends RECIPE, DP (head dim padded, a multiple of 32, at
 // most 128; 64 or 128 with WGMMA), BF16 (1 when the 16-bit operands are bf16), SKIP
 // (skip-softmax compiled in), NM and NM_N (N:M sparse softmax's M and N; NM = 0: off), VNV
-// (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g) and the
-// launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
+// (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g), KPERM
+// (WGMMA with N:M: K and V rows permuted within each 16-key group by the tensor maps, see
+// key_in_tile) and the launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
 //
 // mma.sync (WGMMA = 0): each warp owns MT m-tiles of 16 query rows (so every K/V fragment read
 // from shared memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K
@@ -57,6 +58,12 @@
 #define PV_STEPS (BK / PV_KEYS)
 #define KSTEPS (QK_BYTES / 32u)            // 32 bytes of the head dim per QK mma
 #define NT_S (BK / 8u)                     // n-tiles of S (8 keys each)
+#ifndef KPERM
+#define KPERM 0u
+#endif
+#if KPERM && !(WGMMA && NM && !PV_FP8)
+#error "KPERM: the wgmma shape with N:M sparse softmax and 16-bit P·V only"
+#endif
 #define NT_O (DP / 8u)                     // n-tiles of O (8 channels each)
 // mma.sync: rows padded by 16 bytes, so the 8 rows one ldmatrix reads fall into 8 different bank
 // groups. WGMMA: wgmma's core-matrix layout (wgmma.cuh), unpadded.
@@ -75,6 +82,16 @@
 #define STAGE_BYTES (K_TILE + V_TILE + KSC_BYTES)  // K, V, and the K scales of the tile
 #define STAGES (WGMMA ? 3u : 2u)
 #define Q_TILE (QSMEM ? BQT * K_STRIDE : 0u)     // shared memory: [Q tile] [STAGES stages] (WGMMA: [P tiles])
+
+// The key (within its 64-key tile) of S's element e (0 or 1: the thread's two columns) in
+// n-tile n of thread t. Natural order: 8n + 2t + e. KPERM: the tensor maps store key
+// 4t' + 2jj + e' of each 16-key group at row 8jj + 2t' + e' (TmaMap::permuted_rows), so
+// n-tiles 2G and 2G + 1 hold keys 16G + 4t .. 16G + 4t + 3 in this thread: a 4-key group is
+// one thread's, an 8-key group a lane pair's. V's rows are permuted alike, so P·V (a sum over
+// keys) is unchanged; so are NVFP4 P's 16-key blocks (the permutation stays inside them).
+__device__ __forceinline__ u32 key_in_tile(u32 n, u32 t, u32 e) {
+    return KPERM ? 16u * (n / 2u) + 4u * t + 2u * (n % 2u) + e : 8u * n + 2u * t + e;
+}
 
 // A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
 struct __align__(64) TmaMap {
@@ -539,7 +556,7 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
         if (INT8_QK) {  // loaded before the wait, so the global round trip overlaps it
 #pragma unroll
             for (u32 i = 0; i < BK / 32u; i++) {
-                u32 key = kt * BK + lane + 32u * i;
+                u32 c = lane + 32u * i, key = kt * BK + (KPERM ? key_in_tile(c / 8u, (c % 8u) / 2u, c % 2u) : c);
                 ks[i] = key < P.seq_kv ? u2f(ws[P.off_kscales + bkv * ngk + group_of(key, P.k_gblock, P.k_ginter)]) : 0.0f;
             }
         }
@@ -551,6 +568,17 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
         u32 bar = full + 8u * st;
         if (lane == 0u) {
             mbar_arrive_expect(bar, K_TILE + V_TILE);
+#if KPERM
+            // 5-d maps (element, e, t, jj, 16-key group) over every head's rows in turn
+            // (contiguous, N a multiple of 64: the host's condition).
+            i32 group = (i32)(((b * P.heads_kv + hkv) * P.seq_kv + kt * BK) / 16u);
+#pragma unroll
+            for (u32 p = 0; p < QK_BYTES / PANEL; p++)
+                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0, group, bar);
+#pragma unroll
+            for (u32 p = 0; p < V_BYTES / 128u; p++)
+                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), 0, 0, 0, group, bar);
+#else
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
                 tma_load(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), (i32)(kt * BK), (i32)hkv, (i32)b,
@@ -564,6 +592,7 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
                 for (u32 p = 0; p < V_BYTES / 128u; p++)
                     tma_load(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), (i32)(kt * BK), (i32)hkv, (i32)b, bar);
             }
+#endif
         } else {
             mbar_arrive(bar);
         }
@@ -667,11 +696,110 @@ __device__ __forceinline__ void nm_by_rank(const Params& P, float (&s)[NT_S][4],
                         rank += (lower ? z >= x : z > x) ? 1u : 0u;
                     }
                 }
-                bool keep = rank < NM_N || nm_dense(P, rows[i], key0 + n * 8u + 2u * t + e, offset);
+                bool keep = rank < NM_N || nm_dense(P, rows[i], key0 + key_in_tile(n, t, e), offset);
                 s[n][2u * i + e] = keep ? x : NEG_INF;
             }
         }
 }
+
+#if KPERM
+// KPERM (key_in_tile): row i's scores in n-tiles n0, n0 + 1 are this thread's keys 4t .. 4t + 3
+// of one 16-key group, in key order.
+__device__ __forceinline__ void group_values(const float (&s)[NT_S][4], u32 n0, u32 i, float (&v)[4]) {
+    v[0] = s[n0][2u * i];
+    v[1] = s[n0][2u * i + 1u];
+    v[2] = s[n0 + 1u][2u * i];
+    v[3] = s[n0 + 1u][2u * i + 1u];
+}
+
+// τ (the NM_N-th largest) of the M-key group that holds this thread's four keys v (M = 4: v
+// alone; M = 8: with the lane pair's four, one exchange of sorted values); `tie` |= the next
+// one equals it. No shuffles for M = 4.
+__device__ __forceinline__ float nm_threshold4(const float (&v)[4], bool& tie) {
+    float a[2] = {fmaxf(v[0], v[1]), fminf(v[0], v[1])}, c[2] = {fmaxf(v[2], v[3]), fminf(v[2], v[3])};
+    if (NM == 4u && NM_N == 2u) {
+        float x = fminf(a[0], c[0]), y = fmaxf(a[1], c[1]);  // 2nd and 3rd largest: max and min
+        tie |= x == y;
+        return fmaxf(x, y);
+    }
+    float tau, next;
+    if (NM == 4u) {
+        tau = kth_largest(a, c, NM_N);
+        next = kth_largest(a, c, NM_N + 1u);
+    } else {
+        float four[4], other[4];
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(a, c, k + 1u);
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) other[k] = __shfl_xor_sync(0xffffffffu, four[k], 1);
+        tau = kth_largest(four, other, NM_N);
+        next = kth_largest(four, other, NM_N + 1u);
+    }
+    tie |= tau == next;
+    return tau;
+}
+
+// nm_by_rank for KPERM: ranks within the thread's four keys (a lower key outranks on equal
+// scores), plus, for M = 8, the lane pair's four (lower keys when t is odd).
+__device__ __forceinline__ void nm_by_rank_perm(const Params& P, float (&s)[NT_S][4], u32 n0, const u32 (&rows)[2], u32 key0, i32 offset) {
+    u32 t = threadIdx.x % 4u;
+    bool pair_lower = (t & 1u) != 0u;
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        float v[4], peer[4];
+        group_values(s, n0, i, v);
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) peer[k] = NM == 8u ? __shfl_xor_sync(0xffffffffu, v[k], 1) : NEG_INF;
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) {
+            float x = v[k];
+            u32 rank = 0u;
+#pragma unroll
+            for (u32 j = 0; j < 4u; j++) {
+                if (j != k) rank += (j < k ? v[j] >= x : v[j] > x) ? 1u : 0u;
+                if (NM == 8u) rank += (pair_lower ? peer[j] >= x : peer[j] > x) ? 1u : 0u;
+            }
+            u32 n = n0 + k / 2u, e = k % 2u;
+            bool keep = rank < NM_N || nm_dense(P, rows[i], key0 + key_in_tile(n, t, e), offset);
+            s[n][2u * i + e] = keep ? x : NEG_INF;
+        }
+    }
+}
+
+__device__ __forceinline__ void nm_select_perm(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
+    u32 t = threadIdx.x % 4u;
+#pragma unroll
+    for (u32 n0 = 0; n0 < NT_S; n0 += 2u) {
+        float tau[2];
+        bool tie = false;
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            float v[4];
+            group_values(s, n0, i, v);
+            tau[i] = nm_threshold4(v, tie);
+        }
+        if (__any_sync(0xffffffffu, tie)) {
+            nm_by_rank_perm(P, s, n0, rows, key0, offset);
+            continue;
+        }
+        if (dense_near) {  // (warp-uniform: the per-key window test only near sink and recent keys)
+#pragma unroll
+            for (u32 n = n0; n < n0 + 2u; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) {
+                    float& x = s[n][e];
+                    bool keep = (x >= tau[e / 2u]) | nm_dense(P, rows[e / 2u], key0 + key_in_tile(n, t, e % 2u), offset);
+                    x = keep ? x : NEG_INF;
+                }
+        } else {
+#pragma unroll
+            for (u32 n = n0; n < n0 + 2u; n++)
+#pragma unroll
+                for (u32 e = 0; e < 4u; e++) s[n][e] = s[n][e] >= tau[e / 2u] ? s[n][e] : NEG_INF;
+        }
+    }
+}
+#endif
 
 // `dense_near`: some key of this tile may be a sink or recent key for one of these rows (a
 // warp-uniform test, so the per-key window test runs only on the few tiles near them). NM_SPAN
@@ -696,7 +824,7 @@ __device__ __forceinline__ void nm_select(const Params& P, float (&s)[NT_S][4], 
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
                     float& x = s[n0 + n][e];
-                    bool keep = (x >= tau[n][e / 2u]) | nm_dense(P, rows[e / 2u], key0 + (n0 + n) * 8u + 2u * t + e % 2u, offset);
+                    bool keep = (x >= tau[n][e / 2u]) | nm_dense(P, rows[e / 2u], key0 + key_in_tile(n0 + n, t, e % 2u), offset);
                     x = keep ? x : NEG_INF;
                 }
         } else {
@@ -890,7 +1018,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_sparse_pv(const unsigned
 
 // Test probe (tests/cuda.rs): one box of a tensor map over 16-bit rows of 64 elements (128
 // bytes, 128-byte swizzled) as the copy engine leaves it in shared memory, 64 rows, raw (still
-// swizzled): does a 5-d map with non-monotonic row strides (tma.rs, `permuted_key_rows`) land
+// swizzled): does a 5-d map with non-monotonic row strides (tma.rs, `permuted_rows`) land
 // key 4t + 2jj + e of each 16-key group at row 8jj + 2t + e? `group0` is the box's first
 // 16-key group. One warp.
 extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 group0) {
@@ -1096,7 +1224,7 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
             for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
-                    u32 key = key0 + n * 8u + 2u * t + e % 2u;
+                    u32 key = key0 + key_in_tile(n, t, e % 2u);
                     if (key >= P.seq_kv || (causal && (i32)key > (i32)rows[mt][e / 2u] + offset)) s[mt][n][e] = NEG_INF;
                 }
     }
@@ -1107,7 +1235,11 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
         // to r0 + 15 + offset − key0; the recent window is distances [0, nm_recent).
         i32 r0 = (i32)(row0 + 16u * (warp * MT + mt)) + offset - (i32)key0;
         bool near = key0 < P.nm_sink || (r0 + 15 >= 0 && r0 - (i32)(BK - 1u) < (i32)P.nm_recent);
+#if KPERM
+        nm_select_perm(P, s[mt], rows[mt], key0, offset, near);
+#else
         nm_select(P, s[mt], rows[mt], key0, offset, near);
+#endif
     }
 #endif
 }

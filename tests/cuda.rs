@@ -338,11 +338,14 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
         nm: true,
         ..MmaConfig::for_arch("sm_90a")
     };
-    let shapes = [cfg, MmaConfig::hopper_wgmma()].map(|cfg| {
+    let shape = |cfg| {
         CudaAttention::new(c.attention().context())
             .unwrap()
             .with_mma_config(cfg)
-    });
+    };
+    // mma.sync, and the wgmma shape of the head dim (two or three consumer warpgroups).
+    let shapes_64 = [shape(cfg), shape(MmaConfig::hopper_wgmma())];
+    let shapes_128 = [shape(cfg), shape(MmaConfig::hopper_wgmma3())];
     let mut rng = Rng::new(fresh_seed("nm on tensor cores"));
     for (i, (recipe, nm, causal)) in [
         (Recipe::Exact, NmSoftmax::new(2, 4), false),
@@ -358,6 +361,15 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
             false,
         ),
         (Recipe::Int8QkF16Pv, NmSoftmax::new(1, 4), true),
+        // K from INT8 codes and V from FP8 codes' f16 copies; Q, K, V from NVFP4 copies.
+        (
+            Recipe::Int8QkFp8Pv {
+                granularity: tessera::QkGranularity::PerWarp,
+            },
+            NmSoftmax::new(2, 4),
+            false,
+        ),
+        (Recipe::Nvfp4, NmSoftmax::new(2, 4), true),
         // Windows wider than a 64-key tile (the kernel tests them per tile first).
         (
             Recipe::Exact,
@@ -374,33 +386,41 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
     .enumerate()
     {
         let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
-        let spec = AttentionSpec::new(1, 4, 333, 64)
-            .with_kv(2, 500)
-            .with_dtype(dtype)
-            .with_causal(causal)
-            .with_recipe(recipe)
-            .with_nm_softmax(nm)
-            .with_lse(true);
-        let plan = spec.plan().unwrap();
-        let (q, k, v) = qkv(&spec, &mut rng, 1.0);
-        let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-        for mma in &shapes {
-            let kernel = mma.kernel_for(&plan);
-            assert!(matches!(kernel, Module::Mma { nm: (_, 4 | 8), .. }));
-            let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
-            let acc = Accuracy::of(&o_mma, &o_simt);
-            // The same selection up to scores that tie only after scaling (rare): the recipe's
-            // tolerance.
-            let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
-            let ctx = format!(
-                "{} {} {}:{} causal={causal} {dtype:?}",
-                kernel.label(),
-                recipe.name(),
-                nm.n,
-                nm.m
-            );
-            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        // 500 keys: a ragged last tile; 512: whole tiles, where the wgmma shape permutes K and
+        // V rows within 16-key groups (KPERM, `kperm_fits`) on contiguous inputs like these.
+        for (nk, d) in [(500, 64), (512, 64), (512, 128)] {
+            let spec = AttentionSpec::new(1, 4, 333, d)
+                .with_kv(2, nk)
+                .with_dtype(dtype)
+                .with_causal(causal)
+                .with_recipe(recipe)
+                .with_nm_softmax(nm)
+                .with_lse(true);
+            let plan = spec.plan().unwrap();
+            let (q, k, v) = qkv(&spec, &mut rng, 1.0);
+            let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+            for mma in if d == 64 { &shapes_64 } else { &shapes_128 } {
+                let kernel = mma.kernel_for(&plan);
+                assert!(matches!(kernel, Module::Mma { nm: (_, 4 | 8), .. }));
+                if let Module::Mma { cfg, kperm, .. } = kernel {
+                    // (On sm_90a; elsewhere kernel_for drops the wgmma shape.)
+                    assert_eq!(kperm, cfg.wgmma && nk % 64 == 0, "{}", kernel.label());
+                }
+                let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
+                let acc = Accuracy::of(&o_mma, &o_simt);
+                // The same selection up to scores that tie only after scaling (rare): the recipe's
+                // tolerance.
+                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
+                let ctx = format!(
+                    "{} {} {}:{} causal={causal} {dtype:?}",
+                    kernel.label(),
+                    recipe.name(),
+                    nm.n,
+                    nm.m
+                );
+                assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+                assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            }
         }
     }
 }

@@ -286,6 +286,9 @@ pub enum Module {
         nm: (u32, u32),
         /// V → NVFP4: V read from f16 copies of its codes' values, the output times v_g.
         vnv: bool,
+        /// N:M with K's and V's rows permuted within 16-key groups by the tensor maps, so that a
+        /// group's keys are one thread's ([`kperm_fits`]).
+        kperm: bool,
     },
 }
 
@@ -302,8 +305,9 @@ impl Module {
                 skip,
                 nm,
                 vnv,
+                kperm,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
@@ -316,6 +320,7 @@ impl Module {
                     String::new()
                 },
                 if *vnv { "-vnv" } else { "" },
+                if *kperm { "-kp" } else { "" },
                 if cfg.wgmma { "-wgmma" } else { "" }
             ),
         }
@@ -343,6 +348,7 @@ pub fn module_source(m: Module) -> String {
             skip,
             nm,
             vnv,
+            kperm,
         } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
@@ -352,6 +358,7 @@ pub fn module_source(m: Module) -> String {
                 ("NM", nm.1),
                 ("NM_N", nm.0),
                 ("VNV", vnv as u32),
+                ("KPERM", kperm as u32),
                 ("WARPS", cfg.warps),
                 ("MT", cfg.m_tiles),
                 ("QSMEM", cfg.q_in_shared as u32),
@@ -437,12 +444,31 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         (0, 0),
         true,
     ));
-    for (recipes, cfg, skip, nm, vnv) in variants {
+    let mut kperm_variants = Vec::new();
+    for cfg in [
+        MmaConfig::hopper_wgmma(),
+        MmaConfig::hopper_wgmma3(),
+        MmaConfig {
+            min_blocks: 2,
+            ..MmaConfig::hopper_wgmma()
+        },
+    ] {
+        kperm_variants.push((MMA_RECIPES.to_vec(), cfg, false, (2, 4), false));
+        kperm_variants.push((vec![0, 4], cfg, false, (4, 8), false));
+        kperm_variants.push((vec![0], cfg, false, (1, 4), false));
+        kperm_variants.push((vec![5], cfg, false, (3, 8), false));
+    }
+    let all = variants
+        .into_iter()
+        .map(|v| (v, false))
+        .chain(kperm_variants.into_iter().map(|v| (v, true)));
+    for ((recipes, cfg, skip, nm, vnv), kperm) in all {
         for recipe in recipes {
             for dp in MMA_DIMS
                 .into_iter()
                 .filter(|&d| !cfg.wgmma || MmaConfig::wgmma_dim(d))
                 .filter(|&d| cfg.warps <= 8 || d == 128)
+                .filter(|&d| !(kperm && fp8_pv(recipe, vnv, cfg, d)))
             {
                 for bf16 in [false, true] {
                     mods.push(Module::Mma {
@@ -453,6 +479,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                         skip,
                         nm,
                         vnv,
+                        kperm,
                     });
                 }
             }
@@ -472,6 +499,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                 skip,
                 nm: (0, 0),
                 vnv: false,
+                kperm: false,
             });
         }
     }
@@ -530,6 +558,7 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
     } else {
         cfg
     };
+    let vnv = s.v_nvfp4.is_some();
     Ok(Module::Mma {
         recipe,
         dp,
@@ -537,8 +566,40 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         cfg,
         skip: s.skip_softmax.is_some(),
         nm: s.nm_softmax.map_or((0, 0), |n| (n.n, n.m)),
-        vnv: s.v_nvfp4.is_some(),
+        vnv,
+        kperm: kperm_fits(plan, cfg, recipe, dp, vnv),
     })
+}
+
+/// N:M sparse softmax with K's and V's rows permuted within each 16-key group by the tensor
+/// maps (KPERM, kernels/attention_mma.cu `key_in_tile`): a 4-key group's scores are then one
+/// thread's, and the selection needs no shuffles for M = 4 and half of them for M = 8 (static
+/// common path at D = 128, exact: 2:4 709 → 640 instructions per tile, 4:8 973 → 772; dense
+/// 533). Where: the wgmma shape with 16-bit P·V, whole 64-key tiles (a box never reads another
+/// head's rows), and K and V rows in one run across heads and batches, which tessera's own INT8
+/// codes and f16 copies are and the caller's K and V are when contiguous (HND). A rank-5 map
+/// has no dimension left for heads. `TESSERA_NM_KPERM=0` turns it off (A/B).
+pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("TESSERA_NM_KPERM").map_or(true, |v| v != "0"));
+    let s = &plan.spec;
+    if !on
+        || s.nm_softmax.is_none()
+        || !cfg.wgmma
+        || fp8_pv(recipe, vnv, cfg, dp)
+        || s.seq_kv % 64 != 0
+    {
+        return false;
+    }
+    // The caller's K/V rows: token stride = head dim, heads and batches back to back.
+    let kv = &plan.kv;
+    let contiguous = kv.token == s.head_dim
+        && (s.heads_kv == 1 || kv.head == s.seq_kv * s.head_dim)
+        && (s.batch == 1 || kv.batch == s.heads_kv * s.seq_kv * s.head_dim);
+    // K from INT8 codes (Int8Qk*) or f16 copies (Nvfp4); V from f16 copies (FP8 V, NVFP4 V).
+    let own_k = matches!(recipe, 1..=3);
+    let own_v = recipe == 2 || recipe == 3 || vnv;
+    contiguous || (own_k && own_v)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -815,6 +876,7 @@ impl CudaAttention {
             skip: false,
             nm: (0, 0),
             vnv: false,
+            kperm: false,
         };
         let f = self.function(module, "probe_p_nvfp4")?;
         // Its own stream: nothing of tessera's goes to the legacy default stream.
@@ -882,6 +944,7 @@ impl CudaAttention {
             skip: false,
             nm: (0, 0),
             vnv: false,
+            kperm: false,
         };
         let f = self.function(module, "probe_sparse_pv")?;
         let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
@@ -905,7 +968,7 @@ impl CudaAttention {
     }
 
     /// The probe `probe_tma_rows`: 16-bit `rows` of 64 elements each (row-major, `rows` a
-    /// multiple of 16) through `TmaMap::permuted_key_rows`, the box of 64 rows starting at
+    /// multiple of 16) through `TmaMap::permuted_rows`, the box of 64 rows starting at
     /// 16-row group `group0` as the copy engine leaves it in shared memory (128-byte swizzled,
     /// raw). Checks the 2:4 plan's key permutation by TMA (docs/design.md). Waits for its result.
     #[doc(hidden)]
@@ -937,6 +1000,7 @@ impl CudaAttention {
             skip: false,
             nm: (0, 0),
             vnv: false,
+            kperm: false,
         };
         let f = self.function(module, "probe_tma_rows")?;
         let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
@@ -944,7 +1008,7 @@ impl CudaAttention {
         let map = {
             use cudarc::driver::DevicePtr;
             let (ptr, _sync) = src.device_ptr(&stream);
-            TmaMap::permuted_key_rows(ptr, 128, n as u64).map_err(Error::Cuda)?
+            TmaMap::permuted_rows(ptr, 2, 64, 64, 128, n as u64).map_err(Error::Cuda)?
         };
         let mut out = stream
             .alloc_zeros::<u16>(64 * 64)
@@ -1555,7 +1619,57 @@ impl CudaAttention {
                     64,
                 )
             };
+            let kperm = matches!(kernel, Module::Mma { kperm: true, .. });
+            // KPERM: rows (of `elems` elements, `row` bytes apart) of every head in one run
+            // (kperm_fits), 5-d, permuted within 16-row groups.
+            let permuted =
+                |ptr: u64, elem: u32, elems: u64, row: u64, st: Option<(u32, u32, u32)>| {
+                    if let Some(st) = st {
+                        let (tok, head, batch) = (st.2 as u64, st.1 as u64, st.0 as u64);
+                        let (n, h) = (nk as u64, hk as u64);
+                        if 2 * tok != row
+                            || (h > 1 && head != n * tok)
+                            || (b > 1 && batch != h * n * tok)
+                        {
+                            return Err(format!(
+                                "K/V strides {st:?} are not one run of rows (KPERM)"
+                            ));
+                        }
+                    }
+                    // Boxes as the 4-d maps: 64 16-bit elements, or INT8 rows up to 128 bytes.
+                    let box_inner = if elem == 1 { dp.min(128) } else { 64 };
+                    TmaMap::permuted_rows(
+                        ptr,
+                        elem,
+                        elems,
+                        box_inner,
+                        row,
+                        (b as u64) * (hk as u64) * (nk as u64),
+                    )
+                };
             let maps = (|| -> std::result::Result<(TmaMap, TmaMap), String> {
+                if kperm {
+                    let k = if recipe == 1 || recipe == 2 {
+                        let base = ws.device_ptr(stream).0 + 4 * layout.kcodes as u64;
+                        permuted(base, 1, dp as u64, dp as u64, None)?
+                    } else {
+                        permuted(
+                            ptr16(k16, qkv[1]),
+                            2,
+                            s.head_dim as u64,
+                            2 * ks.2 as u64,
+                            Some(ks),
+                        )?
+                    };
+                    let v = permuted(
+                        ptr16(v16, qkv[2]),
+                        2,
+                        s.head_dim as u64,
+                        2 * vs.2 as u64,
+                        Some(vs),
+                    )?;
+                    return Ok((k, v));
+                }
                 let k = if recipe == 1 || recipe == 2 {
                     let (d, n, h) = (dp as u64, nk as u64, hk as u64);
                     let base = ws.device_ptr(stream).0 + 4 * layout.kcodes as u64;
@@ -1600,6 +1714,7 @@ impl CudaAttention {
                         skip,
                         nm,
                         vnv,
+                        kperm: false,
                     };
                     return self.enqueue_mma(
                         stream, plan, fallback, qkv, copies, ws, layout, mask, out, lse,

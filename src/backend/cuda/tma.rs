@@ -46,25 +46,43 @@ impl TmaMap {
         tiled(ptr, elem, &dims, &strides, &[box_inner, 64, 1, 1], swizzle)
     }
 
-    /// 16-bit rows of 64 elements (`row_bytes` apart, 128-byte swizzled) as a 5-d map whose
-    /// boxes of 64 rows hold, at row 8jj + 2t + e of each 16-row group, the tensor's row
-    /// 4t + 2jj + e of that group: dims (element, e, t, jj, group) with row strides (1, 4, 2,
-    /// 16), not increasing (docs/design.md, 2:4 sparse P·V). `rows` a multiple of 16.
-    pub(crate) fn permuted_key_rows(ptr: u64, row_bytes: u64, rows: u64) -> Result<TmaMap, String> {
+    /// Rows of `row_elems` elements of `elem` bytes (1 or 2), `row_bytes` apart, `rows` of them
+    /// in one run (a multiple of 16), as a 5-d map whose boxes of 64 rows hold, at row
+    /// 8jj + 2t + e of each 16-row group, the tensor's row 4t + 2jj + e of that group: dims
+    /// (element, e, t, jj, group) with row strides (1, 4, 2, 16), not increasing (the N:M
+    /// kernel's KPERM, kernels/attention_mma.cu `key_in_tile`). Box: `box_inner` elements (128 or
+    /// 64 bytes, swizzled as wide) × 64 rows.
+    pub(crate) fn permuted_rows(
+        ptr: u64,
+        elem: u32,
+        row_elems: u64,
+        box_inner: u32,
+        row_bytes: u64,
+        rows: u64,
+    ) -> Result<TmaMap, String> {
         if ptr % 16 != 0 || row_bytes % 16 != 0 || rows % 16 != 0 || rows == 0 {
             return Err(format!(
                 "permuted tensor map: address {ptr:#x}, row stride {row_bytes} (multiples of 16) \
                  and {rows} rows (a multiple of 16) needed"
             ));
         }
+        let swizzle = match box_inner * elem {
+            128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+            w => {
+                return Err(format!(
+                    "tensor map: {w}-byte box rows (128 or 64 expected)"
+                ))
+            }
+        };
         let r = row_bytes;
         tiled(
             ptr,
-            2,
-            &[64, 2, 4, 2, rows / 16],
+            elem,
+            &[row_elems, 2, 4, 2, rows / 16],
             &[r, 4 * r, 2 * r, 16 * r],
-            &[64, 2, 4, 2, 4],
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            &[box_inner, 2, 4, 2, 4],
+            swizzle,
         )
     }
 }
