@@ -469,6 +469,8 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                 .filter(|&d| !cfg.wgmma || MmaConfig::wgmma_dim(d))
                 .filter(|&d| cfg.warps <= 8 || d == 128)
                 .filter(|&d| !(kperm && fp8_pv(recipe, vnv, cfg, d)))
+                // (Two blocks per SM is head dim 64's default only.)
+                .filter(|&d| !(kperm && cfg.min_blocks == 2 && d != 64))
             {
                 for bf16 in [false, true] {
                     mods.push(Module::Mma {
