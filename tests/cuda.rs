@@ -872,9 +872,14 @@ fn sparse_pv_probe_matches_cpu() {
             }
         }
     }
+    assert_none_differ(&bad, 8192);
+}
+
+/// Fails listing the first of `bad`'s differences (of `total` values compared).
+fn assert_none_differ(bad: &[String], total: usize) {
     assert!(
         bad.is_empty(),
-        "{} of 8192 differ:\n{}",
+        "{} of {total} differ:\n{}",
         bad.len(),
         bad[..bad.len().min(8)].join("\n")
     );
@@ -916,12 +921,7 @@ fn tma_permutes_key_rows_as_planned() {
                 }
             }
         }
-        assert!(
-            bad.is_empty(),
-            "{} of 4096 differ:\n{}",
-            bad.len(),
-            bad[..bad.len().min(8)].join("\n")
-        );
+        assert_none_differ(&bad, 4096);
     }
 }
 
