@@ -13,10 +13,16 @@ for line in open(sys.argv[1]) if len(sys.argv) > 1 else sys.stdin:
     if m:
         binary = m.group(1)
         continue
+    f = [x.strip() for x in line.split("|")]
     if binary and line.startswith("| cuda"):
-        f = [x.strip() for x in line.split("|")]
-        # | cuda | recipe | B,H,N,D | causal | sparsity | ms | TOPS |
+        # | cuda | recipe | B,H,N,D | causal | sparsity | ms | TOPS | host µs |
         times[(f[2], f[3], f[4], f[5])][binary].append(float(f[6]))
+    elif binary and line.startswith("| nm-softmax"):
+        # | nm-softmax | recipe | B,H,N,D | dense / 2:4 / 4:8 | ms | TOPS |
+        times[(f[2], f[3], "nm", f[4])][binary].append(float(f[5]))
+    elif binary and line.startswith("| skip-softmax"):
+        # | skip-softmax | recipe | B,H,N,D | λ | skipped | ms | TOPS |
+        times[(f[2], f[3], "skip", f[4])][binary].append(float(f[6]))
 print(f"{'recipe':14s} {'B,H,N,D':16s} {'causal':6s} {'sparsity':8s} {'prev':>8s} {'new':>8s} {'change':>7s}  rounds")
 for key, by in sorted(times.items()):
     new, prev = by.get("bench-attention", []), by.get("bench-prev", [])

@@ -12,7 +12,10 @@
 #   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV; the table:
 #                                            python3 benches/gpu/ab_table.py $OUT/run.log),
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
-#                                            --dense); at N = 4096 rounds differ by up to 10%: take 5
+#                                            --dense)
+#   bash benches/gpu/run.sh envab VAR [ARGS]  the same A/B in one binary: VAR=1 (as "bench-attention")
+#                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_NM_KPERM
+#                                            with --nm, TESSERA_SCRATCH_POOL; ab_table.py reads it too
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 # Everything printed is also kept in $OUT/run.log when the device tool's $OUT is set (its output
 # tail is cut at 12,000 characters), with each test binary's whole log beside it.
@@ -26,7 +29,7 @@ fi
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
 # A step's ARGS run up to the next step name.
-is_step() { case "$1" in tests | bench | flash | profile | ab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
+is_step() { case "$1" in tests | bench | flash | profile | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
@@ -52,6 +55,16 @@ while [ $# -gt 0 ]; do
         for bin in bench-attention bench-prev; do
           echo "== round $round $bin"
           timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda"
+        done
+      done ;;
+    envab)
+      var="$2"; shift
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
+      [ ${#args[@]} -eq 0 ] && args=(--dense)
+      for round in $(seq "${AB_ROUNDS:-3}"); do
+        for val in 1 0; do
+          if [ "$val" = 1 ]; then echo "== round $round bench-attention ($var=1)"; else echo "== round $round bench-prev ($var=0)"; fi
+          env "$var=$val" timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep -E "^\| (cuda|nm-softmax|skip-softmax)"
         done
       done ;;
     configs)

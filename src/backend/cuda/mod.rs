@@ -912,6 +912,38 @@ impl CudaAttention {
         Ok((v, c, d))
     }
 
+    /// A test probe of the wgmma build (kernels/attention_mma.cu, sm_90a only) of `recipe` at
+    /// head dim `dp`, and a fresh stream to run it on; BackendUnavailable on other GPUs.
+    fn hopper_probe(
+        &self,
+        recipe: u32,
+        dp: u32,
+        entry: &str,
+    ) -> Result<(CudaFunction, Arc<CudaStream>)> {
+        if self.arch != "sm_90a" {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: format!(
+                    "{entry} uses sm_90a's wgmma and tensor copies; this GPU is {}",
+                    self.arch
+                ),
+            });
+        }
+        let module = Module::Mma {
+            recipe,
+            dp,
+            bf16: false,
+            cfg: MmaConfig::hopper_wgmma(),
+            skip: false,
+            nm: (0, 0),
+            vnv: false,
+            kperm: false,
+        };
+        let f = self.function(module, entry)?;
+        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
+        Ok((f, stream))
+    }
+
     /// The 2:4 sparse P·V groundwork on the GPU (sm_90a only), for tests: O = P·V for one
     /// 64 × 64 P (f16 bits, row-major, at most two nonzeros in every 4 consecutive keys of a
     /// row) and 64 × 128 V (f16 bits, row-major) through the sparse warpgroup MMA with P
@@ -919,15 +951,6 @@ impl CudaAttention {
     /// Returns O as 64 × 128 f32. Waits for its result.
     #[doc(hidden)]
     pub fn probe_sparse_pv(&self, p: &[u16], v: &[u16]) -> Result<Vec<f32>> {
-        if self.arch != "sm_90a" {
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                why: format!(
-                    "the sparse warpgroup MMA needs sm_90a; this GPU is {}",
-                    self.arch
-                ),
-            });
-        }
         if p.len() != 64 * 64 || v.len() != 64 * 128 {
             return Err(Error::BadBuffer {
                 buffer: "p/v",
@@ -938,18 +961,7 @@ impl CudaAttention {
                 ),
             });
         }
-        let module = Module::Mma {
-            recipe: 4,
-            dp: 128,
-            bf16: false,
-            cfg: MmaConfig::hopper_wgmma(),
-            skip: false,
-            nm: (0, 0),
-            vnv: false,
-            kperm: false,
-        };
-        let f = self.function(module, "probe_sparse_pv")?;
-        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
+        let (f, stream) = self.hopper_probe(4, 128, "probe_sparse_pv")?;
         let (dp, dv) = (
             stream.clone_htod(p).map_err(cuda_err("htod"))?,
             stream.clone_htod(v).map_err(cuda_err("htod"))?,
@@ -975,15 +987,6 @@ impl CudaAttention {
     /// raw). Checks the 2:4 plan's key permutation by TMA (docs/design.md). Waits for its result.
     #[doc(hidden)]
     pub fn probe_tma_permuted_rows(&self, rows: &[u16], group0: u32) -> Result<Vec<u16>> {
-        if self.arch != "sm_90a" {
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                why: format!(
-                    "the probe's tensor copy is sm_90's; this GPU is {}",
-                    self.arch
-                ),
-            });
-        }
         let n = rows.len() / 64;
         if rows.len() % (64 * 16) != 0 || (group0 as usize + 4) * 16 > n {
             return Err(Error::BadBuffer {
@@ -994,18 +997,7 @@ impl CudaAttention {
                 ),
             });
         }
-        let module = Module::Mma {
-            recipe: 0,
-            dp: 64,
-            bf16: false,
-            cfg: MmaConfig::hopper_wgmma(),
-            skip: false,
-            nm: (0, 0),
-            vnv: false,
-            kperm: false,
-        };
-        let f = self.function(module, "probe_tma_rows")?;
-        let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
+        let (f, stream) = self.hopper_probe(0, 64, "probe_tma_rows")?;
         let src = stream.clone_htod(rows).map_err(cuda_err("htod"))?;
         let map = {
             use cudarc::driver::DevicePtr;
