@@ -271,12 +271,7 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
             .with_lse(true);
         let plan = spec.plan().unwrap();
         let (q, k, v) = qkv(&spec, &mut rng, 2.0);
-        let bits = |t: &TensorBuf| -> Vec<u16> { bytemuck::cast_slice(t.view().bytes()).to_vec() };
-        let (qd, kd, vd) = (
-            st.clone_htod(&bits(&q)).unwrap(),
-            st.clone_htod(&bits(&k)).unwrap(),
-            st.clone_htod(&bits(&v)).unwrap(),
-        );
+        let (qd, kd, vd) = upload_16(&st, [&q, &k, &v]);
         let poison = vec![0xffffu16; plan.q_len];
         let mut o = st.clone_htod(&poison).unwrap();
         let mut lse = st.clone_htod(&vec![f32::NAN; plan.lse_len()]).unwrap();
@@ -875,6 +870,22 @@ fn sparse_pv_probe_matches_cpu() {
     assert_none_differ(&bad, 8192);
 }
 
+/// Q, K and V (16-bit tensors) on the device as raw bits, on `st`.
+fn upload_16(
+    st: &std::sync::Arc<cudarc::driver::CudaStream>,
+    [q, k, v]: [&TensorBuf; 3],
+) -> (
+    cudarc::driver::CudaSlice<u16>,
+    cudarc::driver::CudaSlice<u16>,
+    cudarc::driver::CudaSlice<u16>,
+) {
+    let up = |t: &TensorBuf| {
+        st.clone_htod(bytemuck::cast_slice::<u8, u16>(t.view().bytes()))
+            .unwrap()
+    };
+    (up(q), up(k), up(v))
+}
+
 /// Fails listing the first of `bad`'s differences (of `total` values compared).
 fn assert_none_differ(bad: &[String], total: usize) {
     assert!(
@@ -944,12 +955,7 @@ fn scratch_memory_is_kept_across_synchronisations_until_trimmed() {
     let spec = AttentionSpec::new(1, 4, 333, 128).with_recipe(Recipe::Nvfp4);
     let plan = spec.plan().unwrap();
     let (q, k, v) = qkv(&spec, &mut rng, 2.0);
-    let bits = |t: &TensorBuf| -> Vec<u16> { bytemuck::cast_slice(t.view().bytes()).to_vec() };
-    let (qd, kd, vd) = (
-        st.clone_htod(&bits(&q)).unwrap(),
-        st.clone_htod(&bits(&k)).unwrap(),
-        st.clone_htod(&bits(&v)).unwrap(),
-    );
+    let (qd, kd, vd) = upload_16(&st, [&q, &k, &v]);
     let mut o = st.clone_htod(&vec![0xffffu16; plan.q_len]).unwrap();
     let mut call = || {
         attn.run(
