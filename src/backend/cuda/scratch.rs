@@ -35,10 +35,10 @@ impl ScratchPool {
         props.location.id = ctx.ordinal() as i32;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: out-pointer and props are live locals.
-        let rc = unsafe { sys::cuMemPoolCreate(&mut pool, &props) };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return Err(format!("cuMemPoolCreate: {rc:?}"));
-        }
+        checked(
+            unsafe { sys::cuMemPoolCreate(&mut pool, &props) },
+            "cuMemPoolCreate",
+        )?;
         let pool = ScratchPool(pool);
         let mut keep = u64::MAX;
         // SAFETY: the attribute takes a cuuint64_t by pointer.
@@ -49,9 +49,7 @@ impl ScratchPool {
                 (&mut keep as *mut u64).cast(),
             )
         };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return Err(format!("cuMemPoolSetAttribute(release threshold): {rc:?}"));
-        }
+        checked(rc, "cuMemPoolSetAttribute(release threshold)")?;
         Ok(pool)
     }
 
@@ -69,23 +67,19 @@ impl ScratchPool {
             .context()
             .bind_to_thread()
             .map_err(|e| format!("bind context: {e:?}"))?;
-        let bytes = len.max(1) * std::mem::size_of::<T>().max(1);
+        let bytes = len.max(1) * std::mem::size_of::<T>();
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: out-pointer is a live local; the pool lives as long as `self`, and a slice
         // freed after the pool's destruction is still valid (the driver releases a destroyed
         // pool once its last allocation is freed).
         let rc =
             unsafe { sys::cuMemAllocFromPoolAsync(&mut ptr, bytes, self.0, stream.cu_stream()) };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return Err(format!("cuMemAllocFromPoolAsync({bytes} bytes): {rc:?}"));
-        }
+        checked(rc, "cuMemAllocFromPoolAsync")?;
         // SAFETY: a live allocation of at least len·size_of::<T>() bytes; CudaSlice frees it
         // with cuMemFreeAsync on `stream`, which returns it to this pool.
         Ok(unsafe { stream.upgrade_device_ptr(ptr, len) })
     }
-}
 
-impl ScratchPool {
     /// Bytes the pool holds mapped now (in use or kept for the next call).
     pub(crate) fn reserved_bytes(&self) -> Result<u64, String> {
         let mut bytes = 0u64;
@@ -97,20 +91,24 @@ impl ScratchPool {
                 (&mut bytes as *mut u64).cast(),
             )
         };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return Err(format!("cuMemPoolGetAttribute(reserved): {rc:?}"));
-        }
-        Ok(bytes)
+        checked(rc, "cuMemPoolGetAttribute(reserved)").map(|_| bytes)
     }
 
     /// Gives back every byte no allocation is using (those of calls still in flight stay).
     pub(crate) fn trim(&self) -> Result<(), String> {
         // SAFETY: our own live pool.
-        let rc = unsafe { sys::cuMemPoolTrimTo(self.0, 0) };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return Err(format!("cuMemPoolTrimTo: {rc:?}"));
-        }
-        Ok(())
+        checked(
+            unsafe { sys::cuMemPoolTrimTo(self.0, 0) },
+            "cuMemPoolTrimTo",
+        )
+    }
+}
+
+/// A driver call's result as this module's error: the call and the driver's code.
+fn checked(rc: sys::CUresult, call: &str) -> Result<(), String> {
+    match rc {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(format!("{call}: {e:?}")),
     }
 }
 
