@@ -3,8 +3,9 @@
 // most 128; 64 or 128 with WGMMA), BF16 (1 when the 16-bit operands are bf16), SKIP
 // (skip-softmax compiled in), NM and NM_N (N:M sparse softmax's M and N; NM = 0: off), VNV
 // (V → NVFP4: V arrives as f16 values of its codes, the output is multiplied by v_g), KPERM
-// (WGMMA with N:M: K and V rows permuted within each 16-key group by the tensor maps, see
-// key_in_tile) and the launch shape: WARPS, MT, QSMEM, MINB, WGMMA.
+// (WGMMA with N:M or NVFP4 P: K and V rows permuted within each 64-key tile by the tensor maps
+// so that a thread's scores are 16 consecutive keys, see key_in_tile) and the launch shape:
+// WARPS, MT, QSMEM, MINB, WGMMA.
 //
 // mma.sync (WGMMA = 0): each warp owns MT m-tiles of 16 query rows (so every K/V fragment read
 // from shared memory feeds MT mma); the block's WARPS·16·MT = 128 rows share 64-key tiles of K
@@ -61,8 +62,8 @@
 #ifndef KPERM
 #define KPERM 0u
 #endif
-#if KPERM && !(WGMMA && NM && !PV_FP8)
-#error "KPERM: the wgmma shape with N:M sparse softmax and 16-bit P·V only"
+#if KPERM && !(WGMMA && (NM || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P) && !PV_FP8)
+#error "KPERM: the wgmma shape with N:M sparse softmax or NVFP4 P, and 16-bit P·V only"
 #endif
 #define NT_O (DP / 8u)                     // n-tiles of O (8 channels each)
 // mma.sync: rows padded by 16 bytes, so the 8 rows one ldmatrix reads fall into 8 different bank
@@ -85,12 +86,11 @@
 
 // The key (within its 64-key tile) of S's element e (0 or 1: the thread's two columns) in
 // n-tile n of thread t. Natural order: 8n + 2t + e. KPERM: the tensor maps store key
-// 4t' + 2jj + e' of each 16-key group at row 8jj + 2t' + e' (TmaMap::permuted_rows), so
-// n-tiles 2G and 2G + 1 hold keys 16G + 4t .. 16G + 4t + 3 in this thread: a 4-key group is
-// one thread's, an 8-key group a lane pair's. V's rows are permuted alike, so P·V (a sum over
-// keys) is unchanged; so are NVFP4 P's 16-key blocks (the permutation stays inside them).
+// 16t' + 2n' + e' at row 8n' + 2t' + e' (TmaMap::permuted_rows), so thread t's 16 columns of a
+// row are keys 16t .. 16t + 15 in key order: a 4- or 8-key N:M group and a 16-key NVFP4 P
+// block are one thread's. V's rows are permuted alike, so P·V (a sum over keys) is unchanged.
 __device__ __forceinline__ u32 key_in_tile(u32 n, u32 t, u32 e) {
-    return KPERM ? 16u * (n / 2u) + 4u * t + 2u * (n % 2u) + e : 8u * n + 2u * t + e;
+    return KPERM ? 16u * t + 2u * n + e : 8u * n + 2u * t + e;
 }
 
 // A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
@@ -300,8 +300,71 @@ __device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) 
     return r;
 }
 
+// One pair of a block before its scale is known: p rounded as the recipe says (Nvfp4P: to the
+// input dtype; the Nvfp4 recipe's DIRECT p' to f16), times the row's multiplier (not DIRECT),
+// and the block's running max (as bits: p ≥ 0).
+template <bool DIRECT>
+__device__ __forceinline__ void p_block_pair(float& lo, float& hi, float mul, u32& amax) {
+    if (RECIPE == R_NVFP4P) round_dtype_pair(lo, hi);
+    if (DIRECT && RECIPE == R_NVFP4) round16_pair<false>(lo, hi);  // p' (lifted)
+    if (!DIRECT) {
+        lo = __fmul_rn(lo, mul);
+        hi = __fmul_rn(hi, mul);
+    }
+    amax = max(amax, max(f2u(lo), f2u(hi)));
+}
+
+// What a block's scale code gives its pairs: DIRECT: (R, s2) from direct_tab; else from the
+// scale's value s (e4m3x4_values): s, 1/s and (s, s) packed.
+struct BlockScale {
+    float r, s;
+    u32 s2;
+};
+template <bool DIRECT> __device__ __forceinline__ BlockScale block_scale(u32 code, float value) {
+    BlockScale b;
+    if (DIRECT) {
+        uint2 e = direct_tab[code];  // codes < 128
+        b.r = u2f(e.x);
+        b.s2 = e.y;
+        b.s = 0.0f;
+    } else {
+        b.s = value;
+        b.r = scale_rcp(b.s);
+        b.s2 = pack16<PV_BF16>(b.s, b.s);
+    }
+    return b;
+}
+
+// One pair of a block → its two P·V operand values, packed.
+template <bool DIRECT> __device__ __forceinline__ u32 p_quant_pair(float lo, float hi, const BlockScale& b) {
+    if (DIRECT) return e2m1_direct_pair(__fmul_rn(lo, b.r), __fmul_rn(hi, b.r), b.s2);
+    return e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, b.s, b.r), e2m1_unsaturated(hi, b.s, b.r), b.s2);
+}
+
 template <bool DIRECT>
 __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], u32 (&pk)[NT_S][2]) {
+    const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
+#if KPERM
+    // A row's 16 values here are one block (key_in_tile): rows g and g + 8, no exchange.
+    u32 amax[2] = {0u, 0u};
+#pragma unroll
+    for (u32 n = 0; n < NT_S; n++)
+#pragma unroll
+        for (u32 half = 0; half < 2u; half++) p_block_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], mul[half], amax[half]);
+    if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) amax[i] = f2u(__fmul_rn(u2f(amax[i]), inv_g));
+    }
+    u32 c2 = scale_code_pair(amax[0], amax[1]);
+    float scale[4];
+    if (!DIRECT) e4m3x4_values(c2, scale);
+#pragma unroll
+    for (u32 half = 0; half < 2u; half++) {
+        BlockScale bs = block_scale<DIRECT>((c2 >> (8u * half)) & 0xffu, scale[half]);
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) pk[n][half] = p_quant_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], bs);
+    }
+#else
     // Block j = 2·blk + half: keys 16·blk.., row g + 8·half; element i of it is p[2blk + i/2][2half + i%2].
     u32 amax[8];
 #pragma unroll
@@ -309,16 +372,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         u32 blk = j / 2u, half = j % 2u;
         amax[j] = 0u;
 #pragma unroll
-        for (u32 n = 0; n < 2u; n++) {
-            float(&pv)[4] = p[2u * blk + n];
-            if (RECIPE == R_NVFP4P) round_dtype_pair(pv[2u * half], pv[2u * half + 1u]);
-            if (DIRECT && RECIPE == R_NVFP4) round16_pair<false>(pv[2u * half], pv[2u * half + 1u]);  // p' (lifted)
-#pragma unroll
-            for (u32 k = 2u * half; k < 2u * half + 2u; k++) {
-                if (!DIRECT) pv[k] = __fmul_rn(pv[k], mul[half]);
-                amax[j] = max(amax[j], f2u(pv[k]));
-            }
-        }
+        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) p_block_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], mul[half], amax[j]);
     }
     // Reduce-scatter: after the xor-1 step a thread holds 4 blocks (odd lanes 4-7), after xor-2 2.
     u32 t = threadIdx.x % 4u;
@@ -335,7 +389,6 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         r2[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 2));
     }
     if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
-        const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) r2[i] = f2u(__fmul_rn(u2f(r2[i]), inv_g));
     }
@@ -352,25 +405,12 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     }
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
-        float s = scale[j], r;
-        u32 blk = j / 2u, half = j % 2u, s2;
-        if (DIRECT) {
-            uint2 e = direct_tab[(codes[j / 4u] >> (8u * (j % 4u))) & 0xffu];  // codes < 128
-            r = u2f(e.x);
-            s2 = e.y;
-        } else {
-            r = scale_rcp(s);
-            s2 = pack16<PV_BF16>(s, s);
-        }
+        u32 blk = j / 2u, half = j % 2u;
+        BlockScale bs = block_scale<DIRECT>((codes[j / 4u] >> (8u * (j % 4u))) & 0xffu, scale[j]);
 #pragma unroll
-        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) {
-            float lo = p[n][2u * half], hi = p[n][2u * half + 1u];
-            if (DIRECT)
-                pk[n][half] = e2m1_direct_pair(__fmul_rn(lo, r), __fmul_rn(hi, r), s2);
-            else
-                pk[n][half] = e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, s, r), e2m1_unsaturated(hi, s, r), s2);
-        }
+        for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) pk[n][half] = p_quant_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], bs);
     }
+#endif
 }
 
 // Test probe (tests/cuda.rs): per i, the P·V operand value the kernel gives for (a[i], s[i])
@@ -569,15 +609,15 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
         if (lane == 0u) {
             mbar_arrive_expect(bar, K_TILE + V_TILE);
 #if KPERM
-            // 5-d maps (element, e, t, jj, 16-key group) over every head's rows in turn
+            // 5-d maps (element, e, t, n, 64-key tile) over every head's rows in turn
             // (contiguous, N a multiple of 64: the host's condition).
-            i32 group = (i32)(((b * P.heads_kv + hkv) * P.seq_kv + kt * BK) / 16u);
+            i32 tile = (i32)(((b * P.heads_kv + hkv) * P.seq_kv + kt * BK) / BK);
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
-                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0, group, bar);
+                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0, tile, bar);
 #pragma unroll
             for (u32 p = 0; p < V_BYTES / 128u; p++)
-                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), 0, 0, 0, group, bar);
+                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), 0, 0, 0, tile, bar);
 #else
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
@@ -703,19 +743,19 @@ __device__ __forceinline__ void nm_by_rank(const Params& P, float (&s)[NT_S][4],
 }
 
 #if KPERM
-// KPERM (key_in_tile): row i's scores in n-tiles n0, n0 + 1 are this thread's keys 4t .. 4t + 3
-// of one 16-key group, in key order.
-__device__ __forceinline__ void group_values(const float (&s)[NT_S][4], u32 n0, u32 i, float (&v)[4]) {
-    v[0] = s[n0][2u * i];
-    v[1] = s[n0][2u * i + 1u];
-    v[2] = s[n0 + 1u][2u * i];
-    v[3] = s[n0 + 1u][2u * i + 1u];
+// KPERM (key_in_tile): a thread's 16 scores of a row are keys 16t .. 16t + 15 in key order, so
+// an M-key group is the M scores of n-tiles n0 .. n0 + M/2 − 1 (n0 a multiple of M/2): the
+// selection needs no shuffles.
+#define NM_TILES (NM / 2u)
+
+// Row i's scores of the M-key group that starts at n-tile n0, in key order.
+__device__ __forceinline__ void group_values(const float (&s)[NT_S][4], u32 n0, u32 i, float (&v)[NM]) {
+#pragma unroll
+    for (u32 k = 0; k < NM; k++) v[k] = s[n0 + k / 2u][2u * i + k % 2u];
 }
 
-// τ (the NM_N-th largest) of the M-key group that holds this thread's four keys v (M = 4: v
-// alone; M = 8: with the lane pair's four, one exchange of sorted values); `tie` |= the next
-// one equals it. No shuffles for M = 4.
-__device__ __forceinline__ float nm_threshold4(const float (&v)[4], bool& tie) {
+// τ (the NM_N-th largest) of a group held whole by this thread; `tie` |= the next one equals it.
+__device__ __forceinline__ float nm_threshold_own(const float (&v)[NM], bool& tie) {
     float a[2] = {fmaxf(v[0], v[1]), fminf(v[0], v[1])}, c[2] = {fmaxf(v[2], v[3]), fminf(v[2], v[3])};
     if (NM == 4u && NM_N == 2u) {
         float x = fminf(a[0], c[0]), y = fmaxf(a[1], c[1]);  // 2nd and 3rd largest: max and min
@@ -727,38 +767,36 @@ __device__ __forceinline__ float nm_threshold4(const float (&v)[4], bool& tie) {
         tau = kth_largest(a, c, NM_N);
         next = kth_largest(a, c, NM_N + 1u);
     } else {
-        float four[4], other[4];
+        // Two sorted fours (keys 0-3 and 4-7 of the group), then their merge's N-th.
+        float lo[4], hi[4], a2[2] = {fmaxf(v[4 % NM], v[5 % NM]), fminf(v[4 % NM], v[5 % NM])},
+                            c2[2] = {fmaxf(v[6 % NM], v[7 % NM]), fminf(v[6 % NM], v[7 % NM])};
 #pragma unroll
-        for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(a, c, k + 1u);
-#pragma unroll
-        for (u32 k = 0; k < 4u; k++) other[k] = __shfl_xor_sync(0xffffffffu, four[k], 1);
-        tau = kth_largest(four, other, NM_N);
-        next = kth_largest(four, other, NM_N + 1u);
+        for (u32 k = 0; k < 4u; k++) {
+            lo[k] = kth_largest(a, c, k + 1u);
+            hi[k] = kth_largest(a2, c2, k + 1u);
+        }
+        tau = kth_largest(lo, hi, NM_N);
+        next = kth_largest(lo, hi, NM_N + 1u);
     }
     tie |= tau == next;
     return tau;
 }
 
-// nm_by_rank for KPERM: ranks within the thread's four keys (a lower key outranks on equal
-// scores), plus, for M = 8, the lane pair's four (lower keys when t is odd).
+// The exact rule by ranks for KPERM (ties at the boundary): ranks within the thread's group,
+// a lower key outranking on equal scores.
 __device__ __forceinline__ void nm_by_rank_perm(const Params& P, float (&s)[NT_S][4], u32 n0, const u32 (&rows)[2], u32 key0, i32 offset) {
     u32 t = threadIdx.x % 4u;
-    bool pair_lower = (t & 1u) != 0u;
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
-        float v[4], peer[4];
+        float v[NM];
         group_values(s, n0, i, v);
 #pragma unroll
-        for (u32 k = 0; k < 4u; k++) peer[k] = NM == 8u ? __shfl_xor_sync(0xffffffffu, v[k], 1) : NEG_INF;
-#pragma unroll
-        for (u32 k = 0; k < 4u; k++) {
+        for (u32 k = 0; k < NM; k++) {
             float x = v[k];
             u32 rank = 0u;
 #pragma unroll
-            for (u32 j = 0; j < 4u; j++) {
+            for (u32 j = 0; j < NM; j++)
                 if (j != k) rank += (j < k ? v[j] >= x : v[j] > x) ? 1u : 0u;
-                if (NM == 8u) rank += (pair_lower ? peer[j] >= x : peer[j] > x) ? 1u : 0u;
-            }
             u32 n = n0 + k / 2u, e = k % 2u;
             bool keep = rank < NM_N || nm_dense(P, rows[i], key0 + key_in_tile(n, t, e), offset);
             s[n][2u * i + e] = keep ? x : NEG_INF;
@@ -769,14 +807,14 @@ __device__ __forceinline__ void nm_by_rank_perm(const Params& P, float (&s)[NT_S
 __device__ __forceinline__ void nm_select_perm(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], u32 key0, i32 offset, bool dense_near) {
     u32 t = threadIdx.x % 4u;
 #pragma unroll
-    for (u32 n0 = 0; n0 < NT_S; n0 += 2u) {
+    for (u32 n0 = 0; n0 < NT_S; n0 += NM_TILES) {
         float tau[2];
         bool tie = false;
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
-            float v[4];
+            float v[NM];
             group_values(s, n0, i, v);
-            tau[i] = nm_threshold4(v, tie);
+            tau[i] = nm_threshold_own(v, tie);
         }
         if (__any_sync(0xffffffffu, tie)) {
             nm_by_rank_perm(P, s, n0, rows, key0, offset);
@@ -784,7 +822,7 @@ __device__ __forceinline__ void nm_select_perm(const Params& P, float (&s)[NT_S]
         }
         if (dense_near) {  // (warp-uniform: the per-key window test only near sink and recent keys)
 #pragma unroll
-            for (u32 n = n0; n < n0 + 2u; n++)
+            for (u32 n = n0; n < n0 + NM_TILES; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) {
                     float& x = s[n][e];
@@ -793,7 +831,7 @@ __device__ __forceinline__ void nm_select_perm(const Params& P, float (&s)[NT_S]
                 }
         } else {
 #pragma unroll
-            for (u32 n = n0; n < n0 + 2u; n++)
+            for (u32 n = n0; n < n0 + NM_TILES; n++)
 #pragma unroll
                 for (u32 e = 0; e < 4u; e++) s[n][e] = s[n][e] >= tau[e / 2u] ? s[n][e] : NEG_INF;
         }
@@ -1019,9 +1057,9 @@ extern "C" __global__ void __launch_bounds__(128) probe_sparse_pv(const unsigned
 // Test probe (tests/cuda.rs): one box of a tensor map over 16-bit rows of 64 elements (128
 // bytes, 128-byte swizzled) as the copy engine leaves it in shared memory, 64 rows, raw (still
 // swizzled): does a 5-d map with non-monotonic row strides (tma.rs, `permuted_rows`) land
-// key 4t + 2jj + e of each 16-key group at row 8jj + 2t + e? `group0` is the box's first
-// 16-key group. One warp.
-extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 group0) {
+// key 16t + 2n + e of each 64-key tile at row 8n + 2t + e (key_in_tile)? `tile0` is the box's
+// tile. One warp.
+extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 tile0) {
     __shared__ __align__(1024) unsigned char box[64u * 128u];
     __shared__ __align__(8) unsigned long long bar;
     u32 b = smem_addr(&bar);
@@ -1032,7 +1070,7 @@ extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_con
     __syncwarp();
     if (threadIdx.x == 0u) {
         mbar_arrive_expect(b, 64u * 128u);
-        tma_load5(smem_addr(box), map, 0, 0, 0, 0, (i32)group0, b);
+        tma_load5(smem_addr(box), map, 0, 0, 0, 0, (i32)tile0, b);
     }
     mbar_wait(b, 0u);
     for (u32 i = threadIdx.x; i < 64u * 64u; i += 32u) out[i] = ((const unsigned short*)box)[i];

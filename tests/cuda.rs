@@ -420,6 +420,89 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
     }
 }
 
+/// NVFP4 P on the wgmma shape with K and V rows permuted (KPERM, `kperm_fits`: whole 64-key
+/// tiles of contiguous K/V), where each thread quantizes its rows' 16-key blocks alone, against
+/// the CUDA-core kernel (the same quantizer, blocks of 16 keys in key order): Nvfp4P by one
+/// multiply (power-of-two amax_p) and by the general quotient (amax_p 0.75), the Nvfp4 recipe,
+/// with V → NVFP4, skip-softmax and causal masks (whose keys are permuted too), head dims 64
+/// and 128; 500 keys take the unpermuted path, for comparison.
+#[test]
+fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
+    use common::matrix::{rows, tolerance};
+    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
+    use tessera::metrics::Accuracy;
+    let Some(c) = cuda() else { return };
+    let simt = CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    let shape = |cfg| {
+        CudaAttention::new(c.attention().context())
+            .unwrap()
+            .with_mma_config(cfg)
+    };
+    let shapes_64 = [
+        shape(MmaConfig::hopper_wgmma()),
+        shape(MmaConfig {
+            min_blocks: 2,
+            ..MmaConfig::hopper_wgmma()
+        }),
+    ];
+    let shapes_128 = [shape(MmaConfig::hopper_wgmma3())];
+    let mut rng = Rng::new(fresh_seed("nvfp4 p permuted"));
+    for (i, (recipe, causal, vnv, skip)) in [
+        (Recipe::nvfp4p(), false, false, false),
+        (Recipe::Nvfp4P { amax_p: 0.75 }, true, false, false),
+        (Recipe::Nvfp4, true, false, false),
+        (Recipe::nvfp4p(), false, true, false),
+        (Recipe::Nvfp4, false, false, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+        for (nk, d) in [(500, 64), (512, 64), (512, 128)] {
+            let mut spec = AttentionSpec::new(1, 4, 333, d)
+                .with_kv(2, nk)
+                .with_dtype(dtype)
+                .with_causal(causal)
+                .with_recipe(recipe)
+                .with_lse(true);
+            if vnv {
+                spec = spec.with_v_nvfp4(Some(3.0));
+            }
+            if skip {
+                spec = spec.with_skip_softmax(tessera::SkipSoftmax::Lambda(0.05));
+            }
+            let plan = spec.plan().unwrap();
+            let (q, k, v) = qkv(&spec, &mut rng, 1.0);
+            let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+            for mma in if d == 64 {
+                &shapes_64[..]
+            } else {
+                &shapes_128[..]
+            } {
+                let kernel = mma.kernel_for(&plan);
+                if let Module::Mma { cfg, kperm, .. } = kernel {
+                    // (On sm_90a; elsewhere kernel_for drops the wgmma shape.)
+                    assert_eq!(kperm, cfg.wgmma && nk % 64 == 0, "{}", kernel.label());
+                }
+                let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
+                let acc = Accuracy::of(&o_mma, &o_simt);
+                // The same quantization on both (P's blocks and codes alike); the sums differ in
+                // order and, rarely, a p rounds across a block-scale or E2M1 boundary: the
+                // recipe's same-numerics tolerance.
+                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
+                let ctx = format!(
+                    "{} {} nk={nk} causal={causal} vnv={vnv} skip={skip} {dtype:?}",
+                    kernel.label(),
+                    recipe.name()
+                );
+                assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+                assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            }
+        }
+    }
+}
+
 /// Int8QkFp8Pv's P·V on Hopper's FP8 tensor cores over long key sequences, against the CUDA-core
 /// kernel. The FP8 MMA adds into its accumulator with fewer bits than f32, which over tens of
 /// thousands of keys of a positive-mean V loses percents; the kernel gives each tile's product
@@ -896,20 +979,20 @@ fn assert_none_differ(bad: &[String], total: usize) {
     );
 }
 
-/// The 2:4 plan's key permutation by the tensor copy engine (docs/design.md, "2:4 sparse
-/// P·V"): a 5-d tensor map with row strides (1, 4, 2, 16) lands row 4t + 2jj + e of each
-/// 16-row group at shared row 8jj + 2t + e. The probe returns the box raw, 128-byte swizzled
-/// (16-byte chunk c of shared row r sits at chunk c ^ (r mod 8)); every element is compared.
+/// KPERM's key permutation by the tensor copy engine (docs/design.md): a 5-d tensor map with
+/// row strides (1, 16, 2, 64) lands row 16t + 2n + e of each 64-row tile at shared row
+/// 8n + 2t + e. The probe returns the box raw, 128-byte swizzled (16-byte chunk c of shared
+/// row r sits at chunk c ^ (r mod 8)); every element is compared.
 #[test]
 fn tma_permutes_key_rows_as_planned() {
     let Some(c) = cuda() else { return };
     let mut rng = Rng::new(fresh_seed("tma permutation"));
-    let n = 256usize; // 16 groups of 16 rows, 64 elements each
+    let n = 256usize; // 4 tiles of 64 rows, 64 elements each
     let rows: Vec<u16> = (0..n * 64)
         .map(|_| half::f16::from_f64(rng.normal()).to_bits())
         .collect();
-    for group0 in [0u32, 4, 12] {
-        let got = match c.attention().probe_tma_permuted_rows(&rows, group0) {
+    for tile0 in [0u32, 1, 3] {
+        let got = match c.attention().probe_tma_permuted_rows(&rows, tile0) {
             Err(Error::BackendUnavailable { why, .. }) => {
                 eprintln!("skipped: {why}");
                 return;
@@ -918,14 +1001,13 @@ fn tma_permutes_key_rows_as_planned() {
         };
         let mut bad = Vec::new();
         for r in 0..64usize {
-            let (group, within) = (group0 as usize + r / 16, r % 16);
-            let (jj, t, e) = (within / 8, (within % 8) / 2, within % 2);
-            let key = 16 * group + 4 * t + 2 * jj + e;
+            let (n, t, e) = (r / 8, (r % 8) / 2, r % 2);
+            let key = 64 * tile0 as usize + 16 * t + 2 * n + e;
             for col in 0..64usize {
                 let at = r * 64 + ((col / 8) ^ (r % 8)) * 8 + col % 8;
                 if got[at] != rows[key * 64 + col] {
                     bad.push(format!(
-                        "box from group {group0}, shared row {r} column {col}: {:#06x}, key {key} has {:#06x}",
+                        "box of tile {tile0}, shared row {r} column {col}: {:#06x}, key {key} has {:#06x}",
                         got[at],
                         rows[key * 64 + col]
                     ));

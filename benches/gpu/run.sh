@@ -14,7 +14,7 @@
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
 #                                            --dense)
 #   bash benches/gpu/run.sh envab VAR [ARGS]  the same A/B in one binary: VAR=1 (as "bench-attention")
-#                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_NM_KPERM
+#                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_KPERM
 #                                            with --nm, TESSERA_SCRATCH_POOL; ab_table.py reads it too
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 # Everything printed is also kept in $OUT/run.log when the device tool's $OUT is set (its output

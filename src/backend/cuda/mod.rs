@@ -457,6 +457,10 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         kperm_variants.push((vec![0, 4], cfg, false, (4, 8), false));
         kperm_variants.push((vec![0], cfg, false, (1, 4), false));
         kperm_variants.push((vec![5], cfg, false, (3, 8), false));
+        // NVFP4 P without N:M: dense, with skip-softmax, with V → NVFP4.
+        kperm_variants.push((vec![3, 4], cfg, false, (0, 0), false));
+        kperm_variants.push((vec![3, 4], cfg, true, (0, 0), false));
+        kperm_variants.push((vec![4], cfg, false, (0, 0), true));
     }
     let all = variants
         .into_iter()
@@ -573,20 +577,23 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
     })
 }
 
-/// N:M sparse softmax with K's and V's rows permuted within each 16-key group by the tensor
-/// maps (KPERM, kernels/attention_mma.cu `key_in_tile`): a 4-key group's scores are then one
-/// thread's, and the selection needs no shuffles for M = 4 and half of them for M = 8 (static
-/// common path at D = 128, exact: 2:4 709 → 640 instructions per tile, 4:8 973 → 772; dense
-/// 533). Where: the wgmma shape with 16-bit P·V, whole 64-key tiles (a box never reads another
-/// head's rows), and K and V rows in one run across heads and batches, which tessera's own INT8
-/// codes and f16 copies are and the caller's K and V are when contiguous (HND). A rank-5 map
-/// has no dimension left for heads. `TESSERA_NM_KPERM=0` turns it off (A/B).
+/// K's and V's rows permuted within each 64-key tile by the tensor maps (KPERM,
+/// kernels/attention_mma.cu `key_in_tile`) so that a thread's 16 scores of a row are 16
+/// consecutive keys: N:M's 4- and 8-key groups and NVFP4 P's 16-key blocks are then one
+/// thread's, and neither needs shuffles (N:M, static common path at D = 128: 2:4 exact 709 →
+/// 640 instructions per tile, dense 533; Nvfp4P's P blocks: 797 → 722, the shuffles and six of
+/// the eight scale lookups gone). Where: the wgmma shape with 16-bit P·V, N:M or an NVFP4 P
+/// recipe, whole 64-key tiles (a box never reads another head's rows), and K and V rows in one
+/// run across heads and batches, which tessera's own INT8 codes and f16 copies are and the
+/// caller's K and V are when contiguous (HND). A rank-5 map has no dimension left for heads.
+/// `TESSERA_KPERM=0` turns it off (A/B).
 pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("TESSERA_NM_KPERM").map_or(true, |v| v != "0"));
+    let on = *ON.get_or_init(|| std::env::var("TESSERA_KPERM").map_or(true, |v| v != "0"));
     let s = &plan.spec;
+    let nvfp4_p = recipe == 3 || recipe == 4;
     if !on
-        || s.nm_softmax.is_none()
+        || !(s.nm_softmax.is_some() || nvfp4_p)
         || !cfg.wgmma
         || fp8_pv(recipe, vnv, cfg, dp)
         || s.seq_kv % 64 != 0
@@ -982,17 +989,17 @@ impl CudaAttention {
     }
 
     /// The probe `probe_tma_rows`: 16-bit `rows` of 64 elements each (row-major, `rows` a
-    /// multiple of 16) through `TmaMap::permuted_rows`, the box of 64 rows starting at
-    /// 16-row group `group0` as the copy engine leaves it in shared memory (128-byte swizzled,
-    /// raw). Checks the 2:4 plan's key permutation by TMA (docs/design.md). Waits for its result.
+    /// multiple of 64) through `TmaMap::permuted_rows`, the box of 64-row tile `tile0` as the
+    /// copy engine leaves it in shared memory (128-byte swizzled, raw). Checks KPERM's key
+    /// permutation by TMA (docs/design.md). Waits for its result.
     #[doc(hidden)]
-    pub fn probe_tma_permuted_rows(&self, rows: &[u16], group0: u32) -> Result<Vec<u16>> {
+    pub fn probe_tma_permuted_rows(&self, rows: &[u16], tile0: u32) -> Result<Vec<u16>> {
         let n = rows.len() / 64;
-        if rows.len() % (64 * 16) != 0 || (group0 as usize + 4) * 16 > n {
+        if rows.len() % (64 * 64) != 0 || (tile0 as usize + 1) * 64 > n {
             return Err(Error::BadBuffer {
                 buffer: "rows",
                 problem: format!(
-                    "need whole 16-row groups of 64 elements and 4 groups from group {group0}; got {} elements",
+                    "need whole 64-row tiles of 64 elements, tile {tile0} among them; got {} elements",
                     rows.len()
                 ),
             });
@@ -1008,7 +1015,7 @@ impl CudaAttention {
             .alloc_zeros::<u16>(64 * 64)
             .map_err(cuda_err("alloc"))?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&map).arg(&mut out).arg(&group0);
+        l.arg(&map).arg(&mut out).arg(&tile0);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -1615,7 +1622,7 @@ impl CudaAttention {
             };
             let kperm = matches!(kernel, Module::Mma { kperm: true, .. });
             // KPERM: rows (of `elems` elements, `row` bytes apart) of every head in one run
-            // (kperm_fits), 5-d, permuted within 16-row groups.
+            // (kperm_fits), 5-d, permuted within 64-row tiles.
             let permuted =
                 |ptr: u64, elem: u32, elems: u64, row: u64, st: Option<(u32, u32, u32)>| {
                     if let Some(st) = st {

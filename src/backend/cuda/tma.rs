@@ -47,11 +47,12 @@ impl TmaMap {
     }
 
     /// Rows of `row_elems` elements of `elem` bytes (1 or 2), `row_bytes` apart, `rows` of them
-    /// in one run (a multiple of 16), as a 5-d map whose boxes of 64 rows hold, at row
-    /// 8jj + 2t + e of each 16-row group, the tensor's row 4t + 2jj + e of that group: dims
-    /// (element, e, t, jj, group) with row strides (1, 4, 2, 16), not increasing (the N:M
-    /// kernel's KPERM, kernels/attention_mma.cu `key_in_tile`). Box: `box_inner` elements (128 or
-    /// 64 bytes, swizzled as wide) × 64 rows.
+    /// in one run (a multiple of 64), as a 5-d map whose boxes of 64 rows hold, at row
+    /// 8n + 2t + e of each 64-row tile, the tensor's row 16t + 2n + e of that tile: dims
+    /// (element, e, t, n, tile) with row strides (1, 16, 2, 64), not increasing (the KPERM
+    /// kernels, kernels/attention_mma.cu `key_in_tile`: a thread's 16 scores of a row are then
+    /// 16 consecutive keys). Box: `box_inner` elements (128 or 64 bytes, swizzled as wide) ×
+    /// 64 rows; coordinate 4 is the tile.
     pub(crate) fn permuted_rows(
         ptr: u64,
         elem: u32,
@@ -60,10 +61,10 @@ impl TmaMap {
         row_bytes: u64,
         rows: u64,
     ) -> Result<TmaMap, String> {
-        if ptr % 16 != 0 || row_bytes % 16 != 0 || rows % 16 != 0 || rows == 0 {
+        if ptr % 16 != 0 || row_bytes % 16 != 0 || rows % 64 != 0 || rows == 0 {
             return Err(format!(
                 "permuted tensor map: address {ptr:#x}, row stride {row_bytes} (multiples of 16) \
-                 and {rows} rows (a multiple of 16) needed"
+                 and {rows} rows (a multiple of 64) needed"
             ));
         }
         let swizzle = match box_inner * elem {
@@ -79,9 +80,9 @@ impl TmaMap {
         tiled(
             ptr,
             elem,
-            &[row_elems, 2, 4, 2, rows / 16],
-            &[r, 4 * r, 2 * r, 16 * r],
-            &[box_inner, 2, 4, 2, 4],
+            &[row_elems, 2, 4, 8, rows / 64],
+            &[r, 16 * r, 2 * r, 64 * r],
+            &[box_inner, 2, 4, 8, 1],
             swizzle,
         )
     }
