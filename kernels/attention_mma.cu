@@ -93,6 +93,11 @@ __device__ __forceinline__ u32 key_in_tile(u32 n, u32 t, u32 e) {
     return KPERM ? 16u * t + 2u * n + e : 8u * n + 2u * t + e;
 }
 
+// Where the 16-bit operands live (elements): the caller's tensors, or f16 copies of codes.
+struct Strides16 {
+    u32 q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
+};
+
 // A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
 struct __align__(64) TmaMap {
     unsigned long long opaque[16];
@@ -578,6 +583,20 @@ __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
     return (c / per) * (BQT * PANEL) + r * PANEL + (((c % per) ^ (r * PANEL / 128u % per)) * 16u);
 }
 
+#if KPERM
+// Where head (b, hkv)'s first key tile is in a KPERM map (tma.rs, permuted_rows): the maps run
+// over the tensor's token rows, `st` elements apart, in tiles of 64 rows; the head starts at
+// element `off` of the tensor, i.e. at tile off / 64st, element off mod 64st of a row (the host's
+// perm_tiles checked that its rows lie there; HND: element 0, NHD: hkv·d).
+struct PermCoord {
+    i32 elem0, tile0;
+};
+__device__ __forceinline__ PermCoord perm_coord(unsigned long long off, u32 st) {
+    unsigned long long span = 64ull * st;
+    return {(i32)(off % span), (i32)(off / span)};
+}
+#endif
+
 // The producer warp: every visited key tile's K and V (and INT8 K scales) into stage j % STAGES,
 // in the consumers' visiting order. Stage st is refilled once all WARPS consumer warps have
 // arrived on empty[st] (they are done with its previous tile); full[st] completes when all 32
@@ -585,8 +604,14 @@ __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
 // the sequence or the head dim are zero-filled and count in full).
 __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, const u32* mask,
                                         unsigned char* stages, u32 full, u32 empty, u32 bh, u32 row0, i32 last_visible, u32 hkv,
-                                        u32 b, u32 bkv) {
+                                        u32 b, u32 bkv, const Strides16& S16) {
     u32 lane = threadIdx.x % 32u;
+#if KPERM
+    // K: INT8 codes [b·hk][N][DP] bytes, or 16-bit rows (the caller's or f16 copies); V: 16-bit rows.
+    const PermCoord kc = INT8_QK ? perm_coord((unsigned long long)bkv * P.seq_kv * DP, DP)
+                                 : perm_coord((unsigned long long)b * S16.k_sb + (unsigned long long)hkv * S16.k_sh, S16.k_st);
+    const PermCoord vc = perm_coord((unsigned long long)b * S16.v_sb + (unsigned long long)hkv * S16.v_sh, S16.v_st);
+#endif
     u32 ngk = INT8_QK ? group_count(P.seq_kv, P.k_gblock, P.k_ginter) : 0u;
     u32 j = 0;
     for (u32 kt = next_tile(P, mask, bh, row0, 0u, last_visible); kt < P.k_blocks; kt = next_tile(P, mask, bh, row0, kt + 1u, last_visible), j++) {
@@ -609,15 +634,14 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
         if (lane == 0u) {
             mbar_arrive_expect(bar, K_TILE + V_TILE);
 #if KPERM
-            // 5-d maps (element, e, t, n, 64-key tile) over every head's rows in turn
-            // (contiguous, N a multiple of 64: the host's condition).
-            i32 tile = (i32)(((b * P.heads_kv + hkv) * P.seq_kv + kt * BK) / BK);
+            // 5-d maps (element, e, t, n, 64-key tile) over the tensors' token rows (perm_coord).
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
-                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0, tile, bar);
+                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, kc.elem0 + (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0,
+                          kc.tile0 + (i32)kt, bar);
 #pragma unroll
             for (u32 p = 0; p < V_BYTES / 128u; p++)
-                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, (i32)(p * 64u), 0, 0, 0, tile, bar);
+                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, vc.elem0 + (i32)(p * 64u), 0, 0, 0, vc.tile0 + (i32)kt, bar);
 #else
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
@@ -1374,11 +1398,6 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
 
 // ---- the kernel ----------------------------------------------------------------------------
 
-// Where the 16-bit operands live (elements): the caller's tensors, or f16 copies of codes.
-struct Strides16 {
-    u32 q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
-};
-
 // Registers: PV_FP8 holds a second O-sized accumulator and needs ~200 registers per consumer
 // thread. Warps are spread over an SM's four sub-partitions of 16 Ki registers each, so 9 warps
 // (3 on one) cap every thread at 168. PV_FP8 runs 12 warps instead and moves registers with
@@ -1450,7 +1469,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #if PV_FP8
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PV_FP8_PRODUCER_REGS));
 #endif
-        if (warp == WARPS) produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv);
+        if (warp == WARPS) produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv, S16);
         return;
     }
 #if PV_FP8

@@ -382,10 +382,12 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
     {
         let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
         // 500 keys: a ragged last tile; 512: whole tiles, where the wgmma shape permutes K and
-        // V rows within 16-key groups (KPERM, `kperm_fits`) on contiguous inputs like these.
+        // V rows within 64-key tiles (KPERM, `kperm_fits`), HND or NHD.
         for (nk, d) in [(500, 64), (512, 64), (512, 128)] {
+            let layout = if i % 3 == 1 { Layout::Nhd } else { Layout::Hnd };
             let spec = AttentionSpec::new(1, 4, 333, d)
                 .with_kv(2, nk)
+                .with_layout(layout)
                 .with_dtype(dtype)
                 .with_causal(causal)
                 .with_recipe(recipe)
@@ -459,9 +461,18 @@ fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
     .enumerate()
     {
         let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
-        for (nk, d) in [(500, 64), (512, 64), (512, 128)] {
-            let mut spec = AttentionSpec::new(1, 4, 333, d)
+        // HND and NHD (each head's rows in the permuted maps' token rows at element 0 or h·d),
+        // two batches.
+        for (nk, d, layout) in [
+            (500, 64, Layout::Hnd),
+            (512, 64, Layout::Hnd),
+            (512, 64, Layout::Nhd),
+            (512, 128, Layout::Hnd),
+            (512, 128, Layout::Nhd),
+        ] {
+            let mut spec = AttentionSpec::new(2, 4, 333, d)
                 .with_kv(2, nk)
+                .with_layout(layout)
                 .with_dtype(dtype)
                 .with_causal(causal)
                 .with_recipe(recipe)
@@ -492,7 +503,7 @@ fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
                 // recipe's same-numerics tolerance.
                 let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
                 let ctx = format!(
-                    "{} {} nk={nk} causal={causal} vnv={vnv} skip={skip} {dtype:?}",
+                    "{} {} nk={nk} {layout:?} causal={causal} vnv={vnv} skip={skip} {dtype:?}",
                     kernel.label(),
                     recipe.name()
                 );

@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
       for round in $(seq "${AB_ROUNDS:-3}"); do
         for bin in bench-attention bench-prev; do
           echo "== round $round $bin"
-          timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda"
+          timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep -E "^\| (cuda|nm-softmax|skip-softmax)"
         done
       done ;;
     envab)

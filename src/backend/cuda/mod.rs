@@ -583,9 +583,10 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
 /// thread's, and neither needs shuffles (N:M, static common path at D = 128: 2:4 exact 709 →
 /// 640 instructions per tile, dense 533; Nvfp4P's P blocks: 797 → 722, the shuffles and six of
 /// the eight scale lookups gone). Where: the wgmma shape with 16-bit P·V, N:M or an NVFP4 P
-/// recipe, whole 64-key tiles (a box never reads another head's rows), and K and V rows in one
-/// run across heads and batches, which tessera's own INT8 codes and f16 copies are and the
-/// caller's K and V are when contiguous (HND). A rank-5 map has no dimension left for heads.
+/// recipe, whole 64-key tiles (a box never reads another head's rows), and K and V whose heads
+/// start at tile boundaries of their token rows ([`perm_tiles`]: HND and NHD, dense or with
+/// padded rows; tessera's own INT8 codes and f16 copies always). A rank-5 map has no dimension
+/// left for heads, so the kernel finds each head's first tile and element itself.
 /// `TESSERA_KPERM=0` turns it off (A/B).
 pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -600,15 +601,45 @@ pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) 
     {
         return false;
     }
-    // The caller's K/V rows: token stride = head dim, heads and batches back to back.
+    // The caller's K/V rows (tessera's own codes and copies are [b·hk][N][d], which fit).
     let kv = &plan.kv;
-    let contiguous = kv.token == s.head_dim
-        && (s.heads_kv == 1 || kv.head == s.seq_kv * s.head_dim)
-        && (s.batch == 1 || kv.batch == s.heads_kv * s.seq_kv * s.head_dim);
+    let user_rows_fit = perm_tiles(
+        (kv.batch as u64, kv.head as u64, kv.token as u64),
+        s.batch as u64,
+        s.heads_kv as u64,
+        s.seq_kv as u64,
+        s.head_dim as u64,
+    )
+    .is_some();
     // K from INT8 codes (Int8Qk*) or f16 copies (Nvfp4); V from f16 copies (FP8 V, NVFP4 V).
     let own_k = matches!(recipe, 1..=3);
     let own_v = recipe == 2 || recipe == 3 || vnv;
-    contiguous || (own_k && own_v)
+    user_rows_fit || (own_k && own_v)
+}
+
+/// KPERM's tensor maps run over a tensor's token rows, `strides.2` elements apart, in tiles of
+/// 64 rows: head (b, h)'s token 0 is element off = b·strides.0 + h·strides.1, i.e. row
+/// 64·⌊off / 64·strides.2⌋ of the map at element off mod 64·strides.2 (the kernel's
+/// `perm_coord`). That works when each head's rows of `d` elements lie within the map's token
+/// rows there (HND: element 0 of the head's own rows; NHD: element h·d of the shared rows) and
+/// N is a multiple of 64. Returns the map's tile count, or None.
+pub(crate) fn perm_tiles(strides: (u64, u64, u64), b: u64, h: u64, n: u64, d: u64) -> Option<u64> {
+    let (sb, sh, st) = strides;
+    if n == 0 || n % 64 != 0 || st < d {
+        return None;
+    }
+    let span = 64 * st;
+    let mut last = 0;
+    for bi in 0..b {
+        for hi in 0..h {
+            let off = bi * sb + hi * sh;
+            if off % span + d > st {
+                return None;
+            }
+            last = last.max(off / span);
+        }
+    }
+    Some(last + n / 64)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -1621,54 +1652,35 @@ impl CudaAttention {
                 )
             };
             let kperm = matches!(kernel, Module::Mma { kperm: true, .. });
-            // KPERM: rows (of `elems` elements, `row` bytes apart) of every head in one run
-            // (kperm_fits), 5-d, permuted within 64-row tiles.
-            let permuted =
-                |ptr: u64, elem: u32, elems: u64, row: u64, st: Option<(u32, u32, u32)>| {
-                    if let Some(st) = st {
-                        let (tok, head, batch) = (st.2 as u64, st.1 as u64, st.0 as u64);
-                        let (n, h) = (nk as u64, hk as u64);
-                        if 2 * tok != row
-                            || (h > 1 && head != n * tok)
-                            || (b > 1 && batch != h * n * tok)
-                        {
-                            return Err(format!(
-                                "K/V strides {st:?} are not one run of rows (KPERM)"
-                            ));
-                        }
-                    }
-                    // Boxes as the 4-d maps: 64 16-bit elements, or INT8 rows up to 128 bytes.
-                    let box_inner = if elem == 1 { dp.min(128) } else { 64 };
-                    TmaMap::permuted_rows(
-                        ptr,
-                        elem,
-                        elems,
-                        box_inner,
-                        row,
-                        (b as u64) * (hk as u64) * (nk as u64),
-                    )
-                };
+            // KPERM: 5-d maps over a tensor's token rows, permuted within 64-row tiles; the
+            // kernel finds each head's first tile and element (`perm_tiles`, kperm_fits).
+            let permuted = |ptr: u64, elem: u32, st: (u32, u32, u32)| {
+                let st64 = (st.0 as u64, st.1 as u64, st.2 as u64);
+                let tiles = perm_tiles(st64, b as u64, hk as u64, nk as u64, s.head_dim as u64)
+                    .ok_or_else(|| {
+                        format!("K/V strides {st:?}: a head's rows cross token rows (KPERM)")
+                    })?;
+                // Boxes as the 4-d maps: 64 16-bit elements, or INT8 rows up to 128 bytes.
+                let box_inner = if elem == 1 { dp.min(128) } else { 64 };
+                TmaMap::permuted_rows(
+                    ptr,
+                    elem,
+                    st64.2,
+                    box_inner,
+                    st64.2 * elem as u64,
+                    64 * tiles,
+                )
+            };
             let maps = (|| -> std::result::Result<(TmaMap, TmaMap), String> {
                 if kperm {
                     let k = if recipe == 1 || recipe == 2 {
+                        // INT8 codes: [b·hk][nk][dp] bytes (the kernel's INT8 case of perm_coord).
                         let base = ws.device_ptr(stream).0 + 4 * layout.kcodes as u64;
-                        permuted(base, 1, dp as u64, dp as u64, None)?
+                        permuted(base, 1, (hk * nk * dp, nk * dp, dp))?
                     } else {
-                        permuted(
-                            ptr16(k16, qkv[1]),
-                            2,
-                            s.head_dim as u64,
-                            2 * ks.2 as u64,
-                            Some(ks),
-                        )?
+                        permuted(ptr16(k16, qkv[1]), 2, ks)?
                     };
-                    let v = permuted(
-                        ptr16(v16, qkv[2]),
-                        2,
-                        s.head_dim as u64,
-                        2 * vs.2 as u64,
-                        Some(vs),
-                    )?;
+                    let v = permuted(ptr16(v16, qkv[2]), 2, vs)?;
                     return Ok((k, v));
                 }
                 let k = if recipe == 1 || recipe == 2 {
@@ -2012,8 +2024,39 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_modules, int8_groups_per_block, tensor_core_fit, MmaConfig};
+    use super::{all_modules, int8_groups_per_block, perm_tiles, tensor_core_fit, MmaConfig};
     use crate::{AttentionSpec, DType, Recipe};
+
+    /// KPERM's maps over token rows: HND heads start at element 0 of their own rows, NHD heads
+    /// at element h·d of shared rows; both fit with N a multiple of 64, with the tile count the
+    /// last head's first tile plus N / 64. Ragged N, rows shorter than d and heads that cross a
+    /// token row do not fit.
+    #[test]
+    fn permuted_maps_fit_hnd_and_nhd_rows() {
+        let (b, h, n, d) = (2u64, 3u64, 128u64, 64u64);
+        let hnd = (h * n * d, n * d, d);
+        let nhd = (n * h * d, d, h * d);
+        // HND: head (1, 2) starts at tile (1·3 + 2)·2 = 10; NHD: batch 1 at tile 2.
+        assert_eq!(perm_tiles(hnd, b, h, n, d), Some(10 + 2));
+        assert_eq!(perm_tiles(nhd, b, h, n, d), Some(2 + 2));
+        // Padded HND rows (token stride 72): element 0 of each head's rows still.
+        assert_eq!(
+            perm_tiles((h * n * 72, n * 72, 72), b, h, n, d),
+            Some(10 + 2)
+        );
+        assert_eq!(perm_tiles(hnd, b, h, 100, d), None, "ragged N");
+        assert_eq!(
+            perm_tiles((h * n * d, n * d, 32), b, h, n, d),
+            None,
+            "rows shorter than d"
+        );
+        // A head offset of 32 elements into 64-element rows: its row would cross into the next.
+        assert_eq!(
+            perm_tiles((h * n * d, 32, d), b, h, n, d),
+            None,
+            "head rows cross"
+        );
+    }
 
     /// What `kernel_for` picks by default on each arch is among the modules the compile check
     /// builds (tests/cuda.rs), so a new default cannot reach users uncompiled.
@@ -2032,7 +2075,9 @@ mod tests {
                         (DType::F16, true),
                         (DType::BF16, true),
                     ] {
-                        let mut spec = AttentionSpec::new(1, 2, 200, d)
+                        // 256 keys: whole tiles, where N:M and NVFP4 P permute K and V (KPERM).
+                        let seq = if skip { 256 } else { 200 };
+                        let mut spec = AttentionSpec::new(1, 2, seq, d)
                             .with_dtype(dtype)
                             .with_recipe(recipe);
                         if skip {
