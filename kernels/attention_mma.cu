@@ -584,16 +584,32 @@ __device__ __forceinline__ u32 q_slot(u32 e, u32 chunks, u32& r, u32& c) {
 }
 
 #if KPERM
-// Where head (b, hkv)'s first key tile is in a KPERM map (tma.rs, permuted_rows): the maps run
-// over the tensor's token rows, `st` elements apart, in tiles of 64 rows; the head starts at
-// element `off` of the tensor, i.e. at tile off / 64st, element off mod 64st of a row (the host's
-// perm_tiles checked that its rows lie there; HND: element 0, NHD: hkv·d).
+// Where head (b, hkv)'s keys are in a KPERM map (tma.rs, permuted_rows): the maps run over the
+// tensor's token rows, `st` elements apart; the head starts at element `off` of the tensor, i.e.
+// at row off / st, element off mod st of that row (the host's perm_rows checked that the head's
+// d elements lie within the row; HND: element 0, NHD: hkv·d). A box starts at any row.
 struct PermCoord {
-    i32 elem0, tile0;
+    i32 elem0;
+    u32 row0;
 };
-__device__ __forceinline__ PermCoord perm_coord(unsigned long long off, u32 st) {
-    unsigned long long span = 64ull * st;
-    return {(i32)(off % span), (i32)(off / span)};
+__device__ __forceinline__ PermCoord perm_coord(unsigned long long off, u32 st) { return {(i32)(off % st), (u32)(off / st)}; }
+
+// The ragged last key tile by the producer's lanes instead of the copy engine (a 64-row box
+// would read past the head, or past the tensor): the rows KPERM's maps would land, zeros past
+// the sequence, in the maps' swizzled panels of PANEL_B bytes (128-byte swizzle: chunk c of row
+// r at c ^ (r % 8); 64-byte: c ^ (r / 2 % 4)). `src`: the tile's first key row, `row_bytes`
+// apart; ROW_B bytes per row.
+template <u32 ROW_B, u32 PANEL_B>
+__device__ __forceinline__ void fill_permuted(u32 dst, const char* src, u32 row_bytes, u32 keys_left) {
+    const u32 chunks = ROW_B / 16u, per = PANEL_B / 16u;
+#pragma unroll 4
+    for (u32 i = threadIdx.x % 32u; i < BK * chunks; i += 32u) {
+        u32 r = i / chunks, c = i % chunks;
+        u32 key = key_in_tile(r / 8u, (r % 8u) / 2u, r % 2u);
+        u32 at = (c / per) * (BK * PANEL_B) + r * PANEL_B + (((c % per) ^ (r * PANEL_B / 128u % per)) * 16u);
+        bool ok = key < keys_left;
+        cp_async16(dst + at, ok ? src + (size_t)key * row_bytes + c * 16u : src, ok);
+    }
 }
 #endif
 
@@ -604,7 +620,7 @@ __device__ __forceinline__ PermCoord perm_coord(unsigned long long off, u32 st) 
 // the sequence or the head dim are zero-filled and count in full).
 __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, const TmaMap& vmap, const u32* ws, const u32* mask,
                                         unsigned char* stages, u32 full, u32 empty, u32 bh, u32 row0, i32 last_visible, u32 hkv,
-                                        u32 b, u32 bkv, const Strides16& S16) {
+                                        u32 b, u32 bkv, const Strides16& S16, const Src& src) {
     u32 lane = threadIdx.x % 32u;
 #if KPERM
     // K: INT8 codes [b·hk][N][DP] bytes, or 16-bit rows (the caller's or f16 copies); V: 16-bit rows.
@@ -631,17 +647,29 @@ __device__ __forceinline__ void produce(const Params& P, const TmaMap& kmap, con
             for (u32 i = 0; i < BK / 32u; i++) ((float*)(stage + K_TILE + V_TILE))[lane + 32u * i] = ks[i];
         }
         u32 bar = full + 8u * st;
+#if KPERM
+        if (kt * BK + BK > P.seq_kv) {  // (warp-uniform) the ragged last tile: by the lanes
+            fill_permuted<QK_BYTES, PANEL>(smem_addr(stage), src.k + (size_t)(kt * BK) * src.k_row, src.k_row, P.seq_kv - kt * BK);
+            fill_permuted<V_BYTES, 128u>(smem_addr(stage) + K_TILE, src.v + (size_t)(kt * BK) * src.v_row, src.v_row, P.seq_kv - kt * BK);
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_async_smem();  // the lanes' writes, for the consumers' wgmma (async proxy)
+            mbar_arrive(bar);
+            continue;
+        }
+#endif
         if (lane == 0u) {
             mbar_arrive_expect(bar, K_TILE + V_TILE);
 #if KPERM
-            // 5-d maps (element, e, t, n, 64-key tile) over the tensors' token rows (perm_coord).
+            // 5-d maps (element, e, t, n, row) over the tensors' token rows (perm_coord).
+            i32 krow = (i32)(kc.row0 + kt * BK), vrow = (i32)(vc.row0 + kt * BK);
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
-                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, kc.elem0 + (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0,
-                          kc.tile0 + (i32)kt, bar);
+                tma_load5(smem_addr(stage) + p * BK * PANEL, kmap, kc.elem0 + (i32)(p * (INT8_QK ? PANEL : PANEL / 2u)), 0, 0, 0, krow,
+                          bar);
 #pragma unroll
             for (u32 p = 0; p < V_BYTES / 128u; p++)
-                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, vc.elem0 + (i32)(p * 64u), 0, 0, 0, vc.tile0 + (i32)kt, bar);
+                tma_load5(smem_addr(stage) + K_TILE + p * BK * 128u, vmap, vc.elem0 + (i32)(p * 64u), 0, 0, 0, vrow, bar);
 #else
 #pragma unroll
             for (u32 p = 0; p < QK_BYTES / PANEL; p++)
@@ -1081,9 +1109,9 @@ extern "C" __global__ void __launch_bounds__(128) probe_sparse_pv(const unsigned
 // Test probe (tests/cuda.rs): one box of a tensor map over 16-bit rows of 64 elements (128
 // bytes, 128-byte swizzled) as the copy engine leaves it in shared memory, 64 rows, raw (still
 // swizzled): does a 5-d map with non-monotonic row strides (tma.rs, `permuted_rows`) land
-// key 16t + 2n + e of each 64-key tile at row 8n + 2t + e (key_in_tile)? `tile0` is the box's
-// tile. One warp.
-extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 tile0) {
+// key 16t + 2n + e of a 64-key tile at row 8n + 2t + e (key_in_tile)? `row0` is the tile's
+// first row (any row). One warp.
+extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_constant__ TmaMap map, unsigned short* out, u32 row0) {
     __shared__ __align__(1024) unsigned char box[64u * 128u];
     __shared__ __align__(8) unsigned long long bar;
     u32 b = smem_addr(&bar);
@@ -1094,7 +1122,7 @@ extern "C" __global__ void __launch_bounds__(32) probe_tma_rows(const __grid_con
     __syncwarp();
     if (threadIdx.x == 0u) {
         mbar_arrive_expect(b, 64u * 128u);
-        tma_load5(smem_addr(box), map, 0, 0, 0, 0, (i32)tile0, b);
+        tma_load5(smem_addr(box), map, 0, 0, 0, 0, (i32)row0, b);
     }
     mbar_wait(b, 0u);
     for (u32 i = threadIdx.x; i < 64u * 64u; i += 32u) out[i] = ((const unsigned short*)box)[i];
@@ -1469,7 +1497,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #if PV_FP8
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PV_FP8_PRODUCER_REGS));
 #endif
-        if (warp == WARPS) produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv, S16);
+        if (warp == WARPS) produce(P, kmap, vmap, ws, mask, smem + Q_TILE, full, empty, bh, row0, last_visible, hkv, b, bkv, S16, src);
         return;
     }
 #if PV_FP8

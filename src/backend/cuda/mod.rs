@@ -583,10 +583,10 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
 /// thread's, and neither needs shuffles (N:M, static common path at D = 128: 2:4 exact 709 →
 /// 640 instructions per tile, dense 533; Nvfp4P's P blocks: 797 → 722, the shuffles and six of
 /// the eight scale lookups gone). Where: the wgmma shape with 16-bit P·V, N:M or an NVFP4 P
-/// recipe, whole 64-key tiles (a box never reads another head's rows), and K and V whose heads
-/// start at tile boundaries of their token rows ([`perm_tiles`]: HND and NHD, dense or with
-/// padded rows; tessera's own INT8 codes and f16 copies always). A rank-5 map has no dimension
-/// left for heads, so the kernel finds each head's first tile and element itself.
+/// recipe, at least 64 keys (the producer copies a ragged last tile itself: a box would read
+/// past the head), and K and V whose heads lie within token rows ([`perm_rows`]: HND and NHD,
+/// dense or with padded rows; tessera's own INT8 codes and f16 copies always). A rank-5 map has
+/// no dimension left for heads, so the kernel finds each head's first row and element itself.
 /// `TESSERA_KPERM=0` turns it off (A/B).
 pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -597,13 +597,13 @@ pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) 
         || !(s.nm_softmax.is_some() || nvfp4_p)
         || !cfg.wgmma
         || fp8_pv(recipe, vnv, cfg, dp)
-        || s.seq_kv % 64 != 0
+        || s.seq_kv < 64
     {
         return false;
     }
     // The caller's K/V rows (tessera's own codes and copies are [b·hk][N][d], which fit).
     let kv = &plan.kv;
-    let user_rows_fit = perm_tiles(
+    let user_rows_fit = perm_rows(
         (kv.batch as u64, kv.head as u64, kv.token as u64),
         s.batch as u64,
         s.heads_kv as u64,
@@ -617,29 +617,28 @@ pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) 
     user_rows_fit || (own_k && own_v)
 }
 
-/// KPERM's tensor maps run over a tensor's token rows, `strides.2` elements apart, in tiles of
-/// 64 rows: head (b, h)'s token 0 is element off = b·strides.0 + h·strides.1, i.e. row
-/// 64·⌊off / 64·strides.2⌋ of the map at element off mod 64·strides.2 (the kernel's
-/// `perm_coord`). That works when each head's rows of `d` elements lie within the map's token
-/// rows there (HND: element 0 of the head's own rows; NHD: element h·d of the shared rows) and
-/// N is a multiple of 64. Returns the map's tile count, or None.
-pub(crate) fn perm_tiles(strides: (u64, u64, u64), b: u64, h: u64, n: u64, d: u64) -> Option<u64> {
+/// KPERM's tensor maps run over a tensor's token rows, `strides.2` elements apart: head (b, h)'s
+/// token 0 is element off = b·strides.0 + h·strides.1, i.e. row ⌊off / strides.2⌋ of the map
+/// at element off mod strides.2 (the kernel's `perm_coord`). That works when each head's `d`
+/// elements lie within the token row there (HND: element 0 of the head's own rows; NHD:
+/// element h·d of the shared rows). Returns the map's row count (the last head's first row
+/// plus N), or None. (The kernel copies a ragged last tile itself, so N is free.)
+pub(crate) fn perm_rows(strides: (u64, u64, u64), b: u64, h: u64, n: u64, d: u64) -> Option<u64> {
     let (sb, sh, st) = strides;
-    if n == 0 || n % 64 != 0 || st < d {
+    if n == 0 || st < d {
         return None;
     }
-    let span = 64 * st;
     let mut last = 0;
     for bi in 0..b {
         for hi in 0..h {
             let off = bi * sb + hi * sh;
-            if off % span + d > st {
+            if off % st + d > st {
                 return None;
             }
-            last = last.max(off / span);
+            last = last.max(off / st);
         }
     }
-    Some(last + n / 64)
+    Some(last + n)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -1019,18 +1018,18 @@ impl CudaAttention {
         stream.clone_dtoh(&out).map_err(cuda_err("dtoh"))
     }
 
-    /// The probe `probe_tma_rows`: 16-bit `rows` of 64 elements each (row-major, `rows` a
-    /// multiple of 64) through `TmaMap::permuted_rows`, the box of 64-row tile `tile0` as the
-    /// copy engine leaves it in shared memory (128-byte swizzled, raw). Checks KPERM's key
-    /// permutation by TMA (docs/design.md). Waits for its result.
+    /// The probe `probe_tma_rows`: 16-bit `rows` of 64 elements each (row-major) through
+    /// `TmaMap::permuted_rows`, the box of 64 rows from row `row0` as the copy engine leaves
+    /// it in shared memory (128-byte swizzled, raw). Checks KPERM's key permutation by TMA
+    /// (docs/design.md). Waits for its result.
     #[doc(hidden)]
-    pub fn probe_tma_permuted_rows(&self, rows: &[u16], tile0: u32) -> Result<Vec<u16>> {
+    pub fn probe_tma_permuted_rows(&self, rows: &[u16], row0: u32) -> Result<Vec<u16>> {
         let n = rows.len() / 64;
-        if rows.len() % (64 * 64) != 0 || (tile0 as usize + 1) * 64 > n {
+        if rows.len() % 64 != 0 || row0 as usize + 64 > n {
             return Err(Error::BadBuffer {
                 buffer: "rows",
                 problem: format!(
-                    "need whole 64-row tiles of 64 elements, tile {tile0} among them; got {} elements",
+                    "need rows of 64 elements, 64 of them from row {row0}; got {} elements",
                     rows.len()
                 ),
             });
@@ -1046,7 +1045,7 @@ impl CudaAttention {
             .alloc_zeros::<u16>(64 * 64)
             .map_err(cuda_err("alloc"))?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&map).arg(&mut out).arg(&tile0);
+        l.arg(&map).arg(&mut out).arg(&row0);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -1653,23 +1652,16 @@ impl CudaAttention {
             };
             let kperm = matches!(kernel, Module::Mma { kperm: true, .. });
             // KPERM: 5-d maps over a tensor's token rows, permuted within 64-row tiles; the
-            // kernel finds each head's first tile and element (`perm_tiles`, kperm_fits).
+            // kernel finds each head's first tile and element (`perm_rows`, kperm_fits).
             let permuted = |ptr: u64, elem: u32, st: (u32, u32, u32)| {
                 let st64 = (st.0 as u64, st.1 as u64, st.2 as u64);
-                let tiles = perm_tiles(st64, b as u64, hk as u64, nk as u64, s.head_dim as u64)
+                let rows = perm_rows(st64, b as u64, hk as u64, nk as u64, s.head_dim as u64)
                     .ok_or_else(|| {
                         format!("K/V strides {st:?}: a head's rows cross token rows (KPERM)")
                     })?;
                 // Boxes as the 4-d maps: 64 16-bit elements, or INT8 rows up to 128 bytes.
                 let box_inner = if elem == 1 { dp.min(128) } else { 64 };
-                TmaMap::permuted_rows(
-                    ptr,
-                    elem,
-                    st64.2,
-                    box_inner,
-                    st64.2 * elem as u64,
-                    64 * tiles,
-                )
+                TmaMap::permuted_rows(ptr, elem, st64.2, box_inner, st64.2 * elem as u64, rows)
             };
             let maps = (|| -> std::result::Result<(TmaMap, TmaMap), String> {
                 if kperm {
@@ -2024,7 +2016,7 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_modules, int8_groups_per_block, perm_tiles, tensor_core_fit, MmaConfig};
+    use super::{all_modules, int8_groups_per_block, perm_rows, tensor_core_fit, MmaConfig};
     use crate::{AttentionSpec, DType, Recipe};
 
     /// KPERM's maps over token rows: HND heads start at element 0 of their own rows, NHD heads
@@ -2033,26 +2025,25 @@ mod tests {
     /// token row do not fit.
     #[test]
     fn permuted_maps_fit_hnd_and_nhd_rows() {
-        let (b, h, n, d) = (2u64, 3u64, 128u64, 64u64);
+        let (b, h, n, d) = (2u64, 3u64, 100u64, 64u64);
         let hnd = (h * n * d, n * d, d);
         let nhd = (n * h * d, d, h * d);
-        // HND: head (1, 2) starts at tile (1·3 + 2)·2 = 10; NHD: batch 1 at tile 2.
-        assert_eq!(perm_tiles(hnd, b, h, n, d), Some(10 + 2));
-        assert_eq!(perm_tiles(nhd, b, h, n, d), Some(2 + 2));
+        // HND: head (1, 2) starts at row (1·3 + 2)·100; NHD: batch 1 at row 100. N is free.
+        assert_eq!(perm_rows(hnd, b, h, n, d), Some(500 + 100));
+        assert_eq!(perm_rows(nhd, b, h, n, d), Some(100 + 100));
         // Padded HND rows (token stride 72): element 0 of each head's rows still.
         assert_eq!(
-            perm_tiles((h * n * 72, n * 72, 72), b, h, n, d),
-            Some(10 + 2)
+            perm_rows((h * n * 72, n * 72, 72), b, h, n, d),
+            Some(500 + 100)
         );
-        assert_eq!(perm_tiles(hnd, b, h, 100, d), None, "ragged N");
         assert_eq!(
-            perm_tiles((h * n * d, n * d, 32), b, h, n, d),
+            perm_rows((h * n * d, n * d, 32), b, h, n, d),
             None,
             "rows shorter than d"
         );
         // A head offset of 32 elements into 64-element rows: its row would cross into the next.
         assert_eq!(
-            perm_tiles((h * n * d, 32, d), b, h, n, d),
+            perm_rows((h * n * d, 32, d), b, h, n, d),
             None,
             "head rows cross"
         );

@@ -46,13 +46,14 @@ impl TmaMap {
         tiled(ptr, elem, &dims, &strides, &[box_inner, 64, 1, 1], swizzle)
     }
 
-    /// Rows of `row_elems` elements of `elem` bytes (1 or 2), `row_bytes` apart, `rows` of them
-    /// in one run (a multiple of 64), as a 5-d map whose boxes of 64 rows hold, at row
-    /// 8n + 2t + e of each 64-row tile, the tensor's row 16t + 2n + e of that tile: dims
-    /// (element, e, t, n, tile) with row strides (1, 16, 2, 64), not increasing (the KPERM
-    /// kernels, kernels/attention_mma.cu `key_in_tile`: a thread's 16 scores of a row are then
-    /// 16 consecutive keys). Box: `box_inner` elements (128 or 64 bytes, swizzled as wide) ×
-    /// 64 rows; coordinate 4 is the tile.
+    /// Rows of `row_elems` elements of `elem` bytes (1 or 2), `row_bytes` apart, `rows` of them,
+    /// as a 5-d map whose box of 64 rows starting at any row R holds, at row 8n + 2t + e, the
+    /// tensor's row R + 16t + 2n + e: dims (element, e, t, n, row) with row strides
+    /// (1, 16, 2, 1), not increasing (the KPERM kernels, kernels/attention_mma.cu `key_in_tile`:
+    /// a thread's 16 scores of a row are then 16 consecutive keys). Box: `box_inner` elements
+    /// (128 or 64 bytes, swizzled as wide) × 64 rows; coordinate 4 is R. The copy engine checks
+    /// only R against `rows`: the caller never asks for a box past the end (the kernel fills a
+    /// ragged last tile itself).
     pub(crate) fn permuted_rows(
         ptr: u64,
         elem: u32,
@@ -61,10 +62,10 @@ impl TmaMap {
         row_bytes: u64,
         rows: u64,
     ) -> Result<TmaMap, String> {
-        if ptr % 16 != 0 || row_bytes % 16 != 0 || rows % 64 != 0 || rows == 0 {
+        if ptr % 16 != 0 || row_bytes % 16 != 0 || rows < 64 {
             return Err(format!(
                 "permuted tensor map: address {ptr:#x}, row stride {row_bytes} (multiples of 16) \
-                 and {rows} rows (a multiple of 64) needed"
+                 and {rows} rows (64 or more) needed"
             ));
         }
         let swizzle = match box_inner * elem {
@@ -80,8 +81,8 @@ impl TmaMap {
         tiled(
             ptr,
             elem,
-            &[row_elems, 2, 4, 8, rows / 64],
-            &[r, 16 * r, 2 * r, 64 * r],
+            &[row_elems, 2, 4, 8, rows],
+            &[r, 16 * r, 2 * r, r],
             &[box_inner, 2, 4, 8, 1],
             swizzle,
         )
