@@ -723,34 +723,44 @@ __device__ __forceinline__ float kth_largest(const float (&a)[L], const float (&
     return best;
 }
 
-// τ (the NM_N-th largest) of the group of this thread's two scores; `tie` |= the next one
-// equals it. (Equal −∞ scores also count as a tie: harmless, the rank path then runs on a few
-// masked tiles, and the test stays one instruction.)
-__device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
-    float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2];
-#pragma unroll
-    for (u32 e = 0; e < 2u; e++) pair[e] = __shfl_xor_sync(0xffffffffu, own[e], 1);
+// τ (the NM_N-th largest) of a group from the sorted pairs a, c of its first four keys and,
+// for M = 8, `rest`, which gives the sorted other four; `tie` |= the next one equals τ. (Equal
+// −∞ scores also count as a tie: harmless, the rank path then runs on a few masked tiles, and
+// the test stays one instruction.)
+template <typename Rest>
+__device__ __forceinline__ float nm_tau(const float (&a)[2], const float (&c)[2], bool& tie, Rest rest) {
     if (NM == 4u && NM_N == 2u) {
-        // 2:4: the 2nd and 3rd largest are max(a, b) and min(a, b), equal when a = b.
-        float a = fminf(own[0], pair[0]), b = fmaxf(own[1], pair[1]);
-        tie |= a == b;
-        return fmaxf(a, b);
+        // 2:4: the 2nd and 3rd largest are max(x, y) and min(x, y), equal when x = y.
+        float x = fminf(a[0], c[0]), y = fmaxf(a[1], c[1]);
+        tie |= x == y;
+        return fmaxf(x, y);
     }
     float tau, next;
     if (NM == 4u) {
-        tau = kth_largest(own, pair, NM_N);
-        next = kth_largest(own, pair, NM_N + 1u);
+        tau = kth_largest(a, c, NM_N);
+        next = kth_largest(a, c, NM_N + 1u);
     } else {
         float four[4], other[4];
 #pragma unroll
-        for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(own, pair, k + 1u);
-#pragma unroll
-        for (u32 k = 0; k < 4u; k++) other[k] = __shfl_xor_sync(0xffffffffu, four[k], 2);
+        for (u32 k = 0; k < 4u; k++) four[k] = kth_largest(a, c, k + 1u);
+        rest(four, other);
         tau = kth_largest(four, other, NM_N);
         next = kth_largest(four, other, NM_N + 1u);
     }
     tie |= tau == next;
     return tau;
+}
+
+// τ of the group of this thread's two scores (natural key order): the lane pair holds the
+// group's other two keys (M = 4), the quad its eight (M = 8).
+__device__ __forceinline__ float nm_threshold(float x0, float x1, bool& tie) {
+    float own[2] = {fmaxf(x0, x1), fminf(x0, x1)}, pair[2];
+#pragma unroll
+    for (u32 e = 0; e < 2u; e++) pair[e] = __shfl_xor_sync(0xffffffffu, own[e], 1);
+    return nm_tau(own, pair, tie, [](const float (&four)[4], float (&other)[4]) {
+#pragma unroll
+        for (u32 k = 0; k < 4u; k++) other[k] = __shfl_xor_sync(0xffffffffu, four[k], 2);
+    });
 }
 
 // Is key `key` of row `row` dense (a sink or a recent key)?
@@ -809,29 +819,13 @@ __device__ __forceinline__ void group_values(const float (&s)[NT_S][4], u32 n0, 
 // τ (the NM_N-th largest) of a group held whole by this thread; `tie` |= the next one equals it.
 __device__ __forceinline__ float nm_threshold_own(const float (&v)[NM], bool& tie) {
     float a[2] = {fmaxf(v[0], v[1]), fminf(v[0], v[1])}, c[2] = {fmaxf(v[2], v[3]), fminf(v[2], v[3])};
-    if (NM == 4u && NM_N == 2u) {
-        float x = fminf(a[0], c[0]), y = fmaxf(a[1], c[1]);  // 2nd and 3rd largest: max and min
-        tie |= x == y;
-        return fmaxf(x, y);
-    }
-    float tau, next;
-    if (NM == 4u) {
-        tau = kth_largest(a, c, NM_N);
-        next = kth_largest(a, c, NM_N + 1u);
-    } else {
-        // Two sorted fours (keys 0-3 and 4-7 of the group), then their merge's N-th.
-        float lo[4], hi[4], a2[2] = {fmaxf(v[4 % NM], v[5 % NM]), fminf(v[4 % NM], v[5 % NM])},
-                            c2[2] = {fmaxf(v[6 % NM], v[7 % NM]), fminf(v[6 % NM], v[7 % NM])};
+    return nm_tau(a, c, tie, [&](const float (&)[4], float (&other)[4]) {
+        // Keys 4-7 of the group (M = 8 only: the indices wrap for M = 4, never called).
+        float a2[2] = {fmaxf(v[4 % NM], v[5 % NM]), fminf(v[4 % NM], v[5 % NM])},
+              c2[2] = {fmaxf(v[6 % NM], v[7 % NM]), fminf(v[6 % NM], v[7 % NM])};
 #pragma unroll
-        for (u32 k = 0; k < 4u; k++) {
-            lo[k] = kth_largest(a, c, k + 1u);
-            hi[k] = kth_largest(a2, c2, k + 1u);
-        }
-        tau = kth_largest(lo, hi, NM_N);
-        next = kth_largest(lo, hi, NM_N + 1u);
-    }
-    tie |= tau == next;
-    return tau;
+        for (u32 k = 0; k < 4u; k++) other[k] = kth_largest(a2, c2, k + 1u);
+    });
 }
 
 // The exact rule by ranks for KPERM (ties at the boundary): ranks within the thread's group,

@@ -323,9 +323,7 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
 /// N:M sparse softmax on the tensor-core kernel against the CUDA-core kernel.
 #[test]
 fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
-    use common::matrix::{rows, tolerance};
     use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
-    use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
@@ -394,31 +392,49 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
                 .with_nm_softmax(nm)
                 .with_lse(true);
             let plan = spec.plan().unwrap();
-            let (q, k, v) = qkv(&spec, &mut rng, 1.0);
-            let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-            for mma in if d == 64 { &shapes_64 } else { &shapes_128 } {
-                let kernel = mma.kernel_for(&plan);
-                assert!(matches!(kernel, Module::Mma { nm: (_, 4 | 8), .. }));
-                if let Module::Mma { cfg, kperm, .. } = kernel {
-                    // (On sm_90a; elsewhere kernel_for drops the wgmma shape.)
-                    assert_eq!(kperm, cfg.wgmma, "{}", kernel.label());
-                }
-                let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
-                let acc = Accuracy::of(&o_mma, &o_simt);
-                // The same selection up to scores that tie only after scaling (rare): the recipe's
-                // tolerance.
-                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
-                let ctx = format!(
-                    "{} {} {}:{} causal={causal} {dtype:?}",
-                    kernel.label(),
-                    recipe.name(),
-                    nm.n,
-                    nm.m
-                );
-                assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-                assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            let mmas = if d == 64 { &shapes_64 } else { &shapes_128 };
+            for mma in mmas {
+                assert!(matches!(
+                    mma.kernel_for(&plan),
+                    Module::Mma { nm: (_, 4 | 8), .. }
+                ));
             }
+            // The same selection up to scores that tie only after scaling (rare).
+            let what = format!("{}:{} causal={causal} {dtype:?}", nm.n, nm.m);
+            permuted_shapes_match_cuda_cores(&simt, mmas, &spec, &mut rng, &what);
         }
+    }
+}
+
+/// `spec` on fresh inputs on each tensor-core launch shape of `mmas` against the CUDA-core
+/// kernel `simt` (the same quantizers and selection; the sums differ in order, and rarely a
+/// value rounds across a boundary): the recipe's same-numerics tolerance. The wgmma shape
+/// (sm_90a) must permute the keys (KPERM, `kperm_fits`). `what` names the case.
+fn permuted_shapes_match_cuda_cores(
+    simt: &tessera::backend::cuda::CudaAttention,
+    mmas: &[tessera::backend::cuda::CudaAttention],
+    spec: &AttentionSpec,
+    rng: &mut Rng,
+    what: &str,
+) {
+    use common::matrix::{rows, tolerance};
+    use tessera::backend::cuda::Module;
+    use tessera::metrics::Accuracy;
+    let plan = spec.plan().unwrap();
+    let (q, k, v) = qkv(spec, rng, 1.0);
+    let (o_simt, _) = run_poisoned_with(simt, spec, &q, &k, &v);
+    for mma in mmas {
+        let kernel = mma.kernel_for(&plan);
+        if let Module::Mma { cfg, kperm, .. } = kernel {
+            // (On sm_90a; elsewhere kernel_for drops the wgmma shape.)
+            assert_eq!(kperm, cfg.wgmma, "{}", kernel.label());
+        }
+        let (o_mma, _) = run_poisoned_with(mma, spec, &q, &k, &v);
+        let acc = Accuracy::of(&o_mma, &o_simt);
+        let (tol_l1, _) = tolerance(spec.recipe, spec.dtype, rows(&plan));
+        let ctx = format!("{} {} {what}", kernel.label(), spec.recipe.name());
+        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
     }
 }
 
@@ -430,9 +446,7 @@ fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
 /// and 128, HND and NHD; 500 keys end on a ragged tile, which the producer copies itself.
 #[test]
 fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
-    use common::matrix::{rows, tolerance};
-    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
-    use tessera::metrics::Accuracy;
+    use tessera::backend::cuda::{CudaAttention, MmaConfig};
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
@@ -484,33 +498,15 @@ fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
             if skip {
                 spec = spec.with_skip_softmax(tessera::SkipSoftmax::Lambda(0.05));
             }
-            let plan = spec.plan().unwrap();
-            let (q, k, v) = qkv(&spec, &mut rng, 1.0);
-            let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
-            for mma in if d == 64 {
+            // The same quantization on both (P's blocks and codes alike).
+            let what =
+                format!("nk={nk} {layout:?} causal={causal} vnv={vnv} skip={skip} {dtype:?}");
+            let mmas = if d == 64 {
                 &shapes_64[..]
             } else {
                 &shapes_128[..]
-            } {
-                let kernel = mma.kernel_for(&plan);
-                if let Module::Mma { cfg, kperm, .. } = kernel {
-                    // (On sm_90a; elsewhere kernel_for drops the wgmma shape.)
-                    assert_eq!(kperm, cfg.wgmma, "{}", kernel.label());
-                }
-                let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
-                let acc = Accuracy::of(&o_mma, &o_simt);
-                // The same quantization on both (P's blocks and codes alike); the sums differ in
-                // order and, rarely, a p rounds across a block-scale or E2M1 boundary: the
-                // recipe's same-numerics tolerance.
-                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
-                let ctx = format!(
-                    "{} {} nk={nk} {layout:?} causal={causal} vnv={vnv} skip={skip} {dtype:?}",
-                    kernel.label(),
-                    recipe.name()
-                );
-                assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-                assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
-            }
+            };
+            permuted_shapes_match_cuda_cores(&simt, mmas, &spec, &mut rng, &what);
         }
     }
 }

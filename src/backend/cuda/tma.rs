@@ -34,15 +34,7 @@ impl TmaMap {
                 "tensor map: address {ptr:#x} or strides {strides:?} not multiples of 16 bytes"
             ));
         }
-        let swizzle = match box_inner * elem {
-            128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
-            w => {
-                return Err(format!(
-                    "tensor map: {w}-byte box rows (128 or 64 expected)"
-                ))
-            }
-        };
+        let swizzle = swizzle_as_wide(box_inner * elem)?;
         tiled(ptr, elem, &dims, &strides, &[box_inner, 64, 1, 1], swizzle)
     }
 
@@ -68,15 +60,7 @@ impl TmaMap {
                  and {rows} rows (64 or more) needed"
             ));
         }
-        let swizzle = match box_inner * elem {
-            128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
-            w => {
-                return Err(format!(
-                    "tensor map: {w}-byte box rows (128 or 64 expected)"
-                ))
-            }
-        };
+        let swizzle = swizzle_as_wide(box_inner * elem)?;
         let r = row_bytes;
         tiled(
             ptr,
@@ -86,6 +70,17 @@ impl TmaMap {
             &[box_inner, 2, 4, 8, 1],
             swizzle,
         )
+    }
+}
+
+/// The swizzle of a box row of `bytes` (128 or 64): as wide as the row.
+fn swizzle_as_wide(bytes: u32) -> Result<sys::CUtensorMapSwizzle, String> {
+    match bytes {
+        128 => Ok(sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B),
+        64 => Ok(sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B),
+        w => Err(format!(
+            "tensor map: {w}-byte box rows (128 or 64 expected)"
+        )),
     }
 }
 
