@@ -2,6 +2,9 @@
 # On the GPU machine, from the repository root, after benches/gpu/pack.sh here (device tool:
 # carry [".gpu"]):
 #   bash benches/gpu/run.sh tests            every test binary (TESSERA_REQUIRE_GPU=1), 280 s each at most
+#   bash benches/gpu/run.sh tests-quick      the same without the NVRTC compile check of every module
+#                                            (~100 s less; run it here instead: cargo test --release
+#                                            --all-features --test cuda every_kernel, with libnvrtc)
 #   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
 #   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
@@ -29,13 +32,14 @@ fi
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
 # A step's ARGS run up to the next step name.
-is_step() { case "$1" in tests | bench | flash | profile | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
+is_step() { case "$1" in tests | tests-quick | bench | flash | profile | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests)
+    tests | tests-quick)
+      skip=(); [ "$1" = tests-quick ] && skip=(--skip every_kernel)
       for t in .gpu/bin/test-*; do
         n=$(basename "$t")
-        timeout 280 "$t" --include-ignored --nocapture > "/tmp/$n.log" 2>&1
+        timeout 280 "$t" --include-ignored --nocapture "${skip[@]}" > "/tmp/$n.log" 2>&1
         echo "$n rc $?"
         [ -n "${OUT:-}" ] && cp "/tmp/$n.log" "$OUT/$n.log"
         grep -E "test result|FAILED|panicked|worst|agree with|compiled for" "/tmp/$n.log" | head -24
