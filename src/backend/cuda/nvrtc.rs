@@ -10,12 +10,29 @@ pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 pub const QUANT: &str = include_str!("../../../kernels/quant.cu");
 pub const ATTENTION: &str = include_str!("../../../kernels/attention.cu");
 pub const ATTENTION_MMA: &str = include_str!("../../../kernels/attention_mma.cu");
-pub const WGMMA: &str = include_str!("../../../kernels/wgmma.cuh");
+/// The headers attention_mma.cu includes, by the names its `#include` lines use.
+pub const ATTENTION_MMA_HEADERS: [(&str, &str); 5] = [
+    ("wgmma.cuh", include_str!("../../../kernels/wgmma.cuh")),
+    ("mma_p.cuh", include_str!("../../../kernels/mma_p.cuh")),
+    (
+        "mma_staging.cuh",
+        include_str!("../../../kernels/mma_staging.cuh"),
+    ),
+    ("mma_nm.cuh", include_str!("../../../kernels/mma_nm.cuh")),
+    (
+        "mma_sparse_pv.cuh",
+        include_str!("../../../kernels/mma_sparse_pv.cuh"),
+    ),
+];
 
-/// attention_mma.cu with its `#include "wgmma.cuh"` replaced by the header's text (the program
-/// is compiled from one string).
+/// attention_mma.cu with each `#include "…"` replaced by the header's text (the program is
+/// compiled from one string).
 pub fn attention_mma_body() -> String {
-    ATTENTION_MMA.replace("#include \"wgmma.cuh\"", WGMMA)
+    ATTENTION_MMA_HEADERS
+        .iter()
+        .fold(ATTENTION_MMA.to_string(), |body, (name, text)| {
+            body.replace(&format!("#include \"{name}\""), text)
+        })
 }
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
@@ -195,4 +212,25 @@ pub fn compile_cached(name: &str, src: &str, arch: &str, driver: i32) -> Result<
         }
     }
     Ok(cubin)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every header attention_mma.cu includes is registered in `ATTENTION_MMA_HEADERS` (NVRTC
+    /// gets one string: an unresolved `#include` fails only at run time, on a GPU machine).
+    #[test]
+    fn attention_mma_body_resolves_every_include() {
+        let body = super::attention_mma_body();
+        let left: Vec<&str> = body
+            .lines()
+            .filter(|l| l.trim_start().starts_with("#include"))
+            .collect();
+        assert!(left.is_empty(), "unresolved: {left:?}");
+        for (name, _) in super::ATTENTION_MMA_HEADERS {
+            assert!(
+                super::ATTENTION_MMA.contains(&format!("#include \"{name}\"")),
+                "{name} is registered but not included"
+            );
+        }
+    }
 }
