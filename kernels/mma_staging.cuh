@@ -30,41 +30,33 @@ __device__ __forceinline__ void stage_kscales(const Params& P, const u32* ws, un
               ws + P.off_kscales + bkv * ngk + (ok ? group_of(key, P.k_gblock, P.k_ginter) : 0u), ok);
 }
 
-// Issue the copies of key tile kb's K (and K scales) into a stage (zero-filled past seq_kv and
-// head_dim). Chunks past the head dim are zero: codes are zero-padded in the workspace; 16-bit
-// inputs are not, and their rows may run into the next head.
-__device__ __forceinline__ void stage_k(const Params& P, const Src& src, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
+// Issue the copies of one tile's rows (BK keys from key0, CHUNKS 16-byte chunks each, STRIDE
+// bytes apart in shared memory) from `src` (rows `row_bytes` apart), zero-filled past seq_kv and
+// past `valid` chunks (the head dim: codes are zero-padded in the workspace; 16-bit inputs are
+// not, and their rows may run into the next head).
+template <u32 CHUNKS, u32 STRIDE>
+__device__ __forceinline__ void stage_rows(const Params& P, u32 base, const char* src, u32 row_bytes, u32 key0, u32 valid) {
     u32 tid = threadIdx.x;
-    u32 key0 = kb * BK;
-    u32 kbase = smem_addr(stage);
-    const u32 kchunks = QK_BYTES / 16u;
-    u32 k_valid = INT8_QK ? kchunks : (P.head_dim * 2u) / 16u;
 #pragma unroll
-    for (u32 i = 0; i < (BK * kchunks + CONSUMERS - 1u) / CONSUMERS; i++) {  // constant trip count: unrolled
+    for (u32 i = 0; i < (BK * CHUNKS + CONSUMERS - 1u) / CONSUMERS; i++) {  // constant trip count: unrolled
         u32 e = tid + i * CONSUMERS;
-        if ((BK * kchunks) % CONSUMERS != 0u && e >= BK * kchunks) break;
-        u32 r, c, at = stage_slot(e, kchunks, K_STRIDE, r, c);
-        bool ok = key0 + r < P.seq_kv && c < k_valid;
-        cp_async16(kbase + at, ok ? src.k + (size_t)(key0 + r) * src.k_row + c * 16u : src.k, ok);
+        if ((BK * CHUNKS) % CONSUMERS != 0u && e >= BK * CHUNKS) break;
+        u32 r, c, at = stage_slot(e, CHUNKS, STRIDE, r, c);
+        bool ok = key0 + r < P.seq_kv && c < valid;
+        cp_async16(base + at, ok ? src + (size_t)(key0 + r) * row_bytes + c * 16u : src, ok);
     }
+}
+
+// Key tile kb's K (and K scales) into a stage.
+__device__ __forceinline__ void stage_k(const Params& P, const Src& src, const u32* ws, unsigned char* stage, u32 kb, u32 bkv) {
+    const u32 kchunks = QK_BYTES / 16u;
+    stage_rows<kchunks, K_STRIDE>(P, smem_addr(stage), src.k, src.k_row, kb * BK, INT8_QK ? kchunks : (P.head_dim * 2u) / 16u);
     stage_kscales(P, ws, stage, kb, bkv);
 }
 
 // The same for key tile kb's V.
 __device__ __forceinline__ void stage_v(const Params& P, const Src& src, unsigned char* stage, u32 kb) {
-    u32 tid = threadIdx.x;
-    u32 key0 = kb * BK;
-    u32 vbase = smem_addr(stage) + K_TILE;
-    const u32 vchunks = V_BYTES / 16u;
-    u32 v_valid = (P.head_dim * 2u) / 16u;
-#pragma unroll
-    for (u32 i = 0; i < (BK * vchunks + CONSUMERS - 1u) / CONSUMERS; i++) {  // constant trip count: unrolled
-        u32 e = tid + i * CONSUMERS;
-        if ((BK * vchunks) % CONSUMERS != 0u && e >= BK * vchunks) break;
-        u32 r, c, at = stage_slot(e, vchunks, V_STRIDE, r, c);
-        bool ok = key0 + r < P.seq_kv && c < v_valid;
-        cp_async16(vbase + at, ok ? src.v + (size_t)(key0 + r) * src.v_row + c * 16u : src.v, ok);
-    }
+    stage_rows<V_BYTES / 16u, V_STRIDE>(P, smem_addr(stage) + K_TILE, src.v, src.v_row, kb * BK, (P.head_dim * 2u) / 16u);
 }
 
 // Is key tile kb skipped for this block of query rows (block mask, or wholly above the causal diagonal)?
