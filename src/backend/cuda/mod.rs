@@ -286,8 +286,8 @@ pub enum Module {
         nm: (u32, u32),
         /// V → NVFP4: V read from f16 copies of its codes' values, the output times v_g.
         vnv: bool,
-        /// N:M with K's and V's rows permuted within 16-key groups by the tensor maps, so that a
-        /// group's keys are one thread's ([`kperm_fits`]).
+        /// K's and V's rows permuted within each 64-key tile by the tensor maps, so that a
+        /// thread's scores of a row are 16 consecutive keys ([`kperm_fits`]).
         kperm: bool,
     },
 }
@@ -622,7 +622,8 @@ pub fn kperm_fits(plan: &Plan, cfg: MmaConfig, recipe: u32, dp: u32, vnv: bool) 
 /// at element off mod strides.2 (the kernel's `perm_coord`). That works when each head's `d`
 /// elements lie within the token row there (HND: element 0 of the head's own rows; NHD:
 /// element h·d of the shared rows). Returns the map's row count (the last head's first row
-/// plus N), or None. (The kernel copies a ragged last tile itself, so N is free.)
+/// plus N), or None; also None past 2³¹ rows (the copy engine's coordinates are 32-bit signed).
+/// (The kernel copies a ragged last tile itself, so N is free.)
 pub(crate) fn perm_rows(strides: (u64, u64, u64), b: u64, h: u64, n: u64, d: u64) -> Option<u64> {
     let (sb, sh, st) = strides;
     if n == 0 || st < d {
@@ -638,7 +639,7 @@ pub(crate) fn perm_rows(strides: (u64, u64, u64), b: u64, h: u64, n: u64, d: u64
             last = last.max(off / st);
         }
     }
-    Some(last + n)
+    Some(last + n).filter(|&rows| rows <= i32::MAX as u64)
 }
 
 /// A device tensor of the spec's dtype: 16-bit elements as raw bits, or f32.
@@ -1652,7 +1653,7 @@ impl CudaAttention {
             };
             let kperm = matches!(kernel, Module::Mma { kperm: true, .. });
             // KPERM: 5-d maps over a tensor's token rows, permuted within 64-row tiles; the
-            // kernel finds each head's first tile and element (`perm_rows`, kperm_fits).
+            // kernel finds each head's first row and element (`perm_rows`, kperm_fits).
             let permuted = |ptr: u64, elem: u32, st: (u32, u32, u32)| {
                 let st64 = (st.0 as u64, st.1 as u64, st.2 as u64);
                 let rows = perm_rows(st64, b as u64, hk as u64, nk as u64, s.head_dim as u64)
@@ -2046,6 +2047,12 @@ mod tests {
             perm_rows((h * n * d, 32, d), b, h, n, d),
             None,
             "head rows cross"
+        );
+        // Rows past the copy engine's signed 32-bit coordinates.
+        assert_eq!(
+            perm_rows((1 << 37, 0, d), 2, 1, n, d),
+            None,
+            "rows past 2^31"
         );
     }
 
