@@ -474,7 +474,7 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // A fragments in `pa` and the factor o must be multiplied by before P·V is added in `oscale`.
 // False when skip-softmax drops the tile (pa zero, oscale 1: nothing to rescale).
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
-                                              float (&m)[2], float (&l)[2], float (&F)[2], u32& visited, u32& skipped,
+                                              float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
     float alpha[2], m_use[2], tmax[2], smax[2];
 #pragma unroll
@@ -522,26 +522,25 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     for (u32 i = 0; i < 2u; i++) shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
     oscale[0] = alpha[0];
     oscale[1] = alpha[1];
+    u32 fold[2] = {0u, 0u};
     if (RECIPE == R_NVFP4) {
         // P's factor f = ρ' (ρ' the least power of two ≥ ρ, ρ = 2^(tile max − m) the row's
         // largest p here) changes per row and tile; the exponent computes p' = p·2^E = p/ρ'
         // directly (the row sum takes p'·ρ'; a rounding of −m + E in the exponent moves p' by
         // ~1e-6, and a p' just above 1 still rounds to 1 in f16), p_nvfp4 rounds it to f16,
-        // and the output takes the 1/2688 (p_factor).
-        // O = alpha·O + f·(P'·V) is kept as F·o with o ← (alpha·F/f)·o + P'·V, F ← f (F/f a
-        // power of two). A tile whose f is below 2^-40·F or whose ρ is below 2^-60 is dropped
-        // (p' = 0, from l too: its p < 2^-40 are below half an ulp of l ≥ 1), which keeps F/f,
-        // hence o, finite.
+        // multiplies f into the blocks' operand scales (p_tile_fold: o stays in the running
+        // max's units, rescaled only when a row max moves), and the output takes the 1/2688
+        // (p_factor). A row whose ρ is below 2^-60 drops the tile (p' = 0, from l too: its
+        // p < 2^-60 are far below half an ulp of l ≥ 1), which keeps the exponent finite.
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
             float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
             u32 up = pow2_ceil_bits(f2u(rho));
             float f = u2f(up);
-            bool use = rho >= 0x1p-60f && f >= F[i] * 0x1p-40f;
+            bool use = rho >= 0x1p-60f;
             shift[i] = use ? shift[i] + (float)(127 - (int)(up >> 23)) : NEG_INF;
             sum_mul[i] = f;
-            oscale[i] = use ? alpha[i] * (F[i] * u2f((254u << 23) - up)) : alpha[i];
-            F[i] = use ? f : F[i];
+            fold[i] = p_tile_fold(f);
         }
     }
 #pragma unroll
@@ -554,7 +553,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         }
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + sum[i] * sum_mul[i];
-    p_fragments(P, s, pa, row_mul);
+    p_fragments(P, s, pa, row_mul, fold);
     return true;
 }
 
@@ -702,7 +701,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 
     float o[MT][NT_O][4];
     float m[MT][2], l[MT][2];
-    float F[MT][2];  // Nvfp4: o holds O / (F / 2688), F the P factor ρ' of the last tile that added to it
     u32 tiles_visited[MT], tiles_skipped[MT];  // skip-softmax counters per m-tile (= skip tile)
 #pragma unroll
     for (u32 mt = 0; mt < MT; mt++) {
@@ -712,7 +710,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
             for (u32 e = 0; e < 4u; e++) o[mt][n][e] = 0.0f;
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
-        F[mt][0] = F[mt][1] = 1.0f;
         tiles_visited[mt] = tiles_skipped[mt] = 0u;
     }
 
@@ -755,7 +752,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, pv_acc);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
-        kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], F[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
         fence_async_smem();  // for the wgmma that reads it after the next barrier
@@ -800,7 +797,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++) {
             float oscale[2], sc[2] = {row_scale[mt][0] * ks, row_scale[mt][1] * ks};
-            if (softmax_mtile(P, s[mt], rows[mt], sc, m[mt], l[mt], F[mt], tiles_visited[mt], tiles_skipped[mt], pa[mt], oscale)) {
+            if (softmax_mtile(P, s[mt], rows[mt], sc, m[mt], l[mt], tiles_visited[mt], tiles_skipped[mt], pa[mt], oscale)) {
                 rescale(o[mt], oscale);
                 kept++;
             }
@@ -843,10 +840,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
                 if (lsum != 0.0f) {
                     x0 = o[mt][n][2u * i] / lsum;
                     x1 = o[mt][n][2u * i + 1u] / lsum;
-                    if (RECIPE == R_NVFP4) {
-                        x0 *= F[mt][i] * factor;
-                        x1 *= F[mt][i] * factor;
-                    } else if (RECIPE == R_NVFP4P) {
+                    if (RECIPE == R_NVFP4 || RECIPE == R_NVFP4P) {
                         x0 *= factor;
                         x1 *= factor;
                     }

@@ -91,10 +91,12 @@ template <bool IS_BF16> __device__ __forceinline__ u32 e2m1_pair_times_scale(flo
 // in every range. Rounding half up at that bit (an integer add and mask on both halves) is
 // then E2M1's rounding: toward zero, a quotient just above a midpoint becomes the midpoint, and
 // one that was exactly a midpoint was one of the three that round up; a quotient below a
-// midpoint stays below. Then min 6·2^-K and one multiply by s (f16: E2M1·s·2^-14 is always an
-// f16 value, down to 0.5·2^-9·2^-14 = 2^-24) or by s·2^119 (bf16: E2M1·s·2^-7 is normal), and
-// the final normalisation multiplies by 2^14 (2^7): direct_unscale.
-__device__ __forceinline__ float direct_unscale() { return PV_BF16 ? 0x1p7f : 0x1p14f; }
+// midpoint stays below. Then min 6·2^-K and one multiply by s·2^7 (f16: E2M1·s·2^-7 is always
+// an f16 value, 0.5·2^-9·2^-7 = 2^-17 up to 21) or by s·2^119 (bf16: E2M1·s·2^-7 is normal),
+// and the final normalisation multiplies by 2^7: direct_unscale. (f16's 2^-7 rather than the
+// 2^-14 the grid leaves keeps room below: the Nvfp4 recipe folds its tile factor f ≥ 2^-7
+// into s exactly, p_tile_fold.)
+__device__ __forceinline__ float direct_unscale() { return 0x1p7f; }
 
 __device__ __forceinline__ float direct_factor(float inv_g, float s) {
     // rcp(s)·RN(inv_g·(1 + 2^-20)·2^-K): three roundings of ≤ 2^-23, 2^-24, 2^-24 leave the excess
@@ -104,10 +106,25 @@ __device__ __forceinline__ float direct_factor(float inv_g, float s) {
     return __fmul_rn(scale_rcp(s), __fmul_rn(inv_g, excess));  // rcp: ≤ 1 ulp
 }
 
-// The operand multiplier for e2m1_direct_pair: (s, s) as f16, or (s·2^119, s·2^119) as bf16
-// (≤ 448·2^119, finite).
+// The operand multiplier for e2m1_direct_pair: (s·2^7, s·2^7) as f16 (≤ 57344, exact), or
+// (s·2^119, s·2^119) as bf16 (≤ 448·2^119, finite).
 __device__ __forceinline__ u32 direct_scale2(float s) {
-    return PV_BF16 ? pack16<true>(s * 0x1p119f, s * 0x1p119f) : pack16<false>(s, s);
+    return PV_BF16 ? pack16<true>(s * 0x1p119f, s * 0x1p119f) : pack16<false>(s * 0x1p7f, s * 0x1p7f);
+}
+
+// The Nvfp4 recipe's tile factor f = ρ' (a power of two ≤ 1) for one row's operand multiplier:
+// (f, f) as f16, multiplied into the block's s2 (p_nvfp4), so that the accumulator holds O in
+// the running max's units and needs no rescale when only f changes. Exact for f ≥ 2^-7:
+// s·2^7·f is then an f16 value (≥ s ≥ 2^-9, 4 significant bits), and so is E2M1·s·f·2^-7 (its
+// lowest bit is at least 2^-10·2^-14 = 2^-24, f16's least subnormal). A smaller f (the tile's
+// p all below 2^-8 of the running max) rounds the operands that fall below f16's range: by at
+// most 2^-25, under 2^-29 of the row's largest operand (21); f < 2^-24 gives (0, 0), and the
+// tile adds nothing to O (its p stay in the row sum).
+__device__ __forceinline__ u32 p_tile_fold(float f) { return pack16<false>(f, f); }
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+    return r;
 }
 
 // DIRECT's per-scale factors for every positive E4M3 scale code (0x7f: NaN, R = 0, s2 NaN):
@@ -168,12 +185,13 @@ struct BlockScale {
     float r, s;
     u32 s2;
 };
-template <bool DIRECT> __device__ __forceinline__ BlockScale block_scale(u32 code, float value) {
+// `fold`: the row's p_tile_fold (the Nvfp4 recipe only).
+template <bool DIRECT> __device__ __forceinline__ BlockScale block_scale(u32 code, float value, u32 fold) {
     BlockScale b;
     if (DIRECT) {
         uint2 e = direct_tab[code];  // codes < 128
         b.r = u2f(e.x);
-        b.s2 = e.y;
+        b.s2 = RECIPE == R_NVFP4 ? hmul2(e.y, fold) : e.y;
         b.s = 0.0f;
     } else {
         b.s = value;
@@ -190,7 +208,7 @@ template <bool DIRECT> __device__ __forceinline__ u32 p_quant_pair(float lo, flo
 }
 
 template <bool DIRECT>
-__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], u32 (&pk)[NT_S][2]) {
+__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], const u32 (&fold)[2], u32 (&pk)[NT_S][2]) {
     const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
 #if KPERM
     // A row's 16 values here are one block (key_in_tile): rows g and g + 8, no exchange.
@@ -208,7 +226,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     if (!DIRECT) e4m3x4_values(c2, scale);
 #pragma unroll
     for (u32 half = 0; half < 2u; half++) {
-        BlockScale bs = block_scale<DIRECT>((c2 >> (8u * half)) & 0xffu, scale[half]);
+        BlockScale bs = block_scale<DIRECT>((c2 >> (8u * half)) & 0xffu, scale[half], fold[half]);
 #pragma unroll
         for (u32 n = 0; n < NT_S; n++) pk[n][half] = p_quant_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], bs);
     }
@@ -254,7 +272,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 #pragma unroll
     for (u32 j = 0; j < 8u; j++) {
         u32 blk = j / 2u, half = j % 2u;
-        BlockScale bs = block_scale<DIRECT>((codes[j / 4u] >> (8u * (j % 4u))) & 0xffu, scale[j]);
+        BlockScale bs = block_scale<DIRECT>((codes[j / 4u] >> (8u * (j % 4u))) & 0xffu, scale[j], fold[half]);
 #pragma unroll
         for (u32 n = 2u * blk; n < 2u * blk + 2u; n++) pk[n][half] = p_quant_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], bs);
     }
@@ -282,14 +300,16 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
 }
 
 // The tile's P (unnormalised probabilities of one m-tile) as the A fragments of the P·V mma,
-// in the recipe's format divided by the constant factor applied at the end.
-__device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2]) {
+// in the recipe's format divided by the constant factor applied at the end (the Nvfp4 recipe's:
+// times its rows' tile factors, `fold`).
+__device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2],
+                                            const u32 (&fold)[2]) {
     if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) {
         u32 pk[NT_S][2];
         if (p_direct(P))
-            p_nvfp4<true>(p, row_mul, pk);
+            p_nvfp4<true>(p, row_mul, fold, pk);
         else
-            p_nvfp4<false>(p, row_mul, pk);
+            p_nvfp4<false>(p, row_mul, fold, pk);
 #pragma unroll
         for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
@@ -333,6 +353,6 @@ __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4]
 
 __device__ __forceinline__ float p_factor(const Params& P) {
     if (RECIPE == R_NVFP4P) return (P.flags & FLAG_P_DIRECT) ? P.g * direct_unscale() : P.g;
-    if (RECIPE == R_NVFP4) return direct_unscale() / 2688.0f;  // (times the row's F)
+    if (RECIPE == R_NVFP4) return direct_unscale() / 2688.0f;
     return 1.0f;  // (P_FOLD: the row sums carry the multiplier)
 }

@@ -511,6 +511,64 @@ fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
     }
 }
 
+/// The Nvfp4 recipe's tile factor f = ρ' (a power of two ≤ 1 per row and tile) is multiplied
+/// into P's operand scales on the tensor cores (`p_tile_fold`: exact for f ≥ 2^-7, rounded below
+/// f16's range for smaller f, nothing below 2^-24), where the CUDA-core kernel rescales its
+/// accumulator instead. Keys here come in 64-key tiles whose scores sit 0, 2, 5, 7, 9, 12 and 30
+/// binades below the first tile's, then one 3 above it (the row max moves: the fold resets);
+/// V grows as the scores fall (capped at 2^8), so that every tile down to f = 2^-12 carries a
+/// visible share of O and a wrong factor would show. The same quantizers run on both, so the
+/// recipe's same-numerics tolerance applies (the fold's rounding is below 2^-29 of a row's
+/// largest operand); mma.sync and wgmma shapes, head dims 64 and 128, f16 and bf16 inputs.
+#[test]
+fn nvfp4_tile_factors_far_below_the_row_max_match_cuda_cores() {
+    use tessera::backend::cuda::{CudaAttention, MmaConfig};
+    let Some(c) = cuda() else { return };
+    let simt = CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    let shape = |cfg| {
+        CudaAttention::new(c.attention().context())
+            .unwrap()
+            .with_mma_config(cfg)
+    };
+    let mmas = [
+        shape(MmaConfig::for_arch("sm_80")),
+        shape(MmaConfig::hopper_wgmma()),
+        shape(MmaConfig::hopper_wgmma3()),
+    ];
+    let levels = [0.0, -2.0, -5.0, -7.0, -9.0, -12.0, -30.0, 3.0];
+    let mut rng = Rng::new(fresh_seed("nvfp4 tile factors"));
+    for (d, dtype) in [(64, DType::F16), (128, DType::BF16), (128, DType::F16)] {
+        let (heads, nq, nk) = (2usize, 100usize, 64 * levels.len());
+        let spec = AttentionSpec::new(1, heads, nq, d)
+            .with_kv(heads, nk)
+            .with_dtype(dtype)
+            .with_recipe(Recipe::Nvfp4);
+        let plan = spec.plan().unwrap();
+        // Scores ≈ c·d·sm_scale·log2(e) = c·√d·log2(e) binades for q ≈ 1 and k ≈ c per channel.
+        let per_c = (d as f64).sqrt() * std::f64::consts::LOG2_E;
+        let q = tensor(dtype, plan.q_len, |_| 1.0 + 0.3 * rng.normal());
+        let k = tensor(dtype, plan.kv_len, |i| {
+            let tile = (i / d) % nk / 64;
+            levels[tile] / per_c + 0.3 * rng.normal()
+        });
+        let v = tensor(dtype, plan.kv_len, |i| {
+            let tile = (i / d) % nk / 64;
+            rng.normal() * (-levels[tile]).clamp(0.0, 8.0).exp2()
+        });
+        let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
+        for mma in &mmas {
+            let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
+            let acc = tessera::metrics::Accuracy::of(&o_mma, &o_simt);
+            let (tol_l1, _) =
+                common::matrix::tolerance(spec.recipe, dtype, common::matrix::rows(&plan));
+            let ctx = format!("{} d={d} {dtype:?}", mma.kernel_for(&plan).label());
+            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
+            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        }
+    }
+}
+
 /// Int8QkFp8Pv's P·V on Hopper's FP8 tensor cores over long key sequences, against the CUDA-core
 /// kernel. The FP8 MMA adds into its accumulator with fewer bits than f32, which over tens of
 /// thousands of keys of a positive-mean V loses percents; the kernel gives each tile's product
@@ -716,12 +774,48 @@ fn int8_rounding_by_a_toward_zero_add_is_half_away_from_zero() {
     assert_eq!(int8_round(y), 0);
 }
 
+/// The Nvfp4 recipe's tile factor f = 2^-k folded into the direct path's f16 operand scale
+/// (mma_p.cuh: p_tile_fold, block_scale): for k ≤ 7 the scale s·2^7·f and every operand
+/// E2M1·2^-14 · s·2^7·f are f16 values (so the fold is exact), over every E2M1 value and every
+/// positive E4M3 scale; for larger k an operand rounds by at most half f16's least subnormal
+/// (2^-25), under 2^-29 of the largest operand 6·448·2^-7.
+#[test]
+fn nvfp4_tile_fold_is_exact_down_to_two_to_the_minus_7() {
+    use tessera::numerics::formats::e4m3_to_f32;
+    let exact16 = |x: f64| half::f16::from_f64(x).to_f64() == x;
+    let mut rounded = 0u32;
+    for code in 1u8..0x7f {
+        let s = e4m3_to_f32(code) as f64;
+        for k in 0..=30 {
+            let s2 = half::f16::from_f64(s * 2f64.powi(7 - k)).to_f64(); // HMUL2(s·2^7, f): RN
+            assert!(
+                k > 7 || (exact16(s * 2f64.powi(7 - k)) && s2 == s * 2f64.powi(7 - k)),
+                "s {s} k {k}"
+            );
+            for e in [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0] {
+                let want = e * s * 2f64.powi(-7 - k);
+                let got = half::f16::from_f64(e * 2f64.powi(-14) * s2).to_f64(); // fma.rn.f16x2
+                if k <= 7 {
+                    assert_eq!(got, want, "e {e} s {s} k {k}");
+                } else {
+                    rounded += u32::from(got != want);
+                    assert!(
+                        (got - want).abs() <= 2f64.powi(-25) + want * 2f64.powi(-11),
+                        "e {e} s {s} k {k}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(rounded > 0, "the check never saw a rounded operand");
+}
+
 /// Nvfp4P's direct path (attention_mma.cu: direct_factor, e2m1_direct_pair) emulated on the CPU
 /// step by step, over every 16-bit p in [0, 1], every positive E4M3 scale, amax_P = 1, 1/2
 /// and 2, the three combinations of p's type and the P·V operand's (f16/f16, bf16/bf16, and
 /// bf16 p with an f16 operand under V → NVFP4), and MUFU's reciprocal anywhere within its ulp:
 /// R = rcp(s)·RN(inv_g·(1 + 2^-20)·2^-K), t = RN(p·R) (f32, subnormals kept), toward zero to the
-/// operand type, half up at the bit below E2M1's step, min 6·2^-K, times s (f16) or s·2^119
+/// operand type, half up at the bit below E2M1's step, min 6·2^-K, times s·2^7 (f16) or s·2^119
 /// (bf16), which must be exact, against E2M1(p·inv_g / s)·s. The GPU probe test below runs the
 /// kernel's own code on the same domain; this one runs in CI.
 #[test]
@@ -771,9 +865,9 @@ fn nvfp4_p_direct_rounding_emulated_on_the_cpu() {
                         } else {
                             let v = half::f16::from_f64(toward_zero(t, -14, 10)).to_bits();
                             let v = half::f16::from_bits(v.wrapping_add(0x100) & 0xfe00).to_f64();
-                            let y = v.min(6.0 * 2f64.powi(-14)) * s as f64;
+                            let y = v.min(6.0 * 2f64.powi(-14)) * (s as f64 * 2f64.powi(7));
                             assert_eq!(half::f16::from_f64(y).to_f64(), y, "f16 product inexact");
-                            y * 2f64.powi(14)
+                            y * 2f64.powi(7)
                         };
                         assert_eq!(
                             got, want as f64,
