@@ -25,6 +25,10 @@ flash_only = "--flash-only" in own_args
 shapes = [(24, 4096, 128), (24, 16384, 128), (24, 32768, 128), (48, 16384, 64)]
 if quick:
     shapes = shapes[:1]
+# The bench binary's --shape H,N,D filters (after --) restrict the peers' shapes too.
+only = [tuple(int(x) for x in bench_args[i + 1].split(",")) for i, a in enumerate(bench_args[:-1]) if a == "--shape"]
+if only:
+    shapes = [s for s in shapes if s in only] or only
 
 
 def tops(h, n, d, causal, ms):

@@ -6,7 +6,8 @@
 #                                            (~100 s less; run it here instead: cargo test --release
 #                                            --all-features --test cuda every_kernel, with libnvrtc)
 #   bash benches/gpu/run.sh bench [ARGS]     bench-attention --no-wgpu ARGS (default --dense)
-#   bash benches/gpu/run.sh flash            tessera's ratio to SDPA flash on every benchmark shape
+#   bash benches/gpu/run.sh flash [ARGS]     tessera's ratio to SDPA flash on every benchmark shape (ARGS:
+#                                            bench filters, e.g. --shape 48,16384,64 --recipe nvfp4)
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
@@ -93,7 +94,9 @@ while [ $# -gt 0 ]; do
           timeout 200 ".gpu/bin/$bin" --no-wgpu "$mode" "${args[@]}" 2>/dev/null | grep -E "^\| (skip|nm)-softmax"
         done
       done ;;
-    flash) timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense ;;
+    flash)
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
+      timeout 400 python3 benches/peers.py .gpu/bin/bench-attention --flash-only -- --no-wgpu --dense "${args[@]}" ;;
     *) echo "run.sh: unknown step $1" >&2 ;;
   esac
   shift
