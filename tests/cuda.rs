@@ -136,6 +136,29 @@ fn run_poisoned_with(
     (o, lse)
 }
 
+/// A tensor-core output against the CUDA-core kernel's on the same inputs: every output written
+/// and rel-L1 within the recipe's same-numerics tolerance (the same quantizers; f32 sums in
+/// another order, and rarely a value rounding across a boundary: see `tolerance`'s terms).
+/// Returns the accuracy for callers that print it.
+fn assert_same_numerics(
+    o_mma: &[f32],
+    o_simt: &[f32],
+    spec: &AttentionSpec,
+    ctx: &str,
+) -> tessera::metrics::Accuracy {
+    let plan = spec.plan().unwrap();
+    let acc = tessera::metrics::Accuracy::of(o_mma, o_simt);
+    let (tol_l1, _) =
+        common::matrix::tolerance(spec.recipe, spec.dtype, common::matrix::rows(&plan));
+    assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
+    assert!(
+        acc.rel_l1 <= tol_l1,
+        "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
+        acc.rel_l1
+    );
+    acc
+}
+
 fn check(recipe: Recipe) {
     if cuda().is_none() {
         return;
@@ -150,9 +173,8 @@ recipe_tests!(check);
 /// recipe the tensor cores run. Also checks that `kernel_for` picks the tensor cores here.
 #[test]
 fn tensor_cores_match_cuda_cores() {
-    use common::matrix::{mask_for, rows, tolerance, MaskKind};
+    use common::matrix::{mask_for, MaskKind};
     use tessera::backend::cuda::{tensor_core_fit, CudaAttention, MmaConfig, Module};
-    use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
@@ -222,15 +244,7 @@ fn tensor_cores_match_cuda_cores() {
                         "{} nq{nq} nk{nk} d{d} causal={causal} {mask:?} {dtype:?}",
                         recipe.name()
                     );
-                let acc = Accuracy::of(&o_mma, &o_simt);
-                // Same numerics, f32 sums in another order: see tolerance()'s terms.
-                let (tol_l1, _) = tolerance(recipe, dtype, rows(&plan));
-                assert_eq!(acc.non_finite_mismatch, 0, "unwritten outputs: {ctx}");
-                assert!(
-                    acc.rel_l1 <= tol_l1,
-                    "rel-L1 {} > {tol_l1}: {ctx} ({acc})",
-                    acc.rel_l1
-                );
+                assert_same_numerics(&o_mma, &o_simt, &spec, &ctx);
                 for (a, b) in lse_mma.iter().zip(&lse_simt) {
                     // Both are f32 log-sum-exps of the same scores: a few ulp, or both -inf.
                     assert!(
@@ -417,9 +431,7 @@ fn permuted_shapes_match_cuda_cores(
     rng: &mut Rng,
     what: &str,
 ) {
-    use common::matrix::{rows, tolerance};
     use tessera::backend::cuda::Module;
-    use tessera::metrics::Accuracy;
     let plan = spec.plan().unwrap();
     let (q, k, v) = qkv(spec, rng, 1.0);
     let (o_simt, _) = run_poisoned_with(simt, spec, &q, &k, &v);
@@ -430,11 +442,8 @@ fn permuted_shapes_match_cuda_cores(
             assert_eq!(kperm, cfg.wgmma, "{}", kernel.label());
         }
         let (o_mma, _) = run_poisoned_with(mma, spec, &q, &k, &v);
-        let acc = Accuracy::of(&o_mma, &o_simt);
-        let (tol_l1, _) = tolerance(spec.recipe, spec.dtype, rows(&plan));
         let ctx = format!("{} {} {what}", kernel.label(), spec.recipe.name());
-        assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-        assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+        assert_same_numerics(&o_mma, &o_simt, spec, &ctx);
     }
 }
 
@@ -559,12 +568,8 @@ fn nvfp4_tile_factors_far_below_the_row_max_match_cuda_cores() {
         let (o_simt, _) = run_poisoned_with(&simt, &spec, &q, &k, &v);
         for mma in &mmas {
             let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
-            let acc = tessera::metrics::Accuracy::of(&o_mma, &o_simt);
-            let (tol_l1, _) =
-                common::matrix::tolerance(spec.recipe, dtype, common::matrix::rows(&plan));
             let ctx = format!("{} d={d} {dtype:?}", mma.kernel_for(&plan).label());
-            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            assert_same_numerics(&o_mma, &o_simt, &spec, &ctx);
         }
     }
 }
@@ -577,9 +582,7 @@ fn nvfp4_tile_factors_far_below_the_row_max_match_cuda_cores() {
 /// f16 on the same codes: the same bound.)
 #[test]
 fn fp8_pv_sums_long_sequences_in_f32() {
-    use common::matrix::{rows, tolerance};
     use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
-    use tessera::metrics::Accuracy;
     let Some(c) = cuda() else { return };
     let simt = CudaAttention::new(c.attention().context()).unwrap();
     simt.set_tensor_cores(false);
@@ -608,11 +611,8 @@ fn fp8_pv_sums_long_sequences_in_f32() {
             let kernel = mma.kernel_for(&plan);
             assert!(matches!(kernel, Module::Mma { .. }), "{}", kernel.label());
             let (o_mma, _) = run_poisoned_with(mma, &spec, &q, &k, &v);
-            let acc = Accuracy::of(&o_mma, &o_simt);
-            let (tol_l1, _) = tolerance(recipe, spec.dtype, rows(&plan));
             let ctx = format!("{} nq{nq} nk{nk} d{d} causal={causal}", kernel.label());
-            assert_eq!(acc.non_finite_mismatch, 0, "{ctx}");
-            assert!(acc.rel_l1 <= tol_l1, "{ctx}: {acc}");
+            let acc = assert_same_numerics(&o_mma, &o_simt, &spec, &ctx);
             eprintln!("{ctx}: {acc}");
         }
     }
