@@ -136,6 +136,25 @@ fn run_poisoned_with(
     (o, lse)
 }
 
+/// The CUDA-core kernel alone (the CUDA numerics' definition), on the shared backend's context.
+fn cuda_cores_only(
+    c: &tessera::backend::cuda::CudaBackend,
+) -> tessera::backend::cuda::CudaAttention {
+    let simt = tessera::backend::cuda::CudaAttention::new(c.attention().context()).unwrap();
+    simt.set_tensor_cores(false);
+    simt
+}
+
+/// The tensor-core kernel with launch shape `cfg`, on the shared backend's context.
+fn launch_shape(
+    c: &tessera::backend::cuda::CudaBackend,
+    cfg: tessera::backend::cuda::MmaConfig,
+) -> tessera::backend::cuda::CudaAttention {
+    tessera::backend::cuda::CudaAttention::new(c.attention().context())
+        .unwrap()
+        .with_mma_config(cfg)
+}
+
 /// A tensor-core output against the CUDA-core kernel's on the same inputs: every output written
 /// and rel-L1 within the recipe's same-numerics tolerance (the same quantizers; f32 sums in
 /// another order, and rarely a value rounding across a boundary: see `tolerance`'s terms).
@@ -176,8 +195,7 @@ fn tensor_cores_match_cuda_cores() {
     use common::matrix::{mask_for, MaskKind};
     use tessera::backend::cuda::{tensor_core_fit, CudaAttention, MmaConfig, Module};
     let Some(c) = cuda() else { return };
-    let simt = CudaAttention::new(c.attention().context()).unwrap();
-    simt.set_tensor_cores(false);
+    let simt = cuda_cores_only(c);
     // Every launch shape: Q in shared memory, Q in registers (sm_86/89's), two m-tiles per
     // warp, and Hopper's warpgroup MMA (mma.sync's 4 × 2 elsewhere).
     let shapes: Vec<CudaAttention> = [
@@ -187,11 +205,7 @@ fn tensor_cores_match_cuda_cores() {
         MmaConfig::hopper_wgmma(),
     ]
     .into_iter()
-    .map(|cfg| {
-        CudaAttention::new(c.attention().context())
-            .unwrap()
-            .with_mma_config(cfg)
-    })
+    .map(|cfg| launch_shape(c, cfg))
     .collect();
     let mut rng = Rng::new(fresh_seed("tensor cores vs cuda cores"));
     let recipes = [
@@ -337,19 +351,14 @@ fn zero_copy_calls_are_captured_by_cuda_graphs() {
 /// N:M sparse softmax on the tensor-core kernel against the CUDA-core kernel.
 #[test]
 fn nm_softmax_on_tensor_cores_matches_cuda_cores() {
-    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
+    use tessera::backend::cuda::{MmaConfig, Module};
     let Some(c) = cuda() else { return };
-    let simt = CudaAttention::new(c.attention().context()).unwrap();
-    simt.set_tensor_cores(false);
+    let simt = cuda_cores_only(c);
     let cfg = MmaConfig {
         nm: true,
         ..MmaConfig::for_arch("sm_90a")
     };
-    let shape = |cfg| {
-        CudaAttention::new(c.attention().context())
-            .unwrap()
-            .with_mma_config(cfg)
-    };
+    let shape = |cfg| launch_shape(c, cfg);
     // mma.sync, and the wgmma shape of the head dim (two or three consumer warpgroups).
     let shapes_64 = [shape(cfg), shape(MmaConfig::hopper_wgmma())];
     let shapes_128 = [shape(cfg), shape(MmaConfig::hopper_wgmma3())];
@@ -455,15 +464,10 @@ fn permuted_shapes_match_cuda_cores(
 /// and 128, HND and NHD; 500 keys end on a ragged tile, which the producer copies itself.
 #[test]
 fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
-    use tessera::backend::cuda::{CudaAttention, MmaConfig};
+    use tessera::backend::cuda::MmaConfig;
     let Some(c) = cuda() else { return };
-    let simt = CudaAttention::new(c.attention().context()).unwrap();
-    simt.set_tensor_cores(false);
-    let shape = |cfg| {
-        CudaAttention::new(c.attention().context())
-            .unwrap()
-            .with_mma_config(cfg)
-    };
+    let simt = cuda_cores_only(c);
+    let shape = |cfg| launch_shape(c, cfg);
     let shapes_64 = [
         shape(MmaConfig::hopper_wgmma()),
         shape(MmaConfig {
@@ -531,15 +535,10 @@ fn nvfp4_p_blocks_on_permuted_keys_match_cuda_cores() {
 /// largest operand); mma.sync and wgmma shapes, head dims 64 and 128, f16 and bf16 inputs.
 #[test]
 fn nvfp4_tile_factors_far_below_the_row_max_match_cuda_cores() {
-    use tessera::backend::cuda::{CudaAttention, MmaConfig};
+    use tessera::backend::cuda::MmaConfig;
     let Some(c) = cuda() else { return };
-    let simt = CudaAttention::new(c.attention().context()).unwrap();
-    simt.set_tensor_cores(false);
-    let shape = |cfg| {
-        CudaAttention::new(c.attention().context())
-            .unwrap()
-            .with_mma_config(cfg)
-    };
+    let simt = cuda_cores_only(c);
+    let shape = |cfg| launch_shape(c, cfg);
     let mmas = [
         shape(MmaConfig::for_arch("sm_80")),
         shape(MmaConfig::hopper_wgmma()),
@@ -582,13 +581,10 @@ fn nvfp4_tile_factors_far_below_the_row_max_match_cuda_cores() {
 /// f16 on the same codes: the same bound.)
 #[test]
 fn fp8_pv_sums_long_sequences_in_f32() {
-    use tessera::backend::cuda::{CudaAttention, MmaConfig, Module};
+    use tessera::backend::cuda::{MmaConfig, Module};
     let Some(c) = cuda() else { return };
-    let simt = CudaAttention::new(c.attention().context()).unwrap();
-    simt.set_tensor_cores(false);
-    let two_groups = CudaAttention::new(c.attention().context())
-        .unwrap()
-        .with_mma_config(MmaConfig::hopper_wgmma());
+    let simt = cuda_cores_only(c);
+    let two_groups = launch_shape(c, MmaConfig::hopper_wgmma());
     let mut rng = Rng::new(fresh_seed("fp8 pv long"));
     let recipe = Recipe::Int8QkFp8Pv {
         granularity: QkGranularity::PerThread,
