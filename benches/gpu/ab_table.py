@@ -1,5 +1,6 @@
 """Median ms per (recipe, shape, causal) of `run.sh ab` output (stdin or a file, e.g.
-$OUT/run.log), this binary against bench-prev, and the change: one line per row.
+$OUT/run.log), this binary (and any other of AB_BINS) against bench-prev, and the change: one
+line per row.
     python3 benches/gpu/ab_table.py run.log"""
 import collections
 import re
@@ -23,10 +24,14 @@ for line in open(sys.argv[1]) if len(sys.argv) > 1 else sys.stdin:
     elif binary and line.startswith("| skip-softmax"):
         # | skip-softmax | recipe | B,H,N,D | λ | skipped | ms | TOPS |
         times[(f[2], f[3], "skip", f[4])][binary].append(float(f[6]))
-print(f"{'recipe':14s} {'B,H,N,D':16s} {'causal':6s} {'sparsity':8s} {'prev':>8s} {'new':>8s} {'change':>7s}  rounds")
-for key, by in sorted(times.items()):
-    new, prev = by.get("bench-attention", []), by.get("bench-prev", [])
-    if not new or not prev:
-        continue
-    a, b = statistics.median(prev), statistics.median(new)
-    print(f"{key[0]:14s} {key[1]:16s} {key[2]:6s} {key[3]:8s} {a:8.3f} {b:8.3f} {100 * (b / a - 1):+6.1f}%  {len(prev)}/{len(new)}")
+others = sorted({b for by in times.values() for b in by if b != "bench-prev"}, key=lambda b: (b != "bench-attention", b))
+for other in others:
+    if len(others) > 1:
+        print(f"== {other} against bench-prev")
+    print(f"{'recipe':14s} {'B,H,N,D':16s} {'causal':6s} {'sparsity':8s} {'prev':>8s} {'new':>8s} {'change':>7s}  rounds")
+    for key, by in sorted(times.items()):
+        new, prev = by.get(other, []), by.get("bench-prev", [])
+        if not new or not prev:
+            continue
+        a, b = statistics.median(prev), statistics.median(new)
+        print(f"{key[0]:14s} {key[1]:16s} {key[2]:6s} {key[3]:8s} {a:8.3f} {b:8.3f} {100 * (b / a - 1):+6.1f}%  {len(prev)}/{len(new)}")

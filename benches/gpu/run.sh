@@ -9,6 +9,9 @@
 #   bash benches/gpu/run.sh flash [ARGS]     tessera's ratio to SDPA flash on every benchmark shape (ARGS:
 #                                            bench filters, e.g. --shape 48,16384,64 --recipe nvfp4)
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
+#                                            (PROFILE_BIN=bench-prev: the A/B's other binary)
+#   bash benches/gpu/run.sh stalls [ARGS]    ncu warp stalls of one attention launch, per SASS
+#                                            instruction too ($OUT/stalls-*.csv)
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
 #   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
@@ -16,7 +19,8 @@
 #   bash benches/gpu/run.sh ab [ARGS]        bench-attention vs bench-prev (pack.sh --prev REV; the table:
 #                                            python3 benches/gpu/ab_table.py $OUT/run.log),
 #                                            AB_ROUNDS (3) alternating rounds, --no-wgpu ARGS (default
-#                                            --dense)
+#                                            --dense); AB_BINS: the binaries of .gpu/bin to alternate
+#                                            (default "bench-attention bench-prev")
 #   bash benches/gpu/run.sh envab VAR [ARGS]  the same A/B in one binary: VAR=1 (as "bench-attention")
 #                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_KPERM
 #                                            with --nm, TESSERA_SCRATCH_POOL; ab_table.py reads it too
@@ -33,7 +37,7 @@ fi
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
 # A step's ARGS run up to the next step name.
-is_step() { case "$1" in tests | tests-quick | bench | flash | profile | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
+is_step() { case "$1" in tests | tests-quick | bench | flash | profile | stalls | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests | tests-quick)
@@ -51,13 +55,25 @@ while [ $# -gt 0 ]; do
       timeout 300 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep "| cuda" ;;
     profile)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
-      timeout 300 ncu --metrics gpu__time_duration.sum --csv .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" 2>&1 |
+      timeout 300 ncu --metrics gpu__time_duration.sum --csv ".gpu/bin/${PROFILE_BIN:-bench-attention}" --no-wgpu --quick "${args[@]}" 2>&1 |
         python3 benches/gpu/kernel_times.py ;;
+    stalls)
+      # Where the attention kernel's warps wait: ncu's warp-state and scheduler sections and
+      # per-SASS-instruction stall samples of one launch (CSV under $OUT, summary printed).
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
+      rep=/tmp/stalls
+      timeout 300 ncu -k regex:attention_mma -s 1 -c 1 --section WarpStateStats --section SchedulerStats \
+        --section SourceCounters --section ComputeWorkloadAnalysis -f -o "$rep" \
+        .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
+      ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls-details.csv" 2>&1
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls-sass.csv" 2>&1
+      grep -E "Issue|Stall|Warp Cycles|Eligible|Active Warps|No Eligible" "${OUT:-/tmp}/stalls-details.csv" | cut -c1-400 | tail -40
+      wc -c "${OUT:-/tmp}/stalls-sass.csv" ;;
     ab)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
       for round in $(seq "${AB_ROUNDS:-3}"); do
-        for bin in bench-attention bench-prev; do
+        for bin in ${AB_BINS:-bench-attention bench-prev}; do
           echo "== round $round $bin"
           timeout 200 ".gpu/bin/$bin" --no-wgpu "${args[@]}" 2>/dev/null | grep -E "^\| (cuda|nm-softmax|skip-softmax)"
         done
