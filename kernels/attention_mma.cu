@@ -532,13 +532,20 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // max's units, rescaled only when a row max moves), and the output takes the 1/2688
         // (p_factor). A row whose ρ is below 2^-60 drops the tile (p' = 0, from l too: its
         // p < 2^-60 are far below half an ulp of l ≥ 1), which keeps the exponent finite.
+        // ρ' = 2^c, c = ⌈log2 ρ⌉ from the exponent d = log2 ρ itself (the largest p is 2^d):
+        // one rounding instead of an ex2, a power-of-two ceiling on its bits and the exponent
+        // back to a float. (Where ex2.approx(d) lands exactly on a power of two for d within
+        // ~2^-22 of an integer, 2^⌈d⌉ and the least power of two ≥ ex2(d) can differ by 2: the
+        // lifted max then sits at 1/2 or just above 1 (rounded to 1) instead of the other end;
+        // the CPU reference's own p differ from the kernel's by as much.) 2^c from c's bits: c + 2^23 +
+        // 127 is an exact integer whose low bits are c + 127 (c ≥ −60 where used; −∞ and NaN
+        // give f = 0).
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
-            float rho = ex2(fmaf(smax[i], scale[i], -m_use[i]));
-            u32 up = pow2_ceil_bits(f2u(rho));
-            float f = u2f(up);
-            bool use = rho >= 0x1p-60f;
-            shift[i] = use ? shift[i] + (float)(127 - (int)(up >> 23)) : NEG_INF;
+            float d = fmaf(smax[i], scale[i], -m_use[i]), c = ceilf(d);
+            float f = u2f(f2u(c + (0x1p23f + 127.0f)) << 23);
+            bool use = d >= -60.0f;
+            shift[i] = use ? shift[i] - c : NEG_INF;
             sum_mul[i] = f;
             fold[i] = p_tile_fold(f);
         }
