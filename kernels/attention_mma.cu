@@ -473,7 +473,18 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // chains: ncu's "wait" stalls, 18% of samples, nvfp4 at D = 64), and no −∞ / 0 to start from.
 // The max is the same in any order (fmaxf ignores a NaN unless both are); the sum's rounding
 // order is the tree's.
+// SOFTMAX_TREES: on where measured faster (Exact −1 to −7%, Nvfp4 −0.4 to −5%, Nvfp4P 0 to −3%,
+// with the P tile's late fence below; seventeenth session); Int8QkF16Pv ran 2–4% slower with
+// both (at 12 warps ptxas then sat at 126 of 128 registers and reloaded from shared memory),
+// and FP8 P was not measured: those keep the chains (a −∞ / 0 start) and the early fence.
+#define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P)
 template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)[NT_S][4], u32 i) {
+    if (!SUM && !SOFTMAX_TREES) {  // (the sum's chain is softmax_mtile's)
+        float r = NEG_INF;
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) r = fmaxf(r, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
+        return r;
+    }
     float v[2u * NT_S];
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++) {
@@ -566,12 +577,17 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
             fold[i] = p_tile_fold(f);
         }
     }
+    float sum[2] = {0.0f, 0.0f};  // (without SOFTMAX_TREES: the chain, as p are made)
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
-        for (u32 e = 0; e < 4u; e++) s[n][e] = ex2(fmaf(s[n][e], scale[e / 2u], shift[e / 2u]));
+        for (u32 e = 0; e < 4u; e++) {
+            float p = ex2(fmaf(s[n][e], scale[e / 2u], shift[e / 2u]));
+            if (!SOFTMAX_TREES) sum[e / 2u] += p;
+            s[n][e] = p;
+        }
 #pragma unroll
-    for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + row_reduce<true>(s, i) * sum_mul[i];
+    for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + (SOFTMAX_TREES ? row_reduce<true>(s, i) : sum[i]) * sum_mul[i];
     p_fragments(P, s, pa, row_mul, fold);
     return true;
 }
@@ -779,14 +795,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
+        // The fence makes P(j) visible to the wgmma that reads it next tile. SOFTMAX_TREES
+        // places it after the wait and the rescale, so that the stores have landed by the time
+        // it waits for them (right after them it had stalled the warp: ~4.7% of stall samples,
+        // nvfp4 at D = 64).
+        if (!SOFTMAX_TREES) fence_async_smem();
         wg_wait<0>();  // P(j−1)·V(j−1) (if any) is in pv_acc
         acc_fence(pv_acc[0]);
         if (j > 0u && lane == 0u) mbar_arrive(empty + 8u * ((j - 1u) % STAGES));
         add_tile_pv(o[0], otile[0], pv.on, oscale);
-        // For the wgmma that reads P(j) next tile; after the wait and the rescale, so that the
-        // stores have landed by the time the fence waits for them (right after them it had
-        // stalled the warp: ~4.7% of stall samples, nvfp4 at D = 64).
-        fence_async_smem();
+        if (SOFTMAX_TREES) fence_async_smem();
         pv = {true, smem_addr(ptile), smem_addr(st) + K_TILE};
         kb = kn;
     }
