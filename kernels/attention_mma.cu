@@ -468,18 +468,18 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 #endif
 }
 
-// The max (SUM: the sum) of a thread's values of row g + 8i of the tile, as a pairwise tree:
-// dependency depth log2(2·NT_S) rather than a chain of 2·NT_S (the warps had waited on these
-// chains: ncu's "wait" stalls, 18% of samples, nvfp4 at D = 64), and no −∞ / 0 to start from.
-// The max is the same in any order (fmaxf ignores a NaN unless both are); the sum's rounding
-// order is the tree's.
-// SOFTMAX_TREES: on where measured faster (Exact −1 to −7%, Nvfp4 −0.4 to −5%, Nvfp4P 0 to −3%,
-// with the P tile's late fence below; seventeenth session); Int8QkF16Pv ran 2–4% slower with
-// both (at 12 warps ptxas then sat at 126 of 128 registers and reloaded from shared memory),
-// and FP8 P was not measured: those keep the chains (a −∞ / 0 start) and the early fence.
+// SOFTMAX_TREES: the row max and sum as pairwise trees, dependency depth log2(2·NT_S) rather
+// than chains of 2·NT_S from −∞ / 0 (ncu: 18% of stall samples on fixed-latency waits, nvfp4
+// at D = 64), and P's proxy fence late in the tile loop. On where measured faster (Exact −1 to
+// −7%, Nvfp4 −0.4 to −5%, Nvfp4P 0 to −3%; seventeenth session); Int8QkF16Pv ran 2–4% slower
+// (at 12 warps ptxas then sat at 126 of 128 registers and reloaded from shared memory), FP8 P
+// was not measured: those keep the chains and the early fence, i.e. their earlier code.
 #define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P)
+
+// The max (SUM: the sum) of a thread's values of row g + 8i of the tile. The max is the same in
+// any order (fmaxf ignores a NaN unless both are); the sum's rounding order is the tree's.
 template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)[NT_S][4], u32 i) {
-    if (!SUM && !SOFTMAX_TREES) {  // (the sum's chain is softmax_mtile's)
+    if (!SUM && !SOFTMAX_TREES) {  // (without trees the sum is softmax_mtile's chain)
         float r = NEG_INF;
 #pragma unroll
         for (u32 n = 0; n < NT_S; n++) r = fmaxf(r, fmaxf(s[n][2u * i], s[n][2u * i + 1u]));
@@ -564,9 +564,9 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // back to a float. (Where ex2.approx(d) lands exactly on a power of two for d within
         // ~2^-22 of an integer, 2^⌈d⌉ and the least power of two ≥ ex2(d) can differ by 2: the
         // lifted max then sits at 1/2 or just above 1 (rounded to 1) instead of the other end;
-        // the CPU reference's own p differ from the kernel's by as much.) 2^c from c's bits: c + 2^23 +
-        // 127 is an exact integer whose low bits are c + 127 (c ≥ −60 where used; −∞ and NaN
-        // give f = 0).
+        // the CPU reference's own p differ from the kernel's by as much.) 2^c from c's bits:
+        // c + 2^23 + 127 is an exact integer whose low bits are c + 127 (c ≥ −60 where used;
+        // −∞ and NaN give f = 0).
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
             float d = fmaf(smax[i], scale[i], -m_use[i]), c = ceilf(d);

@@ -66,17 +66,8 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 template <u32 ID, u32 COUNT> __device__ __forceinline__ void named_barrier() {
     asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
 }
-// The calling warp's warpgroup (warps 4w..4w+3, w < 3), on barrier 2 + w.
-__device__ __forceinline__ void warpgroup_barrier() {
-    if (threadIdx.x < 128u)
-        named_barrier<2, 128>();
-    else if (WARPS <= 8u || threadIdx.x < 256u)
-        named_barrier<3, 128>();
-    else
-        named_barrier<4, 128>();
-}
-// The same barrier, also OR-ing `x` over the warpgroup (bar.red): skip-softmax's "some warp
-// kept this tile's P".
+// A barrier of the calling warp's warpgroup (warps 4w..4w+3, w < 3: barrier 2 + w) that ORs
+// `x` over it (bar.red): skip-softmax's "some warp kept this tile's P".
 __device__ __forceinline__ bool warpgroup_barrier_or(bool x) {
     u32 r;
 #define WG_BAR_OR(ID) \
