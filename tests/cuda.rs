@@ -806,6 +806,42 @@ fn nvfp4_tile_fold_is_exact_down_to_two_to_the_minus_7() {
     assert!(rounded > 0, "the check never saw a rounded operand");
 }
 
+/// The Nvfp4 recipe's tile factor in the tensor-core kernel (attention_mma.cu, softmax_mtile):
+/// ρ' = 2^c, c = ⌈d⌉ for the exponent d of the row's largest p, built from c's bits as
+/// `(c + (2^23 + 127)).to_bits() << 23`: exactly 2^c for every c the kernel uses (−60 to 1),
+/// 0 for −∞ and NaN. And 2^⌈d⌉ is the least power of two ≥ p = 2^d (the CPU reference's ρ' of
+/// its own p) except for d within ~2^-22 of an integer, the window docs/numerics.md states
+/// (skipped here with a margin: 2^-21).
+#[test]
+fn nvfp4_tile_factor_from_the_exponent() {
+    let factor = |c: f32| f32::from_bits((c + (8388608.0 + 127.0)).to_bits() << 23);
+    for c in -60..=1 {
+        assert_eq!(factor(c as f32), 2f32.powi(c), "c {c}");
+    }
+    assert_eq!(factor(f32::NEG_INFINITY), 0.0);
+    assert_eq!(factor(f32::NAN), 0.0);
+    let pow2_ceil = |x: f32| {
+        let b = x.to_bits();
+        f32::from_bits((b.min(0x7e80_0000) + 0x007f_ffff) & 0x7f80_0000)
+    };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut near = 0u32;
+    for _ in 0..200_000 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let d = -60.0 * ((rng >> 11) as f64 / (1u64 << 53) as f64) as f32; // (−60, 0]
+        let p = (d as f64).exp2() as f32; // the reference's p, one rounding
+        let frac = d - d.floor();
+        if frac < 2f32.powi(-21) || 1.0 - frac < 2f32.powi(-21) {
+            near += 1;
+            continue;
+        }
+        assert_eq!(pow2_ceil(p), factor(d.ceil()), "d {d}");
+    }
+    assert!(near < 10, "{near} draws fell in the window");
+}
+
 /// Nvfp4P's direct path (attention_mma.cu: direct_factor, e2m1_direct_pair) emulated on the CPU
 /// step by step, over every 16-bit p in [0, 1], every positive E4M3 scale, amax_P = 1, 1/2
 /// and 2, the three combinations of p's type and the P·V operand's (f16/f16, bf16/bf16, and
