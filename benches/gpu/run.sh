@@ -11,7 +11,8 @@
 #   bash benches/gpu/run.sh profile [ARGS]   GPU time per kernel (ncu) of bench-attention --quick ARGS
 #                                            (PROFILE_BIN=bench-prev: the A/B's other binary)
 #   bash benches/gpu/run.sh stalls [ARGS]    ncu warp stalls of one attention launch, per SASS
-#                                            instruction too ($OUT/stalls-*.csv)
+#                                            instruction too ($OUT/stalls-*.csv; summary by
+#                                            benches/gpu/stalls.py)
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
 #   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
@@ -67,8 +68,8 @@ while [ $# -gt 0 ]; do
         .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
       ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls-details.csv" 2>&1
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls-sass.csv" 2>&1
-      grep -E "Issue|Stall|Warp Cycles|Eligible|Active Warps|No Eligible" "${OUT:-/tmp}/stalls-details.csv" | cut -c1-400 | tail -40
-      wc -c "${OUT:-/tmp}/stalls-sass.csv" ;;
+      grep -E "Issue|Warp Cycles|Eligible|Active Warps" "${OUT:-/tmp}/stalls-details.csv" | cut -d, -f13-15
+      python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls-sass.csv" ;;
     ab)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
