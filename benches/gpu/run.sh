@@ -68,8 +68,7 @@ while [ $# -gt 0 ]; do
         .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
       ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls-details.csv" 2>&1
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls-sass.csv" 2>&1
-      grep -E "Issue|Warp Cycles|Eligible|Active Warps" "${OUT:-/tmp}/stalls-details.csv" | cut -d, -f13-15
-      python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls-sass.csv" ;;
+      python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls-sass.csv" 25 "${OUT:-/tmp}/stalls-details.csv" ;;
     ab)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)

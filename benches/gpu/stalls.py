@@ -1,7 +1,7 @@
-"""Summary of `run.sh stalls`' per-instruction CSV (ncu --page source --print-source sass):
-each stall reason's share of all warp samples, then the instructions with the most samples
-and their three largest reasons.
-    python3 benches/gpu/stalls.py $OUT/stalls-sass.csv [TOP]"""
+"""Summary of `run.sh stalls`' CSVs: the scheduler and warp-state figures of the details page
+(if given), each stall reason's share of all warp samples (ncu --page source --print-source
+sass), then the instructions with the most samples and their three largest reasons.
+    python3 benches/gpu/stalls.py $OUT/stalls-sass.csv [TOP [$OUT/stalls-details.csv]]"""
 import collections
 import csv
 import sys
@@ -14,8 +14,13 @@ def num(x):
         return 0.0
 
 
-rows = list(csv.reader(open(sys.argv[1])))
 top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+if len(sys.argv) > 3:
+    for r in csv.reader(open(sys.argv[3])):
+        # section, metric, unit, value (the details page's last four columns)
+        if len(r) >= 15 and any(k in r[12] for k in ("Issue", "Eligible", "Active Warps", "Warp Cycles")):
+            print(f"{r[12]:40s} {r[14]:>8s} {r[13]}")
+rows = list(csv.reader(open(sys.argv[1])))
 header = next(r for r in rows if "Address" in r and "Source" in r)
 col = {h: i for i, h in enumerate(header)}
 data = [r for r in rows[rows.index(header) + 1 :] if len(r) == len(header)]
