@@ -340,17 +340,25 @@ fn main() {
         return;
     }
     // N:M sparse softmax on random inputs: dense against 2:4 and 4:8 (the selection's cost;
-    // P·V stays dense).
+    // P·V stays dense). --recipe filters; --nm-only LABEL (repeatable: dense, 2:4, 4:8) keeps
+    // those rows (e.g. for one profiled launch: `run.sh stalls --nm --nm-only 2:4 ...`).
     #[cfg(feature = "cuda")]
     if let (Some(c), true) = (&cuda, args.iter().any(|a| a == "--nm")) {
+        let nm_only = values("--nm-only");
         for &(h, n, d) in &shapes {
             for recipe in [Recipe::Exact, Recipe::Int8QkF16Pv, Recipe::nvfp4p()] {
+                if !only_recipes.is_empty() && !only_recipes.iter().any(|r| r == recipe.name()) {
+                    continue;
+                }
                 let dense = AttentionSpec::new(1, h, n, d).with_recipe(recipe);
                 for (label, spec) in [
                     ("dense", dense.clone()),
                     ("2:4", dense.clone().with_nm_softmax(NmSoftmax::new(2, 4))),
                     ("4:8", dense.clone().with_nm_softmax(NmSoftmax::new(4, 8))),
                 ] {
+                    if !nm_only.is_empty() && !nm_only.iter().any(|l| l == label) {
+                        continue;
+                    }
                     if let Some(ms) = time_cuda(c, &spec, 5).map(|t| t.ms) {
                         println!(
                             "| nm-softmax | {} | 1,{h},{n},{d} | {label} | {ms:.3} | {:.1} |",

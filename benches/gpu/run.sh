@@ -12,7 +12,8 @@
 #                                            (PROFILE_BIN=bench-prev: the A/B's other binary)
 #   bash benches/gpu/run.sh stalls [ARGS]    ncu warp stalls of one attention launch, per SASS
 #                                            instruction too ($OUT/stalls-*.csv; summary by
-#                                            benches/gpu/stalls.py)
+#                                            benches/gpu/stalls.py; STALLS_BIN=bench-prev: the
+#                                            A/B's other binary)
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
 #   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
@@ -65,7 +66,7 @@ while [ $# -gt 0 ]; do
       rep=/tmp/stalls
       timeout 300 ncu -k regex:attention_mma -s 1 -c 1 --section WarpStateStats --section SchedulerStats \
         --section SourceCounters --section ComputeWorkloadAnalysis -f -o "$rep" \
-        .gpu/bin/bench-attention --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
+        ".gpu/bin/${STALLS_BIN:-bench-attention}" --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
       ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls-details.csv" 2>&1
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls-sass.csv" 2>&1
       python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls-sass.csv" 25 "${OUT:-/tmp}/stalls-details.csv" ;;
