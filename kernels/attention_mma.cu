@@ -764,10 +764,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
     fence_async_smem();
     named_barrier<1, CONSUMERS>();  // Q's tile is in
     // Skip-softmax: a warp that drops tile j (its 16 rows: one skip tile) writes zeros as its
-    // P(j); P(j)·V(j) is issued only when some warp of the warpgroup kept the tile, which the
-    // next barrier ORs over the warpgroup.
+    // P(j), and P(j)·V(j) is issued as for a kept tile: no barrier to learn whether the other
+    // warps kept it (the tensor cores have room; the warps' cycles are what skipping saves).
     PvBehind pv = {false, 0u, 0u};
-    bool kept = false;
     // PV_FP8: each tile's P·V into its own accumulator, added to o once done (PV_FP8's comment).
     float otile[MT][NT_O][4];
 #pragma unroll
@@ -784,15 +783,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         // wgmma reads a warp's rows of A on that warp's issue, after that warp's proxy fence
         // (FlashAttention 3 relies on the same: a __syncwarp, no warpgroup barrier). A
         // warpgroup barrier had cost ~5% of the warps' cycles in stalls (ncu, nvfp4 at D = 64).
-        // Skip-softmax keeps it: it ORs the warps' "kept".
-        if (SKIP)
-            pv.on = warpgroup_barrier_or(kept);
-        else
-            __syncwarp();
+        __syncwarp();
         float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, pv_acc);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
-        kept = softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
+        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
         store_p(pa[0], ptile);
         // The fence makes P(j) visible to the wgmma that reads it next tile. SOFTMAX_TREES
@@ -809,12 +804,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         kb = kn;
     }
     if (pv.on) {
-        if (SKIP)
-            pv.on = warpgroup_barrier_or(kept);
-        else
-            __syncwarp();
+        __syncwarp();
+        pv_tile_wg(pv.pbase, pv.vbase, o, otile);
     }
-    if (pv.on) pv_tile_wg(pv.pbase, pv.vbase, o, otile);
 #else
     // Two stages: the next visited tile is copied into the other stage while this one computes.
     u32 stage = 0u;

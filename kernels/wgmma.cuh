@@ -66,24 +66,6 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 template <u32 ID, u32 COUNT> __device__ __forceinline__ void named_barrier() {
     asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
 }
-// A barrier of the calling warp's warpgroup (warps 4w..4w+3, w < 3: barrier 2 + w) that ORs
-// `x` over it (bar.red): skip-softmax's "some warp kept this tile's P".
-__device__ __forceinline__ bool warpgroup_barrier_or(bool x) {
-    u32 r;
-#define WG_BAR_OR(ID) \
-    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, " #ID ", 128, q;\nselp.u32 %0, 1, 0, p;\n}\n" \
-                 : "=r"(r)                                                                                        \
-                 : "r"((u32)x)                                                                                    \
-                 : "memory")
-    if (threadIdx.x < 128u)
-        WG_BAR_OR(2);
-    else if (WARPS <= 8u || threadIdx.x < 256u)
-        WG_BAR_OR(3);
-    else
-        WG_BAR_OR(4);
-#undef WG_BAR_OR
-    return __shfl_sync(0xffffffffu, r, 0) != 0u;  // (a value ptxas knows is warp-uniform)
-}
 __device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
