@@ -153,7 +153,7 @@ impl MmaConfig {
     }
 
     /// The default for `plan` on `arch`. sm_90a: `hopper_wgmma3` at head dim 128, `hopper_wgmma`
-    /// at 64 with two blocks per SM except for Exact
+    /// at 64 with two blocks per SM except for dense Exact
     /// (measured on the H100 at H=48 N=16384: exact 286 → 424 TOPS over 8 × 1 mma.sync; the
     /// other recipes 8–22% faster with two blocks, exact 1–3% slower; fp8-p was too until
     /// its one-block build slowed to 12.0 ms (eighth session; 8.4 ms with two blocks). Other Hopper
@@ -165,7 +165,14 @@ impl MmaConfig {
             return MmaConfig::hopper_wgmma3();
         }
         if arch == "sm_90a" && dp == 64 {
-            let light = plan.spec.recipe == crate::Recipe::Exact;
+            // Dense Exact fits two blocks per SM (94 registers) with one asked; with
+            // skip-softmax or N:M it took 108-113 and ran one block per SM: asked for two,
+            // 94-95, no spills (exact at H=48 N=16384: skip 11.05 → 7.64-7.73 ms, 4:8 14.78 →
+            // 12.03, 2:4 unchanged; dense asked for two ran 3% slower).
+            let s = &plan.spec;
+            let light = s.recipe == crate::Recipe::Exact
+                && s.skip_softmax.is_none()
+                && s.nm_softmax.is_none();
             return MmaConfig {
                 min_blocks: if light { 1 } else { 2 },
                 ..MmaConfig::hopper_wgmma()
@@ -491,9 +498,13 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
             }
         }
     }
-    // sm_90a's default at head dim 64 for all but Exact: two wgmma blocks per SM (`for_plan`).
-    for recipe in [1, 2, 3, 4, 5] {
+    // sm_90a's default at head dim 64 for all but dense Exact: two wgmma blocks per SM
+    // (`for_plan`).
+    for recipe in [0, 1, 2, 3, 4, 5] {
         for (bf16, skip) in [(false, false), (true, false), (false, true), (true, true)] {
+            if recipe == 0 && !skip {
+                continue;
+            }
             mods.push(Module::Mma {
                 recipe,
                 dp: 64,
@@ -2158,5 +2169,27 @@ mod tests {
             sync.shared_bytes(0, 128),
             128 * 272 + 2 * (2 * 64 * 272 + 256)
         );
+    }
+
+    /// sm_90a at head dim 64: one block per SM asked only for dense Exact (it fits two in its
+    /// registers anyway); skip-softmax, N:M and every other recipe ask for two, which their
+    /// register counts need to run two (`for_plan`).
+    #[test]
+    fn head_dim_64_asks_two_blocks_but_for_dense_exact() {
+        use crate::{NmSoftmax, SkipSoftmax};
+        let blocks =
+            |spec: AttentionSpec| MmaConfig::for_plan("sm_90a", &spec.plan().unwrap()).min_blocks;
+        let exact = AttentionSpec::new(1, 2, 256, 64);
+        assert_eq!(blocks(exact.clone()), 1);
+        assert_eq!(
+            blocks(exact.clone().with_skip_softmax(SkipSoftmax::Lambda(0.1))),
+            2
+        );
+        assert_eq!(
+            blocks(exact.clone().with_nm_softmax(NmSoftmax::new(4, 8))),
+            2
+        );
+        assert_eq!(blocks(exact.with_recipe(Recipe::nvfp4p())), 2);
+        assert_eq!(blocks(AttentionSpec::new(1, 2, 256, 128)), 1);
     }
 }
