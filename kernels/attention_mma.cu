@@ -32,6 +32,7 @@
 // warp works), so that registers can move to the consumers (PV_FP8_CONSUMER_REGS).
 #define THREADS (CONSUMERS + (PV_FP8 ? 128u : WGMMA ? 32u : 0u))
 #define NEG_INF __int_as_float(0xff800000)
+#define F32_MAX __int_as_float(0x7f7fffff)
 // FP8 V, NVFP4 V and the Nvfp4 recipe's Q, K, V run through the f16 tensor cores from f16 copies of their
 // codes' values (E4M3 and E2M1·E4M3 values are all f16-exact); the rest in the input dtype.
 #define QK_BF16 (BF16 && RECIPE != R_NVFP4)
@@ -326,6 +327,21 @@ __device__ __forceinline__ void qk_products(const u32 (&qreg)[MT][QREG_STEPS][4]
     }
 }
 
+// INT8 with one σk per tile (Int8QkF16Pv: per 64 keys; Int8QkFp8Pv where K's groups are whole tiles).
+__device__ __forceinline__ bool int8_one_scale(const Params& P) {
+    return RECIPE == R_INT8_F16 || (P.k_ginter == 1u && P.k_gblock % BK == 0u);
+}
+
+// What qk_tile leaves in every score besides its value: Int8QkF16Pv (one σk per 64 keys) keeps
+// the conversion's 1.5·2^23 (the integer is exact either way; order and ties, which the max and
+// N:M use, are the integer's). (Int8QkFp8Pv subtracts it per score: its default σk is per key,
+// applied per score anyway, and its per-tile option is not worth a second path.) The softmax subtracts it from the row max (exact) and folds −offset·
+// scale into the exponent's shift (one FFMA per row instead of an FADD per score). That shift is
+// rounded once at the magnitude of offset·scale: by at most half an ulp of 1.5·2^24·scale, i.e.
+// ¾ of one integer unit of the score — the INT8 scores' own error is hundreds of units
+// (≈ √D·127/2 from rounding the codes), so this is ~1e-3 of it (docs/numerics.md).
+__device__ __forceinline__ float score_offset() { return RECIPE == R_INT8_F16 ? 12582912.0f : 0.0f; }
+
 // Returns the factor the tile's scores still need (folded into the softmax's row scale): 1, or
 // INT8's σk when one scale covers the whole tile.
 __device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][QREG_STEPS][4], u32 qbase, u32 kbase,
@@ -340,17 +356,18 @@ __device__ __forceinline__ float qk_tile(const Params& P, const u32 (&qreg)[MT][
     i32 acc[MT][NT_S][4];
     qk_products(qreg, qlane, kbase, acc, pv, pv_acc);
     // acc·σk here; σq, per row, joins sm_scale's place in the softmax FMA. |acc| ≤ 127²·DP
-    // < 2^22, so int → float is an integer add and a float subtract (full-rate ALU, exact).
-    // One σk per tile (K groups of whole tiles; key 0's is valid, as visited tiles start inside
-    // the sequence): the softmax multiplies by σq·σk instead, one multiply per row, not per
-    // score. A zero σk means zero codes, so any factor gives the same zero scores.
-    bool one_scale = RECIPE == R_INT8_F16 || (P.k_ginter == 1u && P.k_gblock % BK == 0u);  // Int8QkF16Pv: per 64 keys
+    // < 2^22, so int → float is one integer add: the float 1.5·2^23 + acc, exactly, and a float
+    // subtract of the offset, but where the softmax takes it off per row (score_offset). One σk
+    // per tile (K groups of whole tiles; key 0's is valid, as visited tiles start inside the
+    // sequence): the softmax multiplies by σq·σk instead, one multiply per row, not per score.
+    // A zero σk means zero codes, so any factor gives the same zero scores.
+    bool one_scale = int8_one_scale(P);
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
         for (u32 mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (u32 e = 0; e < 4u; e++) s[mt][n][e] = __int_as_float(acc[mt][n][e] + 0x4B400000) - 12582912.0f;
+            for (u32 e = 0; e < 4u; e++) s[mt][n][e] = __int_as_float(acc[mt][n][e] + 0x4B400000) - (12582912.0f - score_offset());
     // Per-key σk (Int8QkFp8Pv per thread) in its own uniform branch, which ptxas keeps as a
     // branch: selected per score, its 8 loads and 32 multiplies ran on every tile of the
     // per-warp default too (Int8QkFp8Pv's hot loop executed 654 → ~595 instructions, SASS).
@@ -498,55 +515,63 @@ template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)
     return v[0];
 }
 
-// Online softmax of one m-tile in base 2: m is the running max of the scaled scores (−inf
-// before any visible key), p = 2^(score·scale − m), l sums the unquantised p. A row with
-// nothing visible yet uses m = 0, so its p are 2^−inf = 0 and alpha = 2^(−inf) = 0. Leaves P's
+// Online softmax of one m-tile in base 2: m is the running max of the scaled scores, p =
+// 2^(score·scale − m), l sums the unquantised p. m starts at −FLT_MAX (the kernel's start; a
+// tile a row sees nothing of leaves it there: its p are 2^−∞ = 0, alpha 2^0 = 1 on a zero o;
+// its first visible score gives alpha = 2^(−FLT_MAX − m) = 0), and at +FLT_MAX on rows past
+// the end of the sequence (their p are 2^(−FLT_MAX) = 0, nothing ever rescales). Leaves P's
 // A fragments in `pa` and the factor o must be multiplied by before P·V is added in `oscale`.
 // False when skip-softmax drops the tile (pa zero, oscale 1: nothing to rescale).
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
-    float alpha[2], m_use[2], tmax[2], smax[2];
+    float alpha[2], m_use[2], tmax[2], smax[2], own[2], off = score_offset();
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
-        smax[i] = quad_max(row_reduce<false>(s, i));
+        own[i] = row_reduce<false>(s, i);  // the thread's max of row i (KPERM NVFP4 P: one block's)
+        smax[i] = quad_max(own[i]) - off;  // (exact: the integer)
         tmax[i] = smax[i] * scale[i];
     }
     if (SKIP) {
         // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
-        // that sees a key of it has 2^(tile max − running max) < λ (−∞ running max: needed).
-        bool sees = false, needs = false;
+        // that sees a key of it has 2^(tile max − running max) < λ. m's starts make that one
+        // compare per row: a row that has seen nothing (−FLT_MAX) needs any visible key, one
+        // that sees nothing here (tile max −∞) never needs the tile, nor does a row past the
+        // end (+FLT_MAX); a NaN tile max needs it (NaN stays visible).
+        bool needs = false;
 #pragma unroll
-        for (u32 i = 0; i < 2u; i++) {
-            bool s_i = rows[i] < P.seq_q && tmax[i] != NEG_INF;
-            sees |= s_i;
-            needs |= s_i && !(tmax[i] - m[i] < P.skip_log2);
-        }
-        // needs implies sees, so a tile some row needs is visited; the second vote (does any
-        // row see it at all: else it is neither visited nor skipped) only when none needs it.
+        for (u32 i = 0; i < 2u; i++) needs |= !(tmax[i] - m[i] < P.skip_log2);
+        // A tile some row needs is visited; else the second vote (does a row see it at all:
+        // else it is neither visited nor skipped).
         if (__any_sync(0xffffffffu, needs)) {
             visited++;
-        } else if (__any_sync(0xffffffffu, sees)) {
-            skipped++;
-            oscale[0] = oscale[1] = 1.0f;  // (rescale skips it: no branch around o for wgmma)
+        } else {
+            bool sees = (rows[0] < P.seq_q && tmax[0] != NEG_INF) || (rows[1] < P.seq_q && tmax[1] != NEG_INF);
+            if (__any_sync(0xffffffffu, sees)) {
+                skipped++;
+                oscale[0] = oscale[1] = 1.0f;  // (rescale skips it: no branch around o for wgmma)
 #pragma unroll
-            for (u32 kk = 0; kk < BK / 16u; kk++)
+                for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
-                for (u32 r = 0; r < 4u; r++) pa[kk][r] = 0u;
-            return false;
+                    for (u32 r = 0; r < 4u; r++) pa[kk][r] = 0u;
+                return false;
+            }
         }
     }
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
-        float m_new = fmaxf(m[i], tmax[i]);
-        m_use[i] = m_new == NEG_INF ? 0.0f : m_new;
+        float m_new = fmaxf(m[i], tmax[i]);  // (never −∞: m starts finite)
+        m_use[i] = m_new;
         alpha[i] = ex2(m[i] - m_use[i]);
         m[i] = m_new;
     }
     float shift[2];  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
     float sum_mul[2] = {1.0f, 1.0f}, row_mul[2] = {P.inv_g, P.inv_g};
 #pragma unroll
-    for (u32 i = 0; i < 2u; i++) shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
+    for (u32 i = 0; i < 2u; i++) {
+        shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
+        if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
+    }
     oscale[0] = alpha[0];
     oscale[1] = alpha[1];
     u32 fold[2] = {0u, 0u};
@@ -588,7 +613,12 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         }
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) l[i] = l[i] * alpha[i] + (SOFTMAX_TREES ? row_reduce<true>(s, i) : sum[i]) * sum_mul[i];
-    p_fragments(P, s, pa, row_mul, fold);
+    // KPERM NVFP4 P: each row's largest p of the thread (a block), the same operation as its p.
+    float pmax[2] = {0.0f, 0.0f};
+    if (KPERM && (RECIPE == R_NVFP4 || RECIPE == R_NVFP4P))
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) pmax[i] = ex2(fmaf(own[i], scale[i], shift[i]));
+    p_fragments(P, s, pa, row_mul, fold, pmax);
     return true;
 }
 
@@ -743,7 +773,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         for (u32 n = 0; n < NT_O; n++)
 #pragma unroll
             for (u32 e = 0; e < 4u; e++) o[mt][n][e] = 0.0f;
-        m[mt][0] = m[mt][1] = NEG_INF;
+        // (softmax_mtile: where m starts, and why)
+        m[mt][0] = rows[mt][0] < P.seq_q ? -F32_MAX : F32_MAX;
+        m[mt][1] = rows[mt][1] < P.seq_q ? -F32_MAX : F32_MAX;
         l[mt][0] = l[mt][1] = 0.0f;
         tiles_visited[mt] = tiles_skipped[mt] = 0u;
     }

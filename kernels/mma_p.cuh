@@ -168,14 +168,18 @@ __device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) 
 // One pair of a block before its scale is known: p rounded as the recipe says (Nvfp4P: to the
 // input dtype; the Nvfp4 recipe's DIRECT p' to f16), times the row's multiplier (not DIRECT),
 // and the block's running max (as bits: p ≥ 0).
-template <bool DIRECT>
-__device__ __forceinline__ void p_block_pair(float& lo, float& hi, float mul, u32& amax) {
+// (KPERM passes pairs of two rows' block maxima through the same rounding and multiply.)
+template <bool DIRECT> __device__ __forceinline__ void p_round_pair(float& lo, float& hi, float mul_lo, float mul_hi) {
     if (RECIPE == R_NVFP4P) round_dtype_pair(lo, hi);
     if (DIRECT && RECIPE == R_NVFP4) round16_pair<false>(lo, hi);  // p' (lifted)
     if (!DIRECT) {
-        lo = __fmul_rn(lo, mul);
-        hi = __fmul_rn(hi, mul);
+        lo = __fmul_rn(lo, mul_lo);
+        hi = __fmul_rn(hi, mul_hi);
     }
+}
+template <bool DIRECT>
+__device__ __forceinline__ void p_block_pair(float& lo, float& hi, float mul, u32& amax) {
+    p_round_pair<DIRECT>(lo, hi, mul, mul);
     amax = max(amax, max(f2u(lo), f2u(hi)));
 }
 
@@ -207,16 +211,23 @@ template <bool DIRECT> __device__ __forceinline__ u32 p_quant_pair(float lo, flo
     return e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, b.s, b.r), e2m1_unsaturated(hi, b.s, b.r), b.s2);
 }
 
+//
+// `pmax` (KPERM): each row's largest p of the thread, made as its p were (softmax_mtile).
 template <bool DIRECT>
-__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], const u32 (&fold)[2], u32 (&pk)[NT_S][2]) {
+__device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], const u32 (&fold)[2], const float (&pmax)[2],
+                                        u32 (&pk)[NT_S][2]) {
     const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
 #if KPERM
-    // A row's 16 values here are one block (key_in_tile): rows g and g + 8, no exchange.
-    u32 amax[2] = {0u, 0u};
+    // A row's 16 values here are one block (key_in_tile): rows g and g + 8, no exchange. Its max
+    // is the thread's largest p of the row, rounded and multiplied as every p is: the same bits
+    // as the largest of the 16 (rounding and multiplying are monotone), without 32 compares.
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
-        for (u32 half = 0; half < 2u; half++) p_block_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], mul[half], amax[half]);
+        for (u32 half = 0; half < 2u; half++) p_round_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], mul[half], mul[half]);
+    float m2[2] = {pmax[0], pmax[1]};
+    p_round_pair<DIRECT>(m2[0], m2[1], mul[0], mul[1]);
+    u32 amax[2] = {f2u(m2[0]), f2u(m2[1])};
     if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) amax[i] = f2u(__fmul_rn(u2f(amax[i]), inv_g));
@@ -303,13 +314,13 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
 // in the recipe's format divided by the constant factor applied at the end (the Nvfp4 recipe's:
 // times its rows' tile factors, `fold`).
 __device__ __forceinline__ void p_fragments(const Params& P, float (&p)[NT_S][4], u32 (&pa)[BK / 16u][4], const float (&row_mul)[2],
-                                            const u32 (&fold)[2]) {
+                                            const u32 (&fold)[2], const float (&pmax)[2]) {
     if (RECIPE == R_NVFP4P || RECIPE == R_NVFP4) {
         u32 pk[NT_S][2];
         if (p_direct(P))
-            p_nvfp4<true>(p, row_mul, fold, pk);
+            p_nvfp4<true>(p, row_mul, fold, pmax, pk);
         else
-            p_nvfp4<false>(p, row_mul, fold, pk);
+            p_nvfp4<false>(p, row_mul, fold, pmax, pk);
 #pragma unroll
         for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
