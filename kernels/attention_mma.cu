@@ -226,6 +226,18 @@ __device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned c
                      : "memory");
 }
 
+// Zeros in this warp's 16 rows of the P tile (a tile skip-softmax drops): the bytes store_p
+// writes (each lane's 16-byte row of each matrix), by a plain store. (A different instruction
+// from store_p's, so that the kept path keeps its own stores, interleaved with the softmax, and
+// the compiler does not join the two paths before one store of either P.)
+__device__ __forceinline__ void store_p_zero(unsigned char* ptile) {
+    u32 lane = threadIdx.x % 32u, r = lane / 8u;
+    u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
+    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * P_ELEM);
+#pragma unroll
+    for (u32 kk = 0; kk < PV_STEPS; kk++) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(at + kk * 256u), "r"(0u) : "memory");
+}
+
 // acc (+)= P·V of one tile, issued (the caller fences and commits). PV_FP8: acc is the tile's
 // own accumulator, overwritten by the first step.
 __device__ __forceinline__ void pv_steps(u32 pbase, u32 vbase, float (&acc)[NT_O][4]) {
@@ -491,7 +503,15 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // −7%, Nvfp4 −0.4 to −5%, Nvfp4P 0 to −3%; seventeenth session); Int8QkF16Pv ran 2–4% slower
 // (at 12 warps ptxas then sat at 126 of 128 registers and reloaded from shared memory), FP8 P
 // was not measured: those keep the chains and the early fence, i.e. their earlier code.
-#define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P)
+// With skip-softmax, Int8QkF16Pv at D = 128 takes the trees too: its test waits on the row max,
+// and the trees shortened that wait (skip test cost +6.0 → +5.2% at 24,16384,128; at D = 64 it
+// went +3.8 → +5.3%: there the chains stay; nineteenth session).
+#define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P || (RECIPE == R_INT8_F16 && SKIP && DP == 128u))
+// P_STORE_IN_SOFTMAX (wgmma): softmax_mtile stores P itself, on each of its paths (store_p_zero
+// says why): skip test cost exact +3.4 → +1.7% (D = 128), +8.3 → +5.3% (D = 64). Not Nvfp4P,
+// whose two P paths (direct or not) then each carry the stores: +3.9 → +5.5% at D = 128, +0.1 →
+// +1.7% at D = 64; there P is stored after the join.
+#define P_STORE_IN_SOFTMAX (WGMMA && RECIPE != R_NVFP4P)
 
 // The max (SUM: the sum) of a thread's values of row g + 8i of the tile. The max is the same in
 // any order (fmaxf ignores a NaN unless both are); the sum's rounding order is the tree's.
@@ -524,13 +544,30 @@ template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)
 // False when skip-softmax drops the tile (pa zero, oscale 1: nothing to rescale).
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
-                                              u32 (&pa)[BK / 16u][4], float (&oscale)[2]) {
+                                              u32 (&pa)[BK / 16u][4], float (&oscale)[2], unsigned char* ptile = nullptr) {
     float alpha[2], m_use[2], tmax[2], smax[2], own[2], off = score_offset();
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
         own[i] = row_reduce<false>(s, i);  // the thread's max of row i (KPERM NVFP4 P: one block's)
         smax[i] = quad_max(own[i]) - off;  // (exact: the integer)
         tmax[i] = smax[i] * scale[i];
+    }
+    // The new running max, before skip-softmax's test: it does not move on a tile the test
+    // drops (there tile max < m + log2 λ < m, so alpha = 2^0 = 1), and the work is under the
+    // vote's latency instead of after it.
+    float m_old[2] = {m[0], m[1]};
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        float m_new = fmaxf(m[i], tmax[i]);  // (never −∞: m starts finite)
+        m_use[i] = m_new;
+        alpha[i] = ex2(m[i] - m_use[i]);
+        m[i] = m_new;
+    }
+    float shift[2];  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
+#pragma unroll
+    for (u32 i = 0; i < 2u; i++) {
+        shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
+        if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
     }
     if (SKIP) {
         // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
@@ -540,7 +577,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // end (+FLT_MAX); a NaN tile max needs it (NaN stays visible).
         bool needs = false;
 #pragma unroll
-        for (u32 i = 0; i < 2u; i++) needs |= !(tmax[i] - m[i] < P.skip_log2);
+        for (u32 i = 0; i < 2u; i++) needs |= !(tmax[i] - m_old[i] < P.skip_log2);
         // A tile some row needs is visited; else the second vote (does a row see it at all:
         // else it is neither visited nor skipped).
         if (__any_sync(0xffffffffu, needs)) {
@@ -554,24 +591,14 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
                 for (u32 kk = 0; kk < BK / 16u; kk++)
 #pragma unroll
                     for (u32 r = 0; r < 4u; r++) pa[kk][r] = 0u;
+#if P_STORE_IN_SOFTMAX
+                store_p_zero(ptile);
+#endif
                 return false;
             }
         }
     }
-#pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        float m_new = fmaxf(m[i], tmax[i]);  // (never −∞: m starts finite)
-        m_use[i] = m_new;
-        alpha[i] = ex2(m[i] - m_use[i]);
-        m[i] = m_new;
-    }
-    float shift[2];  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
     float sum_mul[2] = {1.0f, 1.0f}, row_mul[2] = {P.inv_g, P.inv_g};
-#pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
-        if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
-    }
     oscale[0] = alpha[0];
     oscale[1] = alpha[1];
     u32 fold[2] = {0u, 0u};
@@ -619,6 +646,9 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) pmax[i] = ex2(fmaf(own[i], scale[i], shift[i]));
     p_fragments(P, s, pa, row_mul, fold, pmax);
+#if P_STORE_IN_SOFTMAX
+    store_p(pa, ptile);  // (here, not after the skip branch's join: see store_p_zero)
+#endif
     return true;
 }
 
@@ -819,9 +849,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         float ks = qk_tile(P, qreg, qbase, smem_addr(st), (const float*)(st + K_TILE + V_TILE), s, pv, pv_acc);
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
-        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale);
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
-        store_p(pa[0], ptile);
+        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale, ptile);
+        if (!P_STORE_IN_SOFTMAX) store_p(pa[0], ptile);
         // The fence makes P(j) visible to the wgmma that reads it next tile. SOFTMAX_TREES
         // places it after the wait and the rescale, so that the stores have landed by the time
         // it waits for them (right after them it had stalled the warp: ~4.7% of stall samples,
