@@ -346,12 +346,13 @@ __device__ __forceinline__ bool int8_one_scale(const Params& P) {
 
 // What qk_tile leaves in every score besides its value: Int8QkF16Pv (one σk per 64 keys) keeps
 // the conversion's 1.5·2^23 (the integer is exact either way; order and ties, which the max and
-// N:M use, are the integer's). (Int8QkFp8Pv subtracts it per score: its default σk is per key,
-// applied per score anyway, and its per-tile option is not worth a second path.) The softmax subtracts it from the row max (exact) and folds −offset·
-// scale into the exponent's shift (one FFMA per row instead of an FADD per score). That shift is
-// rounded once at the magnitude of offset·scale: by at most half an ulp of 1.5·2^24·scale, i.e.
-// ¾ of one integer unit of the score — the INT8 scores' own error is hundreds of units
-// (≈ √D·127/2 from rounding the codes), so this is ~1e-3 of it (docs/numerics.md).
+// N:M use, are the integer's). The softmax subtracts it from the row max (exact) and folds
+// −offset·scale into the exponent's shift (one FFMA per row instead of an FADD per score). That
+// shift is rounded once at the magnitude of offset·scale: by at most half an ulp of
+// 1.5·2^24·scale, i.e. ¾ of one integer unit of the score — the INT8 scores' own error is
+// hundreds of units (≈ √D·127/2 from rounding the codes), so this is ~1e-3 of it
+// (docs/numerics.md). Int8QkFp8Pv subtracts it per score: its default σk is per key, applied
+// per score anyway, and its per-tile option is not worth a second path.
 __device__ __forceinline__ float score_offset() { return RECIPE == R_INT8_F16 ? 12582912.0f : 0.0f; }
 
 // Returns the factor the tile's scores still need (folded into the softmax's row scale): 1, or

@@ -211,7 +211,6 @@ template <bool DIRECT> __device__ __forceinline__ u32 p_quant_pair(float lo, flo
     return e2m1_pair_times_scale<PV_BF16>(e2m1_unsaturated(lo, b.s, b.r), e2m1_unsaturated(hi, b.s, b.r), b.s2);
 }
 
-//
 // `pmax` (KPERM): each row's largest p of the thread, made as its p were (softmax_mtile).
 template <bool DIRECT>
 __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[2], const u32 (&fold)[2], const float (&pmax)[2],
@@ -219,8 +218,10 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
     const float inv_g = RECIPE == R_NVFP4 ? 2688.0f : mul[0];
 #if KPERM
     // A row's 16 values here are one block (key_in_tile): rows g and g + 8, no exchange. Its max
-    // is the thread's largest p of the row, rounded and multiplied as every p is: the same bits
-    // as the largest of the 16 (rounding and multiplying are monotone), without 32 compares.
+    // is the ex2 of the thread's largest score of the row, rounded and multiplied as every p
+    // is: the same bits as the largest of the 16, as ex2.approx, the rounding and the multiply
+    // never decrease (benches/gpu/ex2_monotone.py), without 32 compares. (A NaN score is not
+    // the max here, unlike in the compares; its own p still makes the row's o NaN.)
 #pragma unroll
     for (u32 n = 0; n < NT_S; n++)
 #pragma unroll
