@@ -63,6 +63,9 @@
 #ifndef KPERM
 #define KPERM 0u
 #endif
+#ifndef PDIR  // Nvfp4P's P paths (mma_p.cuh, p_direct)
+#define PDIR 2u
+#endif
 #if KPERM && !(WGMMA && (NM || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P) && !PV_FP8)
 #error "KPERM: the wgmma shape with N:M sparse softmax or NVFP4 P, and 16-bit P·V only"
 #endif
@@ -511,8 +514,8 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // P_STORE_IN_SOFTMAX (wgmma): softmax_mtile stores P itself, on each of its paths (store_p_zero
 // says why): skip test cost exact +3.4 → +1.7% (D = 128), +8.3 → +5.3% (D = 64). Not Nvfp4P,
 // whose two P paths (direct or not) then each carry the stores: +3.9 → +5.5% at D = 128, +0.1 →
-// +1.7% at D = 64; there P is stored after the join.
-#define P_STORE_IN_SOFTMAX (WGMMA && RECIPE != R_NVFP4P)
+// +1.7% at D = 64; there P is stored after the join, unless one path is compiled in (PDIR).
+#define P_STORE_IN_SOFTMAX (WGMMA && !(RECIPE == R_NVFP4P && PDIR == 2u))
 
 // The max (SUM: the sum) of a thread's values of row g + 8i of the tile. The max is the same in
 // any order (fmaxf ignores a NaN unless both are); the sum's rounding order is the tree's.

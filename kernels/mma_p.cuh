@@ -141,8 +141,11 @@ __device__ __forceinline__ void direct_table_fill(float inv_g) {
 
 // Whether P takes the direct path (p_nvfp4<true>): always for the Nvfp4 recipe (its lifted p
 // is rounded to f16 and its global scale is 1/2688), for Nvfp4P where FLAG_P_DIRECT allows.
+// PDIR (Nvfp4P): 2 both paths, FLAG_P_DIRECT picking at run time; 1 the direct path only (the
+// host sets the flag's condition), 0 the general one only (src/backend/cuda, nvfp4p_path).
 __device__ __forceinline__ bool p_direct(const Params& P) {
-    return RECIPE == R_NVFP4 || (RECIPE == R_NVFP4P && (P.flags & FLAG_P_DIRECT));
+    if (RECIPE != R_NVFP4P) return RECIPE == R_NVFP4;
+    return PDIR == 2u ? (P.flags & FLAG_P_DIRECT) != 0u : PDIR == 1u;
 }
 __device__ __forceinline__ float direct_inv_g(const Params& P) { return RECIPE == R_NVFP4 ? 2688.0f : P.inv_g; }
 

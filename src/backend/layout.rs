@@ -5,7 +5,7 @@
 use crate::numerics::p::NVFP4_RANGE;
 use crate::numerics::{padded_dim, QkCodes, Quantized, VCodes, MEAN_BLOCK};
 use crate::recipe::{Groups, Recipe};
-use crate::spec::{DType, Plan};
+use crate::spec::{AttentionSpec, DType, Plan};
 
 /// The recipe number the shaders switch on (R_* in common.wgsl).
 pub fn recipe_id(r: Recipe) -> u32 {
@@ -177,6 +177,16 @@ impl Workspace {
 }
 
 /// The parameter block for `plan` (mode and count are set per dispatch).
+/// Whether Nvfp4P's P may take the direct path (FLAG_P_DIRECT; kernels/mma_p.cuh, p_nvfp4):
+/// 16-bit inputs and an amax_P that is a power of two.
+pub fn p_direct_allowed(s: &AttentionSpec) -> bool {
+    let Recipe::Nvfp4P { amax_p } = s.recipe else {
+        return false;
+    };
+    let power_of_two = amax_p.is_normal() && amax_p > 0.0 && amax_p.to_bits() & 0x7f_ffff == 0;
+    s.dtype != DType::F32 && power_of_two
+}
+
 pub fn params(plan: &Plan, ws: &Workspace) -> Params {
     let s = &plan.spec;
     let groups = |g: Option<Groups>| g.map_or((1, 1), |g| (g.block as u32, g.interleave as u32));
@@ -206,8 +216,7 @@ pub fn params(plan: &Plan, ws: &Workspace) -> Params {
         Recipe::Fp8P { amax_p } => (amax_p, crate::recipe::E4M3_MAX),
         _ => (1.0, NVFP4_RANGE),
     };
-    let power_of_two = amax_p.is_normal() && amax_p > 0.0 && amax_p.to_bits() & 0x7f_ffff == 0;
-    if matches!(s.recipe, Recipe::Nvfp4P { .. }) && s.dtype != DType::F32 && power_of_two {
+    if p_direct_allowed(s) {
         flags |= FLAG_P_DIRECT;
     }
     Params {

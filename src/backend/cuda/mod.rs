@@ -296,6 +296,9 @@ pub enum Module {
         /// K's and V's rows permuted within each 64-key tile by the tensor maps, so that a
         /// thread's scores of a row are 16 consecutive keys ([`kperm_fits`]).
         kperm: bool,
+        /// Nvfp4P's P path compiled in ([`nvfp4p_path`]): `None` both, FLAG_P_DIRECT picks at
+        /// run time; `Some(true)` the direct path only; `Some(false)` the general one only.
+        p_direct: Option<bool>,
     },
 }
 
@@ -313,8 +316,9 @@ impl Module {
                 nm,
                 vnv,
                 kperm,
+                p_direct,
             } => format!(
-                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}{}{}",
+                "attention-mma-r{recipe}-d{dp}-{}-w{}m{}q{}b{}{}{}{}{}{}{}",
                 if *bf16 { "bf16" } else { "f16" },
                 cfg.warps,
                 cfg.m_tiles,
@@ -328,6 +332,11 @@ impl Module {
                 },
                 if *vnv { "-vnv" } else { "" },
                 if *kperm { "-kp" } else { "" },
+                match p_direct {
+                    None => "",
+                    Some(true) => "-pd1",
+                    Some(false) => "-pd0",
+                },
                 if cfg.wgmma { "-wgmma" } else { "" }
             ),
         }
@@ -356,9 +365,11 @@ pub fn module_source(m: Module) -> String {
             nm,
             vnv,
             kperm,
+            p_direct,
         } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
+                ("PDIR", p_direct.map_or(2, |d| d as u32)),
                 ("DP", dp),
                 ("BF16", bf16 as u32),
                 ("SKIP", skip as u32),
@@ -493,6 +504,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                         nm,
                         vnv,
                         kperm,
+                        p_direct: None,
                     });
                 }
             }
@@ -517,6 +529,30 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
                 nm: (0, 0),
                 vnv: false,
                 kperm: false,
+                p_direct: None,
+            });
+        }
+    }
+    // Nvfp4P with one P path compiled in (`nvfp4p_path`), on sm_90a's defaults (KPERM).
+    for cfg in [
+        MmaConfig::hopper_wgmma3(),
+        MmaConfig {
+            min_blocks: 2,
+            ..MmaConfig::hopper_wgmma()
+        },
+    ] {
+        let dp = if cfg.warps > 8 { 128 } else { 64 };
+        for (bf16, skip, direct) in (0..8).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0)) {
+            mods.push(Module::Mma {
+                recipe: 4,
+                dp,
+                bf16,
+                cfg,
+                skip,
+                nm: (0, 0),
+                vnv: false,
+                kperm: true,
+                p_direct: Some(direct),
             });
         }
     }
@@ -585,7 +621,27 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
         nm: s.nm_softmax.map_or((0, 0), |n| (n.n, n.m)),
         vnv,
         kperm: kperm_fits(plan, cfg, recipe, dp, vnv),
+        p_direct: nvfp4p_path(s, nvfp4p_direct(), nvfp4p_path_modules()),
     })
+}
+
+/// Which of Nvfp4P's P paths a module compiles in (`Module::Mma::p_direct`): with
+/// `specialize`, only the one the call takes (the direct path where `direct_on` and the spec
+/// allow it, FLAG_P_DIRECT; else the general one); otherwise both, the flag deciding at run
+/// time. One path per module frees the registers and schedule of the other (nineteenth session,
+/// H200, A/B against both paths: nvfp4-p −1 to −4% dense, and with skip-softmax its λ = 1e-30
+/// run 6.72 → 6.25 ms at 24,16384,128, below its dense build; docs/benchmarks.md). Off by
+/// default until the GPU tests have run on it: `TESSERA_NVFP4P_PATH_MODULES=1`.
+pub fn nvfp4p_path(s: &AttentionSpec, direct_on: bool, specialize: bool) -> Option<bool> {
+    if !specialize || !matches!(s.recipe, crate::Recipe::Nvfp4P { .. }) {
+        return None;
+    }
+    Some(direct_on && p_direct_allowed(s))
+}
+
+fn nvfp4p_path_modules() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_PATH_MODULES").is_ok_and(|v| v == "1"))
 }
 
 /// K's and V's rows permuted within each 64-key tile by the tensor maps (KPERM,
@@ -928,6 +984,7 @@ impl CudaAttention {
             nm: (0, 0),
             vnv: false,
             kperm: false,
+            p_direct: None,
         };
         let f = self.function(module, "probe_p_nvfp4")?;
         // Its own stream: nothing of tessera's goes to the legacy default stream.
@@ -987,6 +1044,7 @@ impl CudaAttention {
             nm: (0, 0),
             vnv: false,
             kperm: false,
+            p_direct: None,
         };
         let f = self.function(module, entry)?;
         let stream = self.ctx.new_stream().map_err(cuda_err("new stream"))?;
@@ -1732,6 +1790,7 @@ impl CudaAttention {
                         nm,
                         vnv,
                         kperm: false,
+                        p_direct: None,
                     };
                     return self.enqueue_mma(
                         stream, plan, fallback, qkv, copies, ws, layout, mask, out, lse,
@@ -2028,7 +2087,10 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_modules, int8_groups_per_block, perm_rows, tensor_core_fit, MmaConfig};
+    use super::{
+        all_modules, int8_groups_per_block, module_source, nvfp4p_path, p_direct_allowed,
+        perm_rows, tensor_core_fit, MmaConfig, Module,
+    };
     use crate::{AttentionSpec, DType, Recipe};
 
     /// KPERM's maps over token rows: HND heads start at element 0 of their own rows, NHD heads
@@ -2191,5 +2253,41 @@ mod tests {
         );
         assert_eq!(blocks(exact.with_recipe(Recipe::nvfp4p())), 2);
         assert_eq!(blocks(AttentionSpec::new(1, 2, 256, 128)), 1);
+    }
+
+    /// Nvfp4P's P path per module: compiled in only when asked, and then the one FLAG_P_DIRECT
+    /// would pick (16-bit inputs and a power-of-two amax_P, and the direct path not turned off),
+    /// so a module never lacks the path its call takes.
+    #[test]
+    fn nvfp4p_modules_hold_the_path_the_flag_picks() {
+        let f16 = AttentionSpec::new(1, 2, 256, 128).with_recipe(Recipe::nvfp4p());
+        let odd_amax = f16.clone().with_recipe(Recipe::Nvfp4P { amax_p: 0.75 });
+        let bf16 = f16.clone().with_dtype(DType::BF16);
+        for (spec, allowed) in [(&f16, true), (&bf16, true), (&odd_amax, false)] {
+            assert_eq!(p_direct_allowed(spec), allowed);
+            assert_eq!(nvfp4p_path(spec, true, false), None);
+            assert_eq!(nvfp4p_path(spec, true, true), Some(allowed));
+            assert_eq!(nvfp4p_path(spec, false, true), Some(false));
+        }
+        let exact = AttentionSpec::new(1, 2, 256, 128);
+        assert_eq!(nvfp4p_path(&exact, true, true), None);
+        // The three are three modules.
+        let module = |p_direct| Module::Mma {
+            recipe: 4,
+            dp: 128,
+            bf16: false,
+            cfg: MmaConfig::hopper_wgmma3(),
+            skip: false,
+            nm: (0, 0),
+            vnv: false,
+            kperm: true,
+            p_direct,
+        };
+        let labels: std::collections::HashSet<String> = [None, Some(true), Some(false)]
+            .map(|d| module(d).label())
+            .into();
+        assert_eq!(labels.len(), 3);
+        assert!(module_source(module(Some(true))).contains("#define PDIR 1u"));
+        assert!(module_source(module(None)).contains("#define PDIR 2u"));
     }
 }
