@@ -549,7 +549,7 @@ template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2], unsigned char* ptile = nullptr) {
-    float alpha[2], m_use[2], tmax[2], smax[2], own[2], off = score_offset();
+    float alpha[2], tmax[2], smax[2], own[2], off = score_offset();
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
         own[i] = row_reduce<false>(s, i);  // the thread's max of row i (KPERM NVFP4 P: one block's)
@@ -562,15 +562,13 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     float m_old[2] = {m[0], m[1]};
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
-        float m_new = fmaxf(m[i], tmax[i]);  // (never −∞: m starts finite)
-        m_use[i] = m_new;
-        alpha[i] = ex2(m[i] - m_use[i]);
-        m[i] = m_new;
+        m[i] = fmaxf(m_old[i], tmax[i]);  // (never −∞: m starts finite)
+        alpha[i] = ex2(m_old[i] - m[i]);
     }
     float shift[2];  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
-        shift[i] = P_FOLD ? P.p_log2 - m_use[i] : -m_use[i];
+        shift[i] = P_FOLD ? P.p_log2 - m[i] : -m[i];
         if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
     }
     if (SKIP) {
@@ -625,7 +623,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // −∞ and NaN give f = 0).
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) {
-            float d = fmaf(smax[i], scale[i], -m_use[i]), c = ceilf(d);
+            float d = fmaf(smax[i], scale[i], -m[i]), c = ceilf(d);
             float f = u2f(f2u(c + (0x1p23f + 127.0f)) << 23);
             bool use = d >= -60.0f;
             shift[i] = use ? shift[i] - c : NEG_INF;
