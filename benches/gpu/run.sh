@@ -26,6 +26,10 @@
 #   bash benches/gpu/run.sh envab VAR [ARGS]  the same A/B in one binary: VAR=1 (as "bench-attention")
 #                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_KPERM
 #                                            with --nm, TESSERA_SCRATCH_POOL; ab_table.py reads it too
+#   bash benches/gpu/run.sh kab [ARGS]       the same A/B in one binary over kernel sources: KAB_DIRS, directories
+#                                            holding kernels/ files (e.g. .gpu/k/NAME, a copy with an edit;
+#                                            "built-in" for the binary's own), each run with
+#                                            TESSERA_KERNELS_DIR; ab_table.py's baseline is the last one
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
 # Everything printed is also kept in $OUT/run.log when the device tool's $OUT is set (its output
 # tail is cut at 12,000 characters), with each test binary's whole log beside it.
@@ -39,7 +43,7 @@ fi
 source .gpu/env.sh
 export TESSERA_CACHE_DIR=${TESSERA_CACHE_DIR:-/tmp/tessera-cache}
 # A step's ARGS run up to the next step name.
-is_step() { case "$1" in tests | tests-quick | bench | flash | profile | stalls | ab | envab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
+is_step() { case "$1" in tests | tests-quick | bench | flash | profile | stalls | ab | envab | kab | configs | sparse) return 0 ;; *) return 1 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests | tests-quick)
@@ -87,6 +91,17 @@ while [ $# -gt 0 ]; do
         for val in 1 0; do
           if [ "$val" = 1 ]; then echo "== round $round bench-attention ($var=1)"; else echo "== round $round bench-prev ($var=0)"; fi
           env "$var=$val" timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}" 2>/dev/null | grep -E "^\| (cuda|nm-softmax|skip-softmax)"
+        done
+      done ;;
+    kab)
+      args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
+      [ ${#args[@]} -eq 0 ] && args=(--dense)
+      for round in $(seq "${AB_ROUNDS:-3}"); do
+        for dir in ${KAB_DIRS:?KAB_DIRS: kernel directories to alternate}; do
+          echo "== round $round $(basename "$dir")"
+          if [ "$dir" = built-in ]; then env -u TESSERA_KERNELS_DIR timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}"
+          else TESSERA_KERNELS_DIR="$dir" timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}"; fi 2>/dev/null |
+            grep -E "^\| (cuda|nm-softmax|skip-softmax)"
         done
       done ;;
     configs)

@@ -346,7 +346,7 @@ impl Module {
 /// Source of a module.
 pub fn module_source(m: Module) -> String {
     match m {
-        Module::Quant => nvrtc::source(&[], nvrtc::QUANT),
+        Module::Quant => nvrtc::source(&[], &nvrtc::kernel_text("quant.cu", nvrtc::QUANT)),
         Module::Simt { recipe, dp } => nvrtc::source(
             &[
                 ("RECIPE", recipe),
@@ -354,7 +354,7 @@ pub fn module_source(m: Module) -> String {
                 ("BQ", BQ),
                 ("NCH", dp.div_ceil(64)),
             ],
-            nvrtc::ATTENTION,
+            &nvrtc::kernel_text("attention.cu", nvrtc::ATTENTION),
         ),
         Module::Mma {
             recipe,
@@ -630,8 +630,8 @@ pub fn tensor_core_fit(plan: &Plan, cfg: MmaConfig) -> std::result::Result<Modul
 /// allow it, FLAG_P_DIRECT; else the general one); otherwise both, the flag deciding at run
 /// time. One path per module frees the registers and schedule of the other (nineteenth session,
 /// H200, A/B against both paths: nvfp4-p −1 to −4% dense, and with skip-softmax its λ = 1e-30
-/// run 6.72 → 6.25 ms at 24,16384,128, below its dense build; docs/benchmarks.md). Off by
-/// default until the GPU tests have run on it: `TESSERA_NVFP4P_PATH_MODULES=1`.
+/// run 6.72 → 6.25 ms at 24,16384,128, below its dense build; docs/benchmarks.md). On by
+/// default; `TESSERA_NVFP4P_PATH_MODULES=0` compiles both paths (A/B).
 pub fn nvfp4p_path(s: &AttentionSpec, direct_on: bool, specialize: bool) -> Option<bool> {
     if !specialize || !matches!(s.recipe, crate::Recipe::Nvfp4P { .. }) {
         return None;
@@ -641,7 +641,7 @@ pub fn nvfp4p_path(s: &AttentionSpec, direct_on: bool, specialize: bool) -> Opti
 
 fn nvfp4p_path_modules() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_PATH_MODULES").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("TESSERA_NVFP4P_PATH_MODULES").map_or(true, |v| v != "0"))
 }
 
 /// K's and V's rows permuted within each 64-key tile by the tensor maps (KPERM,

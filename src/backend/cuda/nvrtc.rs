@@ -25,14 +25,45 @@ pub const ATTENTION_MMA_HEADERS: [(&str, &str); 5] = [
     ),
 ];
 
+/// Kernel development: `TESSERA_KERNELS_DIR=DIR` reads each kernel file from DIR (e.g. a copy
+/// of kernels/ with an edit) instead of the copy built into the library, so one binary can A/B
+/// kernel variants (`benches/gpu/run.sh kab`). A file DIR lacks keeps the built-in text, with a
+/// warning. (The on-disk cache is keyed by the source, so variants never share a CUBIN.)
+pub fn kernel_text(name: &str, built_in: &'static str) -> std::borrow::Cow<'static, str> {
+    let dir = std::env::var_os("TESSERA_KERNELS_DIR").map(PathBuf::from);
+    kernel_text_in(dir.as_deref(), name, built_in)
+}
+
+fn kernel_text_in(
+    dir: Option<&std::path::Path>,
+    name: &str,
+    built_in: &'static str,
+) -> std::borrow::Cow<'static, str> {
+    let Some(dir) = dir else {
+        return built_in.into();
+    };
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.into(),
+        Err(e) => {
+            eprintln!(
+                "tessera: TESSERA_KERNELS_DIR: {} ({e}); using the built-in {name}",
+                path.display()
+            );
+            built_in.into()
+        }
+    }
+}
+
 /// attention_mma.cu with each `#include "…"` replaced by the header's text (the program is
 /// compiled from one string).
 pub fn attention_mma_body() -> String {
-    ATTENTION_MMA_HEADERS
-        .iter()
-        .fold(ATTENTION_MMA.to_string(), |body, (name, text)| {
-            body.replace(&format!("#include \"{name}\""), text)
-        })
+    ATTENTION_MMA_HEADERS.iter().fold(
+        kernel_text("attention_mma.cu", ATTENTION_MMA).into_owned(),
+        |body, (name, text)| {
+            body.replace(&format!("#include \"{name}\""), &kernel_text(name, text))
+        },
+    )
 }
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
@@ -69,7 +100,11 @@ pub fn source(defines: &[(&str, u32)], body: &str) -> String {
     for (k, v) in defines {
         s += &format!("#define {k} {v}u\n");
     }
-    s + COMMON.replace("#pragma once", "").as_str() + "\n" + body
+    s + kernel_text("common.cuh", COMMON)
+        .replace("#pragma once", "")
+        .as_str()
+        + "\n"
+        + body
 }
 
 /// Compile `src` for `arch` (e.g. "sm_90a") to a CUBIN.
@@ -232,5 +267,27 @@ mod tests {
                 "{name} is registered but not included"
             );
         }
+    }
+
+    /// TESSERA_KERNELS_DIR's lookup: a file the directory holds replaces the built-in text, one
+    /// it lacks keeps it.
+    #[test]
+    fn kernel_text_reads_the_directory_and_falls_back() {
+        let dir = std::env::temp_dir().join(format!("tessera-kdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("common.cuh"), "// edited\n").unwrap();
+        assert_eq!(
+            super::kernel_text_in(Some(&dir), "common.cuh", super::COMMON),
+            "// edited\n"
+        );
+        assert_eq!(
+            super::kernel_text_in(Some(&dir), "quant.cu", super::QUANT),
+            super::QUANT
+        );
+        assert_eq!(
+            super::kernel_text_in(None, "common.cuh", super::COMMON),
+            super::COMMON
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
