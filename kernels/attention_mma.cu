@@ -217,11 +217,24 @@ __device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
 // of step kk is row g + 8(r%2) of 16-byte chunk 2kk + r/2 (16-bit P: keys 16kk + 8(r/2) + 2t,
 // +1; FP8 P: see p_fragments), i.e. matrix r of the x4 store, whose row addresses lanes
 // 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128 contiguous bytes): free of bank
-// conflicts.
-__device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned char* ptile) {
+// conflicts. `at`: this lane's address for step 0.
+//
+// This lane's byte offset in its P tile (its row of matrix r of the x4 store). P_AT_HOISTED: the
+// caller adds it to the tiles' address once, before the tile loop; computed per store, ptxas
+// redid it on every tile, on each skip-softmax path (~8 instructions per tile; measured 1–3%
+// faster for most recipes, twentieth session), but Int8QkF16Pv at D = 64 ran ~2% slower so.
+#define P_AT_HOISTED (!(RECIPE == R_INT8_F16 && DP == 64u))
+__device__ __forceinline__ u32 p_store_offset() {
     u32 lane = threadIdx.x % 32u, r = lane / 8u;
     u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
-    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * P_ELEM);
+    return tile_offset(row, r / 2u, BK * P_ELEM);
+}
+// Where this lane stores P: `p_at` (P_AT_HOISTED: the loop's), else from the P tile here.
+__device__ __forceinline__ u32 p_store_at(unsigned char* ptile, u32 p_at) {
+    return P_AT_HOISTED ? p_at : smem_addr(ptile) + p_store_offset();
+}
+
+__device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], u32 at) {
 #pragma unroll
     for (u32 kk = 0; kk < PV_STEPS; kk++)
         asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at + kk * 256u), "r"(pa[kk][0]),
@@ -233,10 +246,7 @@ __device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], unsigned c
 // writes (each lane's 16-byte row of each matrix), by a plain store. (A different instruction
 // from store_p's, so that the kept path keeps its own stores, interleaved with the softmax, and
 // the compiler does not join the two paths before one store of either P.)
-__device__ __forceinline__ void store_p_zero(unsigned char* ptile) {
-    u32 lane = threadIdx.x % 32u, r = lane / 8u;
-    u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
-    u32 at = smem_addr(ptile) + tile_offset(row, r / 2u, BK * P_ELEM);
+__device__ __forceinline__ void store_p_zero(u32 at) {
 #pragma unroll
     for (u32 kk = 0; kk < PV_STEPS; kk++) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(at + kk * 256u), "r"(0u) : "memory");
 }
@@ -548,7 +558,8 @@ template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)
 // False when skip-softmax drops the tile (pa zero, oscale 1: nothing to rescale).
 __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][4], const u32 (&rows)[2], const float (&scale)[2],
                                               float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
-                                              u32 (&pa)[BK / 16u][4], float (&oscale)[2], unsigned char* ptile = nullptr) {
+                                              u32 (&pa)[BK / 16u][4], float (&oscale)[2], unsigned char* ptile = nullptr,
+                                              u32 p_at = 0u) {
     float alpha[2], tmax[2], smax[2], own[2], off = score_offset();
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
@@ -577,9 +588,12 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         // compare per row: a row that has seen nothing (−FLT_MAX) needs any visible key, one
         // that sees nothing here (tile max −∞) never needs the tile, nor does a row past the
         // end (+FLT_MAX); a NaN tile max needs it (NaN stays visible).
+        // The test reads each thread's own max, not the quad's: m_old and the scale are the
+        // row's, and the max commutes with the monotone (x − off)·scale − m_old, so the warp's
+        // vote is the same; it need not wait for quad_max's shuffles.
         bool needs = false;
 #pragma unroll
-        for (u32 i = 0; i < 2u; i++) needs |= !(tmax[i] - m_old[i] < P.skip_log2);
+        for (u32 i = 0; i < 2u; i++) needs |= !((own[i] - off) * scale[i] - m_old[i] < P.skip_log2);
         // A tile some row needs is visited; else the second vote (does a row see it at all:
         // else it is neither visited nor skipped).
         if (__any_sync(0xffffffffu, needs)) {
@@ -594,7 +608,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
 #pragma unroll
                     for (u32 r = 0; r < 4u; r++) pa[kk][r] = 0u;
 #if P_STORE_IN_SOFTMAX
-                store_p_zero(ptile);
+                store_p_zero(p_store_at(ptile, p_at));
 #endif
                 return false;
             }
@@ -649,7 +663,7 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
         for (u32 i = 0; i < 2u; i++) pmax[i] = ex2(fmaf(own[i], scale[i], shift[i]));
     p_fragments(P, s, pa, row_mul, fold, pmax);
 #if P_STORE_IN_SOFTMAX
-    store_p(pa, ptile);  // (here, not after the skip branch's join: see store_p_zero)
+    store_p(pa, p_store_at(ptile, p_at));  // (here, not after the skip branch's join: see store_p_zero)
 #endif
     return true;
 }
@@ -839,6 +853,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         for (u32 e = 0; e < 4u; e++) otile[0][n][e] = 0.0f;
     float(&pv_acc)[MT][NT_O][4] = PV_FP8 ? otile : o;
     unsigned char* ptiles = stages + STAGES * STAGE_BYTES + (warp / 4u) * P_TILE;
+    u32 p_lane = P_AT_HOISTED ? smem_addr(ptiles) + p_store_offset() : 0u;  // (this lane's P stores: tile 0)
     for (u32 j = 0; kb < P.k_blocks; j++) {
         unsigned char* st = stages + (j % STAGES) * STAGE_BYTES;
         u32 kn = next_tile(P, mask, bh, row0, kb + 1u, last_visible);
@@ -852,8 +867,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) attention_mma(Params
         mask_scores(P, s, rows, row0, kb, causal, offset);
         float oscale[2], sc[2] = {row_scale[0][0] * ks, row_scale[0][1] * ks};
         unsigned char* ptile = ptiles + (j % 2u) * (WARPS / 4u) * P_TILE;
-        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale, ptile);
-        if (!P_STORE_IN_SOFTMAX) store_p(pa[0], ptile);
+        u32 p_at = p_lane + (j % 2u) * (WARPS / 4u) * P_TILE;
+        softmax_mtile(P, s[0], rows[0], sc, m[0], l[0], tiles_visited[0], tiles_skipped[0], pa[0], oscale, ptile, p_at);
+        if (!P_STORE_IN_SOFTMAX) store_p(pa[0], p_store_at(ptile, p_at));
         // The fence makes P(j) visible to the wgmma that reads it next tile. SOFTMAX_TREES
         // places it after the wait and the rescale, so that the stores have landed by the time
         // it waits for them (right after them it had stalled the warp: ~4.7% of stall samples,
