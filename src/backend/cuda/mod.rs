@@ -533,29 +533,41 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
             });
         }
     }
-    // Nvfp4P with one P path compiled in (`nvfp4p_path`), on sm_90a's defaults (KPERM).
-    for cfg in [
-        MmaConfig::hopper_wgmma3(),
-        MmaConfig {
-            min_blocks: 2,
-            ..MmaConfig::hopper_wgmma()
-        },
-    ] {
-        let dp = if cfg.warps > 8 { 128 } else { 64 };
-        for (bf16, skip, direct) in (0..8).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0)) {
-            mods.push(Module::Mma {
+    // Nvfp4P's modules with one P path compiled in (`nvfp4p_path`, the default) beside those
+    // with both (TESSERA_NVFP4P_PATH_MODULES=0): every Nvfp4P shape above, each way.
+    let one_path: Vec<Module> = mods
+        .iter()
+        .filter_map(|m| match *m {
+            Module::Mma {
                 recipe: 4,
                 dp,
                 bf16,
                 cfg,
                 skip,
-                nm: (0, 0),
-                vnv: false,
-                kperm: true,
+                nm,
+                vnv,
+                kperm,
+                p_direct: None,
+            } => Some((dp, bf16, cfg, skip, nm, vnv, kperm)),
+            _ => None,
+        })
+        .flat_map(|(dp, bf16, cfg, skip, nm, vnv, kperm)| {
+            [true, false].map(|direct| Module::Mma {
+                recipe: 4,
+                dp,
+                bf16,
+                cfg,
+                skip,
+                nm,
+                vnv,
+                kperm,
                 p_direct: Some(direct),
-            });
-        }
-    }
+            })
+        })
+        .collect();
+    mods.extend(one_path);
+    let mut seen = std::collections::HashSet::new();
+    mods.retain(|m| seen.insert(*m)); // (a shape two lists above share compiles once)
     mods.into_iter()
         .map(|m| {
             let hopper = matches!(m, Module::Mma { cfg, .. } if cfg.wgmma);
