@@ -537,31 +537,23 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     // with both (TESSERA_NVFP4P_PATH_MODULES=0): every Nvfp4P shape above, each way.
     let one_path: Vec<Module> = mods
         .iter()
-        .filter_map(|m| match *m {
-            Module::Mma {
-                recipe: 4,
-                dp,
-                bf16,
-                cfg,
-                skip,
-                nm,
-                vnv,
-                kperm,
-                p_direct: None,
-            } => Some((dp, bf16, cfg, skip, nm, vnv, kperm)),
-            _ => None,
+        .filter(|m| {
+            matches!(
+                m,
+                Module::Mma {
+                    recipe: 4,
+                    p_direct: None,
+                    ..
+                }
+            )
         })
-        .flat_map(|(dp, bf16, cfg, skip, nm, vnv, kperm)| {
-            [true, false].map(|direct| Module::Mma {
-                recipe: 4,
-                dp,
-                bf16,
-                cfg,
-                skip,
-                nm,
-                vnv,
-                kperm,
-                p_direct: Some(direct),
+        .flat_map(|&m| {
+            [true, false].map(|direct| {
+                let mut one = m;
+                if let Module::Mma { p_direct, .. } = &mut one {
+                    *p_direct = Some(direct);
+                }
+                one
             })
         })
         .collect();
