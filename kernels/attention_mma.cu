@@ -213,16 +213,11 @@ __device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
     return (ks / (PANEL / 32u)) * rows * PANEL + (ks % (PANEL / 32u)) * 32u;
 }
 
-// This warp's P fragments into the warpgroup's P tile, one stmatrix per P·V step: register r
-// of step kk is row g + 8(r%2) of 16-byte chunk 2kk + r/2 (16-bit P: keys 16kk + 8(r/2) + 2t,
-// +1; FP8 P: see p_fragments), i.e. matrix r of the x4 store, whose row addresses lanes
-// 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128 contiguous bytes): free of bank
-// conflicts. `at`: this lane's address for step 0.
-//
-// This lane's byte offset in its P tile (its row of matrix r of the x4 store). P_AT_HOISTED: the
-// caller adds it to the tiles' address once, before the tile loop; computed per store, ptxas
-// redid it on every tile, on each skip-softmax path (~8 instructions per tile; measured 1–3%
-// faster for most recipes, twentieth session), but Int8QkF16Pv at D = 64 ran ~2% slower so.
+// This lane's byte offset in its P tile (its row of matrix r of store_p's x4 store).
+// P_AT_HOISTED: the caller adds it to the tiles' address once, before the tile loop; computed
+// per store, ptxas redid it on every tile, on each skip-softmax path (~8 instructions per tile;
+// measured 1–3% faster for most recipes, twentieth session), but Int8QkF16Pv at D = 64 ran ~2%
+// slower so.
 #define P_AT_HOISTED (!(RECIPE == R_INT8_F16 && DP == 64u))
 __device__ __forceinline__ u32 p_store_offset() {
     u32 lane = threadIdx.x % 32u, r = lane / 8u;
@@ -234,6 +229,11 @@ __device__ __forceinline__ u32 p_store_at(unsigned char* ptile, u32 p_at) {
     return P_AT_HOISTED ? p_at : smem_addr(ptile) + p_store_offset();
 }
 
+// This warp's P fragments into the warpgroup's P tile, one stmatrix per P·V step: register r
+// of step kk is row g + 8(r%2) of 16-byte chunk 2kk + r/2 (16-bit P: keys 16kk + 8(r/2) + 2t,
+// +1; FP8 P: see p_fragments), i.e. matrix r of the x4 store, whose row addresses lanes
+// 8r..8r+7 give. Each 8 × 8 matrix is one core matrix (128 contiguous bytes): free of bank
+// conflicts. `at`: this lane's address (p_store_at) for step 0.
 __device__ __forceinline__ void store_p(const u32 (&pa)[BK / 16u][4], u32 at) {
 #pragma unroll
     for (u32 kk = 0; kk < PV_STEPS; kk++)
