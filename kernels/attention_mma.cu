@@ -517,10 +517,16 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // −7%, Nvfp4 −0.4 to −5%, Nvfp4P 0 to −3%; seventeenth session); Int8QkF16Pv ran 2–4% slower
 // (at 12 warps ptxas then sat at 126 of 128 registers and reloaded from shared memory), FP8 P
 // was not measured: those keep the chains and the early fence, i.e. their earlier code.
-// With skip-softmax, Int8QkF16Pv at D = 128 takes the trees too: its test waits on the row max,
-// and the trees shortened that wait (skip test cost +6.0 → +5.2% at 24,16384,128; at D = 64 it
-// went +3.8 → +5.3%: there the chains stay; nineteenth session).
-#define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P || (RECIPE == R_INT8_F16 && SKIP && DP == 128u))
+// (Int8QkF16Pv's skip build at D = 128 took the trees from the nineteenth to the twenty-first
+// session, while its test waited on the row max: SKIP_VOTE_FIRST.)
+#define SOFTMAX_TREES (RECIPE == R_EXACT || RECIPE == R_NVFP4 || RECIPE == R_NVFP4P)
+// SKIP_VOTE_FIRST (skip-softmax): the test votes on each thread's own row max and branches
+// before the quad's shuffles and the new running max, which then run on the kept path only
+// (before, the branch waited on them). Skip test cost at 24,16384,128 / 48,16384,64 (twenty-
+// first session, H200): exact +1.6 / +5.4% → +2.1 / +1.8%, nvfp4-p −0.8 / +1.1% → −1.2 / +0.1%,
+// Int8QkF16Pv at D = 128 +5.5% → +4.4% (with the chains: the trees that once shortened its
+// wait ran +5.9%). Not Int8QkF16Pv at D = 64: +3.8% → +8.2%; it keeps the earlier order.
+#define SKIP_VOTE_FIRST (SKIP && !(RECIPE == R_INT8_F16 && DP == 64u))
 // P_STORE_IN_SOFTMAX (wgmma): softmax_mtile stores P itself, on each of its paths (store_p_zero
 // says why): skip test cost exact +3.4 → +1.7% (D = 128), +8.3 → +5.3% (D = 64). Not Nvfp4P,
 // whose two P paths (direct or not) then each carry the stores: +3.9 → +5.5% at D = 128, +0.1 →
@@ -560,46 +566,54 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
                                               float (&m)[2], float (&l)[2], u32& visited, u32& skipped,
                                               u32 (&pa)[BK / 16u][4], float (&oscale)[2], unsigned char* ptile = nullptr,
                                               u32 p_at = 0u) {
-    float alpha[2], tmax[2], smax[2], own[2], off = score_offset();
+    // The row's max over the quad (smax; exact: the integer) and scaled (tmax), then the new
+    // running max m, o's factor alpha and the exponent's shift. With skip-softmax after the
+    // test (SKIP_VOTE_FIRST), which needs only each thread's own max.
+    float own[2], smax[2], tmax[2], alpha[2], shift[2], m_old[2] = {m[0], m[1]}, off = score_offset();
+    auto row_max = [&](u32 i) {
+        smax[i] = quad_max(own[i]) - off;
+        tmax[i] = smax[i] * scale[i];
+    };
+    auto new_max = [&]() {
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {
+            m[i] = fmaxf(m_old[i], tmax[i]);  // (never −∞: m starts finite)
+            alpha[i] = ex2(m_old[i] - m[i]);
+        }
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) {  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
+            shift[i] = P_FOLD ? P.p_log2 - m[i] : -m[i];
+            if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
+        }
+    };
 #pragma unroll
     for (u32 i = 0; i < 2u; i++) {
         own[i] = row_reduce<false>(s, i);  // the thread's max of row i (KPERM NVFP4 P: one block's)
-        smax[i] = quad_max(own[i]) - off;  // (exact: the integer)
-        tmax[i] = smax[i] * scale[i];
+        if (!SKIP_VOTE_FIRST) row_max(i);
     }
-    // The new running max, before skip-softmax's test: it does not move on a tile the test
-    // drops (there tile max < m + log2 λ < m, so alpha = 2^0 = 1), and the work is under the
-    // vote's latency instead of after it.
-    float m_old[2] = {m[0], m[1]};
-#pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        m[i] = fmaxf(m_old[i], tmax[i]);  // (never −∞: m starts finite)
-        alpha[i] = ex2(m_old[i] - m[i]);
-    }
-    float shift[2];  // −m, plus log2 of FP8 P's multiplier (P_FOLD)
-#pragma unroll
-    for (u32 i = 0; i < 2u; i++) {
-        shift[i] = P_FOLD ? P.p_log2 - m[i] : -m[i];
-        if (off != 0.0f) shift[i] = fmaf(-off, scale[i], shift[i]);  // (a constant test)
-    }
+    // (Without SKIP_VOTE_FIRST the new running max comes before the test, under the vote's
+    // latency: m does not move on a tile the test drops, as its max < m + log2 λ < m.)
+    if (!SKIP_VOTE_FIRST) new_max();
     if (SKIP) {
         // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
         // that sees a key of it has 2^(tile max − running max) < λ. m's starts make that one
         // compare per row: a row that has seen nothing (−FLT_MAX) needs any visible key, one
         // that sees nothing here (tile max −∞) never needs the tile, nor does a row past the
         // end (+FLT_MAX); a NaN tile max needs it (NaN stays visible).
-        // The test reads each thread's own max, not the quad's: m_old and the scale are the
-        // row's, and the max commutes with the monotone (x − off)·scale − m_old, so the warp's
-        // vote is the same; it need not wait for quad_max's shuffles.
+        // The test reads each thread's own max, not the quad's: m_old (m before this tile) and
+        // the scale are the row's, and the max commutes with the monotone (x − off)·scale −
+        // m_old, so the warp's vote is the same without quad_max's shuffles.
         bool needs = false;
 #pragma unroll
         for (u32 i = 0; i < 2u; i++) needs |= !((own[i] - off) * scale[i] - m_old[i] < P.skip_log2);
         // A tile some row needs is visited; else the second vote (does a row see it at all:
-        // else it is neither visited nor skipped).
+        // else it is neither visited nor skipped). Before the quad's max is made, the thread's
+        // own max answers the same: the quad's rows are the thread's, and a NaN one voted `needs`.
         if (__any_sync(0xffffffffu, needs)) {
             visited++;
         } else {
-            bool sees = (rows[0] < P.seq_q && tmax[0] != NEG_INF) || (rows[1] < P.seq_q && tmax[1] != NEG_INF);
+            const float(&seen)[2] = SKIP_VOTE_FIRST ? own : tmax;
+            bool sees = (rows[0] < P.seq_q && seen[0] != NEG_INF) || (rows[1] < P.seq_q && seen[1] != NEG_INF);
             if (__any_sync(0xffffffffu, sees)) {
                 skipped++;
                 oscale[0] = oscale[1] = 1.0f;  // (rescale skips it: no branch around o for wgmma)
@@ -613,6 +627,11 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
                 return false;
             }
         }
+    }
+    if (SKIP_VOTE_FIRST) {
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) row_max(i);
+        new_max();
     }
     float sum_mul[2] = {1.0f, 1.0f}, row_mul[2] = {P.inv_g, P.inv_g};
     oscale[0] = alpha[0];

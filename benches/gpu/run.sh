@@ -27,7 +27,7 @@
 #                                            against VAR=0 (as "bench-prev"), e.g. TESSERA_KPERM
 #                                            with --nm, TESSERA_SCRATCH_POOL; ab_table.py reads it too
 #   bash benches/gpu/run.sh kab [ARGS]       the same A/B in one binary over kernel sources: KAB_DIRS, directories
-#                                            holding kernels/ files (e.g. .gpu/k/NAME, a copy with an edit;
+#                                            holding the kernels/ files themselves (e.g. .gpu/k/NAME/attention_mma.cu ...: a copy with an edit;
 #                                            "built-in" for the binary's own), each run with
 #                                            TESSERA_KERNELS_DIR; ab_table.py's baseline is the last one
 # Several may follow each other: bash benches/gpu/run.sh tests bench --shape 24,4096,128
@@ -96,8 +96,13 @@ while [ $# -gt 0 ]; do
     kab)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
+      # (a directory without the kernel files would fall back to the built-in ones, silently
+      # under the grep below: refuse it)
+      for dir in ${KAB_DIRS:?KAB_DIRS: kernel directories to alternate}; do
+        [ "$dir" = built-in ] || [ -f "$dir/attention_mma.cu" ] || { echo "kab: no $dir/attention_mma.cu" >&2; exit 1; }
+      done
       for round in $(seq "${AB_ROUNDS:-3}"); do
-        for dir in ${KAB_DIRS:?KAB_DIRS: kernel directories to alternate}; do
+        for dir in $KAB_DIRS; do
           echo "== round $round $(basename "$dir")"
           if [ "$dir" = built-in ]; then env -u TESSERA_KERNELS_DIR timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}"
           else TESSERA_KERNELS_DIR="$dir" timeout 200 .gpu/bin/bench-attention --no-wgpu "${args[@]}"; fi 2>/dev/null |
