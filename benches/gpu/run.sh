@@ -13,7 +13,9 @@
 #   bash benches/gpu/run.sh stalls [ARGS]    ncu warp stalls of one attention launch, per SASS
 #                                            instruction too ($OUT/stalls-*.csv; summary by
 #                                            benches/gpu/stalls.py; STALLS_BIN=bench-prev: the
-#                                            A/B's other binary)
+#                                            A/B's other binary; STALLS_SKIP=N: the attention
+#                                            launch after N others, default 1; STALLS_TAG: a
+#                                            suffix for the CSV names, to keep several)
 #   bash benches/gpu/run.sh configs [ARGS]   bench-attention --no-wgpu --dense ARGS under four launch
 #                                            shapes (TESSERA_MMA_CONFIG), two rounds
 #   bash benches/gpu/run.sh sparse [ARGS]    skip-softmax and N:M rows (bench-attention --skip, --nm;
@@ -68,12 +70,12 @@ while [ $# -gt 0 ]; do
       # per-SASS-instruction stall samples of one launch (CSV under $OUT, summary printed).
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       rep=/tmp/stalls
-      timeout 300 ncu -k regex:attention_mma -s 1 -c 1 --section WarpStateStats --section SchedulerStats \
+      timeout 300 ncu -k regex:attention_mma -s "${STALLS_SKIP:-1}" -c 1 --section WarpStateStats --section SchedulerStats \
         --section SourceCounters --section ComputeWorkloadAnalysis -f -o "$rep" \
         ".gpu/bin/${STALLS_BIN:-bench-attention}" --no-wgpu --quick "${args[@]}" > /dev/null 2>&1
-      ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls-details.csv" 2>&1
-      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls-sass.csv" 2>&1
-      python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls-sass.csv" 25 "${OUT:-/tmp}/stalls-details.csv" ;;
+      ncu -i "$rep.ncu-rep" --page details --csv > "${OUT:-/tmp}/stalls${STALLS_TAG:-}-details.csv" 2>&1
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "${OUT:-/tmp}/stalls${STALLS_TAG:-}-sass.csv" 2>&1
+      python3 benches/gpu/stalls.py "${OUT:-/tmp}/stalls${STALLS_TAG:-}-sass.csv" 25 "${OUT:-/tmp}/stalls${STALLS_TAG:-}-details.csv" ;;
     ab)
       args=(); while [ $# -gt 1 ] && ! is_step "$2"; do args+=("$2"); shift; done
       [ ${#args[@]} -eq 0 ] && args=(--dense)
