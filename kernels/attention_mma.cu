@@ -217,8 +217,9 @@ __device__ __forceinline__ u32 qk_step(u32 rows, u32 ks) {
 // P_AT_HOISTED: the caller adds it to the tiles' address once, before the tile loop; computed
 // per store, ptxas redid it on every tile, on each skip-softmax path (~8 instructions per tile;
 // measured 1–3% faster for most recipes, twentieth session), but Int8QkF16Pv at D = 64 ran ~2%
-// slower so.
-#define P_AT_HOISTED (!(RECIPE == R_INT8_F16 && DP == 64u))
+// slower so, dense; with skip-softmax it is faster there too (its test's cost over dense +3.9 →
+// +1.6%, twenty-second session).
+#define P_AT_HOISTED (!(RECIPE == R_INT8_F16 && DP == 64u && !SKIP))
 __device__ __forceinline__ u32 p_store_offset() {
     u32 lane = threadIdx.x % 32u, r = lane / 8u;
     u32 row = 16u * ((threadIdx.x / 32u) % 4u) + 8u * (r % 2u) + lane % 8u;
@@ -533,9 +534,31 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // +1.7% at D = 64; there P is stored after the join, unless one path is compiled in (PDIR).
 #define P_STORE_IN_SOFTMAX (WGMMA && !(RECIPE == R_NVFP4P && PDIR == 2u))
 
+// INT_ROW_MAX: Int8QkF16Pv's scores are 1.5·2^23 + integer (qk_tile: all in [2^23, 2^24)) or −∞
+// (masks, N:M), whose bits order as signed integers the way the floats do; sm_90's three-input
+// integer max (VIMNMX3; two IMNMX before sm_90) takes a row's 16 in 8 instructions, 3 deep,
+// where the float chain takes 16, 9 deep. Skip builds only: the skip test waits on it (its cost
+// over dense 5.18 → 5.09 ms, +4.4 → +2.5%, at 24,16384,128, twenty-second session); dense ones
+// measured −0.9 to +0.9% with it, within the bench's noise, and keep the float chain.
+#define INT_ROW_MAX (RECIPE == R_INT8_F16 && SKIP)
+
 // The max (SUM: the sum) of a thread's values of row g + 8i of the tile. The max is the same in
 // any order (fmaxf ignores a NaN unless both are); the sum's rounding order is the tree's.
 template <bool SUM> __device__ __forceinline__ float row_reduce(const float (&s)[NT_S][4], u32 i) {
+    if (!SUM && INT_ROW_MAX) {
+        i32 v[2u * NT_S];
+#pragma unroll
+        for (u32 n = 0; n < NT_S; n++) {
+            v[2u * n] = __float_as_int(s[n][2u * i]);
+            v[2u * n + 1u] = __float_as_int(s[n][2u * i + 1u]);
+        }
+#pragma unroll
+        for (u32 w = 1u; w < 2u * NT_S; w *= 3u)
+#pragma unroll
+            for (u32 k = 0; k + w < 2u * NT_S; k += 3u * w)
+                v[k] = k + 2u * w < 2u * NT_S ? __vimax3_s32(v[k], v[k + w], v[k + 2u * w]) : max(v[k], v[k + w]);
+        return __int_as_float(v[0]);
+    }
     if (!SUM && !SOFTMAX_TREES) {  // (without trees the sum is softmax_mtile's chain)
         float r = NEG_INF;
 #pragma unroll
