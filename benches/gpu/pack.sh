@@ -5,7 +5,7 @@
 # benches/gpu/run.sh and the Python peers are there already).
 #   benches/gpu/pack.sh [--lean] [--prev REV]
 #     --lean: only the CUDA-side test binaries, not shaders, formats_vs_crates, accuracy, api,
-#             tessera
+#             tessera (nor kernel_sass, which needs no GPU)
 #     --prev REV: also the bench binary of commit REV as bench-prev (built in a worktree under
 #             /tmp), for same-run A/B: `bash benches/gpu/run.sh ab ARGS` on the GPU machine
 set -euo pipefail
@@ -34,7 +34,7 @@ if [ -n "$prev" ]; then
 fi
 strip .gpu/bin/* 2>/dev/null || true
 if [ "$lean" = 1 ]; then
-  (cd .gpu/bin && rm -f test-shaders test-formats_vs_crates test-accuracy test-api test-tessera zz_features)
+  (cd .gpu/bin && rm -f test-shaders test-formats_vs_crates test-accuracy test-api test-tessera zz_features kernel_sass)
 fi
 (cd .gpu && tar -cf - bin | xz -T4 -6 > bins.tar.xz && rm -rf bin)
 du -sh .gpu

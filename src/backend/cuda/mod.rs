@@ -725,6 +725,29 @@ pub enum CudaTensorMut<'a> {
     F32(&'a mut CudaSlice<f32>),
 }
 
+/// The attention kernel a plan runs on a GPU of `arch` ("sm_80", "sm_89", "sm_90a"), tensor
+/// cores on, with `mma` as the launch shape for every plan (None: per plan). The choice a
+/// [`CudaAttention`] makes, without a device: `examples/kernel_sass.rs` compiles it for reading.
+pub fn kernel_for_arch(arch: &str, plan: &Plan, mma: Option<MmaConfig>) -> Module {
+    let mut cfg = mma.unwrap_or_else(|| MmaConfig::for_plan(arch, plan));
+    if cfg.wgmma
+        && (arch != "sm_90a" || !MmaConfig::wgmma_dim(padded_dim(plan.spec.head_dim) as u32))
+    {
+        // wgmma is sm_90a's, and runs the head dims whose rows TMA cuts into swizzle panels.
+        cfg = cfg.without_wgmma();
+    }
+    match tensor_core_fit(plan, cfg) {
+        Ok(m) => m,
+        Err(why) => {
+            log::debug!("cuda: CUDA-core kernel for {why}");
+            Module::Simt {
+                recipe: recipe_id(plan.spec.recipe),
+                dp: padded_dim(plan.spec.head_dim) as u32,
+            }
+        }
+    }
+}
+
 /// Kernels on one CUDA context, compiled once per configuration.
 pub struct CudaAttention {
     ctx: Arc<CudaContext>,
@@ -912,30 +935,13 @@ impl CudaAttention {
 
     /// The attention kernel a plan runs on this context.
     pub fn kernel_for(&self, plan: &Plan) -> Module {
-        let simt = Module::Simt {
-            recipe: recipe_id(plan.spec.recipe),
-            dp: padded_dim(plan.spec.head_dim) as u32,
-        };
         if !self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
-            return simt;
+            return Module::Simt {
+                recipe: recipe_id(plan.spec.recipe),
+                dp: padded_dim(plan.spec.head_dim) as u32,
+            };
         }
-        let mut cfg = self
-            .mma
-            .unwrap_or_else(|| MmaConfig::for_plan(self.arch, plan));
-        if cfg.wgmma
-            && (self.arch != "sm_90a"
-                || !MmaConfig::wgmma_dim(padded_dim(plan.spec.head_dim) as u32))
-        {
-            // wgmma is sm_90a's, and runs the head dims whose rows TMA cuts into swizzle panels.
-            cfg = cfg.without_wgmma();
-        }
-        match tensor_core_fit(plan, cfg) {
-            Ok(m) => m,
-            Err(why) => {
-                log::debug!("cuda: CUDA-core kernel for {why}");
-                simt
-            }
-        }
+        kernel_for_arch(self.arch, plan, self.mma)
     }
 
     fn function(&self, module: Module, name: &str) -> Result<CudaFunction> {
@@ -2092,8 +2098,8 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::{
-        all_modules, int8_groups_per_block, module_source, nvfp4p_path, p_direct_allowed,
-        perm_rows, tensor_core_fit, MmaConfig, Module,
+        all_modules, int8_groups_per_block, kernel_for_arch, module_source, nvfp4p_path,
+        p_direct_allowed, perm_rows, tensor_core_fit, MmaConfig, Module,
     };
     use crate::{AttentionSpec, DType, Recipe};
 
@@ -2293,5 +2299,31 @@ mod tests {
         assert_eq!(labels.len(), 3);
         assert!(module_source(module(Some(true))).contains("#define PDIR 1u"));
         assert!(module_source(module(None)).contains("#define PDIR 2u"));
+    }
+
+    /// A wgmma launch shape asked for where wgmma cannot run (before sm_90a, or a head dim TMA
+    /// does not cut into panels) falls back to mma.sync, and the plan's options reach the module.
+    #[test]
+    fn kernel_for_arch_runs_wgmma_only_where_it_can() {
+        for arch in ["sm_80", "sm_89", "sm_90a"] {
+            for d in [64, 96, 128] {
+                let spec = AttentionSpec::new(1, 2, 300, d)
+                    .with_recipe(Recipe::Int8QkF16Pv)
+                    .with_skip_softmax(crate::SkipSoftmax::Lambda(0.1));
+                let plan = spec.plan().unwrap();
+                for mma in [None, Some(MmaConfig::hopper_wgmma())] {
+                    match kernel_for_arch(arch, &plan, mma) {
+                        Module::Mma {
+                            cfg, recipe, skip, ..
+                        } => {
+                            let can = arch == "sm_90a" && MmaConfig::wgmma_dim(d as u32);
+                            assert!(!cfg.wgmma || can, "{arch} d{d} {mma:?}: {cfg:?}");
+                            assert_eq!((recipe, skip), (1, true), "{arch} d{d}");
+                        }
+                        m => panic!("{arch} d{d}: {}", m.label()),
+                    }
+                }
+            }
+        }
     }
 }
