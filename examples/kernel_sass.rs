@@ -3,19 +3,19 @@
 //!     cargo run --release --features cuda --example kernel_sass -- \
 //!         --recipe int8qk-f16pv --shape 24,16384,128 --skip 0.1 --out /tmp/sass
 //!
-//! Picks the module exactly as the CUDA backend would on `--arch` (default sm_90a; launch shape
-//! from TESSERA_MMA_CONFIG if set), writes its source `<label>.cu` under `--out`, and, when the
-//! NVRTC library loads (a CUDA toolkit, or the `nvidia-cuda-nvrtc` wheel's lib/ on
+//! Picks the module exactly as the CUDA backend would on a GPU of compute capability `--cc`
+//! (default 9.0: sm_90a; launch shape from TESSERA_MMA_CONFIG if set), writes its source
+//! `<label>.cu` under `--out` (default target/sass), and, when the NVRTC library loads (a CUDA toolkit, or the `nvidia-cuda-nvrtc` wheel's lib/ on
 //! LD_LIBRARY_PATH), its `<label>.cubin` and ptxas's report (registers, spills). Kernel sources
 //! come from TESSERA_KERNELS_DIR when set, so an edited copy of kernels/ can be compared with the
 //! built-in one. Then: `nvdisasm -c <label>.cubin` (the `nvidia-cuda-nvdisasm` wheel), and
 //! `python3 benches/gpu/sass_loop.py <label>.cubin` for the hot loop's instruction mix.
 //!
 //! Flags: --recipe NAME (exact, int8qk-f16pv, int8qk-fp8pv, nvfp4, nvfp4-p, fp8-p), --shape
-//! H,N,D, --causal, --bf16, --skip LAMBDA, --nm N:M, --vnv (V → NVFP4), --arch, --out DIR.
+//! H,N,D, --causal, --bf16, --skip LAMBDA, --nm N:M, --vnv (V → NVFP4), --cc 8.9, --out DIR.
 
 use std::path::PathBuf;
-use tessera::backend::cuda::{kernel_for_arch, module_source, nvrtc, MmaConfig};
+use tessera::backend::cuda::{arch_for, kernel_for_arch, module_source, nvrtc, MmaConfig};
 use tessera::{AttentionSpec, DType, NmSoftmax, Recipe, SkipSoftmax};
 
 fn main() {
@@ -73,7 +73,12 @@ fn run() -> Result<(), String> {
     }
     let plan = spec.plan().map_err(|e| e.to_string())?;
 
-    let arch = value("--arch").unwrap_or("sm_90a");
+    let cc = value("--cc").unwrap_or("9.0");
+    let (major, minor) = cc
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| format!("--cc wants a compute capability MAJOR.MINOR, got {cc:?}"))?;
+    let arch = arch_for(major, minor).map_err(|e| e.to_string())?;
     let mma = std::env::var("TESSERA_MMA_CONFIG")
         .ok()
         .and_then(|s| MmaConfig::parse(&s));
