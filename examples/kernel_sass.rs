@@ -5,11 +5,12 @@
 //!
 //! Picks the module exactly as the CUDA backend would on a GPU of compute capability `--cc`
 //! (default 9.0: sm_90a; launch shape from TESSERA_MMA_CONFIG if set), writes its source
-//! `<label>.cu` under `--out` (default target/sass), and, when the NVRTC library loads (a CUDA toolkit, or the `nvidia-cuda-nvrtc` wheel's lib/ on
-//! LD_LIBRARY_PATH), its `<label>.cubin` and ptxas's report (registers, spills). Kernel sources
-//! come from TESSERA_KERNELS_DIR when set, so an edited copy of kernels/ can be compared with the
-//! built-in one. Then: `nvdisasm -c <label>.cubin` (the `nvidia-cuda-nvdisasm` wheel), and
-//! `python3 benches/gpu/sass_loop.py <label>.cubin` for the hot loop's instruction mix.
+//! `<label>.cu` under `--out` (default target/sass), and, when the NVRTC library loads (a CUDA
+//! toolkit, or the `nvidia-cuda-nvrtc` wheel's lib/ on LD_LIBRARY_PATH), its `<label>.cubin`
+//! and ptxas's report (registers, spills). Kernel sources come from TESSERA_KERNELS_DIR when
+//! set, so an edited copy of kernels/ can be compared with the built-in one. Then: `nvdisasm -c
+//! <label>.cubin` (the `nvidia-cuda-nvdisasm` wheel), and `python3 benches/gpu/sass_loop.py
+//! <label>.cubin` for the hot loop's instruction mix.
 //!
 //! Flags: --recipe NAME (exact, int8qk-f16pv, int8qk-fp8pv, nvfp4, nvfp4-p, fp8-p), --shape
 //! H,N,D, --causal, --bf16, --skip LAMBDA, --nm N:M, --vnv (V → NVFP4), --cc 8.9, --out DIR.
