@@ -725,8 +725,8 @@ pub enum CudaTensorMut<'a> {
     F32(&'a mut CudaSlice<f32>),
 }
 
-/// The attention kernel a plan runs on a GPU of `arch` ("sm_80", "sm_89", "sm_90a"), tensor
-/// cores on, with `mma` as the launch shape for every plan (None: per plan). The choice a
+/// The attention kernel a plan runs on a GPU of `arch` (an [`arch_for`] name), tensor cores
+/// on, with `mma` as the launch shape for every plan (None: per plan). The choice a
 /// [`CudaAttention`] makes, without a device: `examples/kernel_sass.rs` compiles it for reading.
 pub fn kernel_for_arch(arch: &str, plan: &Plan, mma: Option<MmaConfig>) -> Module {
     let mut cfg = mma.unwrap_or_else(|| MmaConfig::for_plan(arch, plan));
