@@ -528,6 +528,11 @@ __device__ __forceinline__ void mask_scores(const Params& P, float (&s)[MT][NT_S
 // Int8QkF16Pv at D = 128 +5.5% → +4.4% (with the chains: the trees that once shortened its
 // wait ran +5.9%). Not Int8QkF16Pv at D = 64: +3.8% → +8.2%; it keeps the earlier order.
 #define SKIP_VOTE_FIRST (SKIP && !(RECIPE == R_INT8_F16 && DP == 64u))
+// QUAD_FIRST_SHUFFLE (with SKIP_VOTE_FIRST): the quad max's first shuffle is issued before the
+// vote, so its latency runs under the vote's; the second follows on the kept path. Exact at
+// D = 128: skip test cost +2.3 → +0.4% (24,16384,128, twenty-third session, two runs). Not at
+// D = 64 (+2.9 → +4.5%), nor for Int8QkF16Pv (+6%, twenty-second session).
+#define QUAD_FIRST_SHUFFLE (SKIP_VOTE_FIRST && RECIPE == R_EXACT && DP == 128u)
 // P_STORE_IN_SOFTMAX (wgmma): softmax_mtile stores P itself, on each of its paths (store_p_zero
 // says why): skip test cost exact +3.4 → +1.7% (D = 128), +8.3 → +5.3% (D = 64). Not Nvfp4P,
 // whose two P paths (direct or not) then each carry the stores: +3.9 → +5.5% at D = 128, +0.1 →
@@ -593,8 +598,14 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     // running max m, o's factor alpha and the exponent's shift. With skip-softmax after the
     // test (SKIP_VOTE_FIRST), which needs only each thread's own max.
     float own[2], smax[2], tmax[2], alpha[2], shift[2], m_old[2] = {m[0], m[1]}, off = score_offset();
+    float x1[2];  // (QUAD_FIRST_SHUFFLE: the first shuffle's value, before the test)
     auto row_max = [&](u32 i) {
-        smax[i] = quad_max(own[i]) - off;
+        if (QUAD_FIRST_SHUFFLE) {
+            float y = fmaxf(own[i], x1[i]);
+            smax[i] = fmaxf(y, __shfl_xor_sync(0xffffffffu, y, 2)) - off;
+        } else {
+            smax[i] = quad_max(own[i]) - off;
+        }
         tmax[i] = smax[i] * scale[i];
     };
     auto new_max = [&]() {
@@ -617,6 +628,9 @@ __device__ __forceinline__ bool softmax_mtile(const Params& P, float (&s)[NT_S][
     // (Without SKIP_VOTE_FIRST the new running max comes before the test, under the vote's
     // latency: m does not move on a tile the test drops, as its max < m + log2 λ < m.)
     if (!SKIP_VOTE_FIRST) new_max();
+    if (QUAD_FIRST_SHUFFLE)
+#pragma unroll
+        for (u32 i = 0; i < 2u; i++) x1[i] = __shfl_xor_sync(0xffffffffu, own[i], 1);
     if (SKIP) {
         // Skip-softmax, per m-tile (16 rows, one skip tile): drop the tile when every row
         // that sees a key of it has 2^(tile max − running max) < λ. m's starts make that one

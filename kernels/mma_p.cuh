@@ -168,6 +168,27 @@ __device__ __forceinline__ u32 e2m1_direct_pair(float t_lo, float t_hi, u32 s2) 
     return r;
 }
 
+// DIRECT's scale codes of two blocks from their largest p (16-bit values, ≤ 1, or NaN): the
+// block max over 6g is p·inv_g / 6 = p·448·2^-k (inv_g = 2688·2^-k), exact in one multiply (p
+// of ≤ 11 significant bits times 448's 3), so the division scale_code_pair makes correctly
+// rounded (div6_rn), its clamps into [TINY, max] and the fix-ups of their codes go: the
+// hardware's E4M3 rounding of an exact value is the definition, satfinite its min(·, 448), a
+// value below TINY/6 rounds to 0 as the clamp's code did, NaN → NaN (masked to 0x7f: a code
+// indexes direct_tab). An infinite inv_g (amax_P ≤ 2^-117) never takes the direct path
+// (p_direct_allowed). sm_89+ (the E4M3 conversion); before, the general codes of p·inv_g.
+__device__ __forceinline__ u32 direct_scale_codes(float p_lo, float p_hi, float inv_g) {
+#if __CUDA_ARCH__ >= 890
+    // 448·2^-k: 2688·RN(1/6) = 448·(1 + 2^-25) rounds to 448 (half an ulp is 2^-24), and so
+    // at every power of two.
+    const float c = RECIPE == R_NVFP4 ? 448.0f : __fmul_rn(inv_g, 1.0f / 6.0f);
+    unsigned short e;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(e) : "f"(__fmul_rn(p_hi, c)), "f"(__fmul_rn(p_lo, c)));
+    return e & 0x7f7fu;
+#else
+    return scale_code_pair(f2u(__fmul_rn(p_lo, inv_g)), f2u(__fmul_rn(p_hi, inv_g)));
+#endif
+}
+
 // One pair of a block before its scale is known: p rounded as the recipe says (Nvfp4P: to the
 // input dtype; the Nvfp4 recipe's DIRECT p' to f16), times the row's multiplier (not DIRECT),
 // and the block's running max (as bits: p ≥ 0).
@@ -231,12 +252,7 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         for (u32 half = 0; half < 2u; half++) p_round_pair<DIRECT>(p[n][2u * half], p[n][2u * half + 1u], mul[half], mul[half]);
     float m2[2] = {pmax[0], pmax[1]};
     p_round_pair<DIRECT>(m2[0], m2[1], mul[0], mul[1]);
-    u32 amax[2] = {f2u(m2[0]), f2u(m2[1])};
-    if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
-#pragma unroll
-        for (u32 i = 0; i < 2u; i++) amax[i] = f2u(__fmul_rn(u2f(amax[i]), inv_g));
-    }
-    u32 c2 = scale_code_pair(amax[0], amax[1]);
+    u32 c2 = DIRECT ? direct_scale_codes(m2[0], m2[1], inv_g) : scale_code_pair(f2u(m2[0]), f2u(m2[1]));
     float scale[4];
     if (!DIRECT) e4m3x4_values(c2, scale);
 #pragma unroll
@@ -269,12 +285,8 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
         u32 give = upper ? r1[i] : r1[2u + i], keep = upper ? r1[2u + i] : r1[i];
         r2[i] = max(keep, __shfl_xor_sync(0xffffffffu, give, 2));
     }
-    if (DIRECT) {  // max(p)·inv_g = max(p·inv_g), exactly (a NaN stays NaN)
-#pragma unroll
-        for (u32 i = 0; i < 2u; i++) r2[i] = f2u(__fmul_rn(u2f(r2[i]), inv_g));
-    }
     // This thread's codes: blocks 4·odd + 2·upper + {0, 1}. All-gather them as bytes.
-    u32 c2 = scale_code_pair(r2[0], r2[1]);
+    u32 c2 = DIRECT ? direct_scale_codes(u2f(r2[0]), u2f(r2[1]), inv_g) : scale_code_pair(r2[0], r2[1]);
     u32 other = __shfl_xor_sync(0xffffffffu, c2, 2);
     u32 c4 = upper ? (other | (c2 << 16)) : (c2 | (other << 16));  // blocks 4·odd + 0..3
     other = __shfl_xor_sync(0xffffffffu, c4, 1);
@@ -296,7 +308,8 @@ __device__ __forceinline__ void p_nvfp4(float (&p)[NT_S][4], const float (&mul)[
 
 // Test probe (tests/cuda.rs): per i, the P·V operand value the kernel gives for (a[i], s[i])
 // (f16 pair path, read back exactly), the scale code scale_code_pair gives a block whose max
-// is a[i] (as bits), and the DIRECT path's value for p = a[i] with `inv_g` (in the module's
+// is a[i] (as bits; bits 8-15: direct_scale_codes' for a block whose largest p is a[i], with
+// `inv_g`), and the DIRECT path's value for p = a[i] with `inv_g` (in the module's
 // P·V type: f16, or bf16 when built for bf16).
 extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* out, u32* codes, float* direct, float inv_g, u32 n) {
     direct_table_fill(inv_g);
@@ -306,7 +319,7 @@ extern "C" __global__ void probe_p_nvfp4(const float* a, const float* s, float* 
     float r = scale_rcp(s[i]), v = e2m1_unsaturated(a[i], s[i], r);
     u32 s2 = pack16<false>(s[i], s[i]);
     out[i] = cvt_f16(e2m1_pair_times_scale<false>(v, v, s2) & 0xffffu);
-    codes[i] = scale_code_pair(f2u(a[i]), 0u) & 0xffu;
+    codes[i] = (scale_code_pair(f2u(a[i]), 0u) & 0xffu) | (direct_scale_codes(a[i], 0.0f, inv_g) & 0xffu) << 8u;
     // s[i] is an E4M3 value: its code is exact (sm_89+ in hardware, else the software quantizer).
     uint2 e = direct_tab[e4m3x2_codes(s[i], 0.0f) & 0x7fu];  // s[i]: an E4M3 value, its code exact
     float d = __fmul_rn(a[i], u2f(e.x));

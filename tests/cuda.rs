@@ -672,7 +672,7 @@ fn nvfp4_p_rounding_is_bit_exact_on_the_gpu() {
         let mut block = [0.0f32; 16];
         block[0] = x;
         let want_code = nvfp4_block(&block, &mut [0u8; 16]) as u32;
-        if code != want_code {
+        if code & 0xff != want_code {
             bad.push(format!(
                 "block max {x:e}: GPU scale code {code:#x}, CPU {want_code:#x}"
             ));
@@ -921,10 +921,13 @@ fn nvfp4_p_direct_rounding_emulated_on_the_cpu() {
 /// probabilities: at most 11 significant bits), with every positive E4M3 scale, for amax_P = 1,
 /// 1/2 and 2 (the argument: nvfp4_p_direct_quotient_gap_holds; this is the domain). The Nvfp4
 /// recipe's P takes the same path with its lifted p/ρ' rounded to f16 and inv_g = 2688: inside
-/// this domain.
+/// this domain. With them the path's block scale codes (direct_scale_codes: amax / 6 as one
+/// exact multiply p·inv_g / 6) for every such p as a block max, and at the ends of the amax_P
+/// range the path takes.
 #[test]
 fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
     use tessera::numerics::formats::{e2m1_code_of_ratio, e2m1_to_f32, e4m3_to_f32};
+    use tessera::numerics::quant::nvfp4_block;
     let Some(c) = cuda() else { return };
     let scales: Vec<f32> = (1u8..0x7f).map(e4m3_to_f32).collect();
     for bf16 in [false, true] {
@@ -942,7 +945,17 @@ fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
             .flat_map(|&sc| ps.iter().map(move |&p| (p, sc)))
             .unzip();
         for inv_g in [2688.0f32, 5376.0, 1344.0] {
-            let (_, _, got) = c.attention().probe_p_nvfp4(&a, &s, inv_g, bf16).unwrap();
+            let (_, codes, got) = c.attention().probe_p_nvfp4(&a, &s, inv_g, bf16).unwrap();
+            // The direct path's scale code of a block whose largest p is p (codes' bits 8-15):
+            // E4M3(min(p·inv_g / 6, 448)), as the CPU quantizer makes it.
+            for (&p, &code) in a.iter().zip(&codes).take(ps.len()) {
+                let want = nvfp4_block(&[p * inv_g], &mut [0u8; 1]) as u32;
+                assert_eq!(
+                    code >> 8,
+                    want,
+                    "bf16 {bf16}, inv_g {inv_g}: block max p {p:e}"
+                );
+            }
             let bad: Vec<String> = a
                 .iter()
                 .zip(&s)
@@ -960,6 +973,23 @@ fn nvfp4_p_direct_quotient_is_exact_for_every_16_bit_p() {
                 a.len(),
                 bad[..bad.len().min(10)].join("\n")
             );
+        }
+    }
+    // The scale codes at the ends of the direct path's amax_P range (2^-116 to 2^127) and of a
+    // NaN block max.
+    let mut ps: Vec<f32> = (0u16..=0x3c00)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect();
+    ps.push(f32::NAN);
+    let ones = vec![1.0f32; ps.len()];
+    for inv_g in [2688.0 * 2f32.powi(116), 2688.0 * 2f32.powi(-127)] {
+        let (_, codes, _) = c
+            .attention()
+            .probe_p_nvfp4(&ps, &ones, inv_g, false)
+            .unwrap();
+        for (&p, &code) in ps.iter().zip(&codes) {
+            let want = nvfp4_block(&[p * inv_g], &mut [0u8; 1]) as u32;
+            assert_eq!(code >> 8, want, "inv_g {inv_g:e}: block max p {p:e}");
         }
     }
 }

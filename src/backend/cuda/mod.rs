@@ -2273,7 +2273,20 @@ mod tests {
         let f16 = AttentionSpec::new(1, 2, 256, 128).with_recipe(Recipe::nvfp4p());
         let odd_amax = f16.clone().with_recipe(Recipe::Nvfp4P { amax_p: 0.75 });
         let bf16 = f16.clone().with_dtype(DType::BF16);
-        for (spec, allowed) in [(&f16, true), (&bf16, true), (&odd_amax, false)] {
+        // (2688 / 2^-116 is finite, 2688 / 2^-117 is not: the direct scale codes need inv_g)
+        let tiny = |e: i32| {
+            f16.clone().with_recipe(Recipe::Nvfp4P {
+                amax_p: 2f32.powi(e),
+            })
+        };
+        let (small, too_small) = (tiny(-116), tiny(-117));
+        for (spec, allowed) in [
+            (&f16, true),
+            (&bf16, true),
+            (&odd_amax, false),
+            (&small, true),
+            (&too_small, false),
+        ] {
             assert_eq!(p_direct_allowed(spec), allowed);
             assert_eq!(nvfp4p_path(spec, true, false), None);
             assert_eq!(nvfp4p_path(spec, true, true), Some(allowed));
