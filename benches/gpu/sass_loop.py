@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The attention kernel's hot loop in a CUBIN: its instruction count and opcode mix.
 
-    python3 benches/gpu/sass_loop.py X.cubin [--list] [--nvdisasm PATH]
+    python3 benches/gpu/sass_loop.py X.cubin [--list] [--taken I,J,...] [--nvdisasm PATH]
 
 X.cubin from `examples/kernel_sass.rs` (no GPU needed). The loop is the shortest backward
 branch of the `attention*` function whose body holds a tensor-core MMA (HGMMA/IGMMA/HMMA/IMMA):
 the per-KV-tile loop. Static counts, not executed ones: a branch inside the loop (skip-softmax's
-two paths, a masked tile) counts both sides. nvdisasm: PATH, else $NVDISASM, else on $PATH
-(`pip download --no-deps nvidia-cuda-nvdisasm` has one; no toolkit needed).
+two paths, a masked tile) counts both sides. --list prints the loop with each instruction's
+index and the labels; --taken I,J,... counts one path: the forward branches at those indices
+taken, the instructions they jump over left out (e.g. the branch past the masking of a tile
+that needs none, and past O's rescale when no row max moved: a full tile's path).
+nvdisasm: PATH, else $NVDISASM, else on $PATH (`pip download --no-deps nvidia-cuda-nvdisasm`
+has one; no toolkit needed).
 """
 import collections
 import os
@@ -25,14 +29,32 @@ def main():
     if not tool:
         sys.exit("sass_loop.py: no nvdisasm (--nvdisasm PATH, $NVDISASM, or on $PATH)")
     text = subprocess.run([tool, "-c", args[0]], capture_output=True, text=True, check=True).stdout
-    body = hot_loop(attention_section(text.splitlines()))
-    if body is None:
+    ins, labels = attention_section(text.splitlines())
+    loop = hot_loop((ins, labels))
+    if loop is None:
         sys.exit("sass_loop.py: no loop with an MMA in the attention kernel")
-    mix = collections.Counter(opcode(t) for t in body)
+    start, end = loop
+    body = list(range(start, end + 1))
+    if "--taken" in args:
+        skipped = set()
+        for i in args[args.index("--taken") + 1].split(","):
+            j = start + int(i)
+            m = re.search(r"BRA\s.*?(\.L_x_\d+)", ins[j]) if j <= end else None
+            target = labels.get(m.group(1)) if m else None
+            if target is None or not j < target <= end + 1:
+                sys.exit(f"sass_loop.py: {i} is no forward branch within the loop")
+            skipped.update(range(j + 1, target))
+        body = [k for k in body if k not in skipped]
+        print(f"path with branches {args[args.index('--taken') + 1]} taken:", end=" ")
+    mix = collections.Counter(opcode(ins[k]) for k in body)
     print(f"hot loop: {len(body)} instructions")
     print(" ".join(f"{op}:{n}" for op, n in mix.most_common()))
     if "--list" in args:
-        print("\n".join(body))
+        names = {v: k for k, v in labels.items()}
+        for k in body:
+            if k in names:
+                print(f"{names[k]}:")
+            print(f"{k - start:5d}  {ins[k]}")
 
 
 def attention_section(lines):
@@ -55,6 +77,7 @@ def attention_section(lines):
 
 
 def hot_loop(section):
+    """(first, last) index of the loop's instructions."""
     ins, labels = section
     best = None
     for j, t in enumerate(ins):
@@ -63,7 +86,7 @@ def hot_loop(section):
         if s is not None and s <= j and any(re.search(r"[HI]GMMA|[HI]MMA", x) for x in ins[s:j + 1]):
             if best is None or j - s < best[1] - best[0]:
                 best = (s, j)
-    return ins[best[0]:best[1] + 1] if best else None
+    return best
 
 
 def opcode(t):
