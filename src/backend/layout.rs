@@ -177,14 +177,17 @@ impl Workspace {
 }
 
 /// Whether Nvfp4P's P may take the direct path (FLAG_P_DIRECT; kernels/mma_p.cuh, p_nvfp4):
-/// 16-bit inputs and an amax_P that is a power of two whose inv_g = 2688 / amax_P is finite
-/// (amax_P ≥ 2^-116: the path's scale codes take amax / 6 as p·inv_g / 6, exact only then).
+/// 16-bit inputs and an amax_P that is a power of two whose inv_g = 2688 / amax_P (as `params`
+/// passes it) is finite, i.e. amax_P ≥ 2^-116: the path's scale codes take amax / 6 as
+/// p·inv_g / 6, exact only then.
 pub fn p_direct_allowed(s: &AttentionSpec) -> bool {
     let Recipe::Nvfp4P { amax_p } = s.recipe else {
         return false;
     };
     let power_of_two = amax_p.is_normal() && amax_p > 0.0 && amax_p.to_bits() & 0x7f_ffff == 0;
-    s.dtype != DType::F32 && power_of_two && (2688.0 / amax_p).is_finite()
+    s.dtype != DType::F32
+        && power_of_two
+        && crate::numerics::div_rn(NVFP4_RANGE, amax_p).is_finite()
 }
 
 /// The parameter block for `plan` (mode and count are set per dispatch).
